@@ -1,0 +1,419 @@
+"""The stack file's schema: what a user may write under `config:` with the `enclave:` prefix.
+
+Two layers of checks, both before anything is created:
+  1. pydantic validates shapes and values key by key (unknown keys, bad ports, bad CIDRs, negative counts…);
+  2. `StackConfig.check_references` validates what needs the whole stack (a `from` naming an unknown role,
+     a VPC range too small for the hosts, operators missing while a bastion exists…).
+Every problem becomes a `StackIssue` whose `path` is the key a user edits, e.g. `enclave:roles.mysql.count`.
+
+No Pulumi import here: the CLI, the lab and the Pulumi program all load stacks through this module.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+NAMESPACE = "enclave"
+
+# RFC 1123 label; DigitalOcean droplet names and Linux hostnames accept these.
+HOSTNAME_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
+# Words with a fixed meaning in `from` / `to`; a role may not take these names.
+RESERVED_NAMES = frozenset({"internet", "operators", "neighbor", "all", "any"})
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+@dataclass(frozen=True)
+class StackIssue:
+    """One problem in a stack file, named by the key path the user has to edit."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class StackError(Exception):
+    """A stack file that must not be deployed. Carries every issue found, not just the first."""
+
+    def __init__(self, issues: list[StackIssue], source: str = "stack") -> None:
+        self.issues = issues
+        self.source = source
+        lines = "\n".join(f"  - {issue}" for issue in issues)
+        super().__init__(f"{source}: {len(issues)} problem(s); nothing was created or changed:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------- ports
+
+
+@dataclass(frozen=True, order=True)
+class PortSpec:
+    """`tcp/80`, `udp/53`, `tcp/24007-24008` or `icmp` (echo request, i.e. ping)."""
+
+    proto: Literal["tcp", "udp", "icmp"]
+    low: int = 0
+    high: int = 0
+
+    def __str__(self) -> str:
+        if self.proto == "icmp":
+            return "icmp"
+        if self.low == self.high:
+            return f"{self.proto}/{self.low}"
+        return f"{self.proto}/{self.low}-{self.high}"
+
+    def contains(self, other: PortSpec) -> bool:
+        return self.proto == other.proto and self.low <= other.low and other.high <= self.high
+
+    @classmethod
+    def parse(cls, value: object) -> PortSpec:
+        if isinstance(value, PortSpec):
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{value!r} is not a port; write tcp/80, udp/53, tcp/8000-8100 or icmp")
+        text = str(value).strip().lower()
+        if text == "icmp":
+            return cls("icmp")
+        proto, sep, rest = text.partition("/")
+        if not sep:  # a bare number means tcp
+            proto, rest = "tcp", text
+        if proto not in ("tcp", "udp"):
+            raise ValueError(f"{value!r}: protocol must be tcp, udp or icmp (e.g. tcp/80)")
+        low_text, dash, high_text = rest.partition("-")
+        try:
+            low = int(low_text)
+            high = int(high_text) if dash else low
+        except ValueError:
+            raise ValueError(f"{value!r} is not a port; write tcp/80, udp/53, tcp/8000-8100 or icmp") from None
+        for port in (low, high):
+            if not 1 <= port <= 65535:
+                raise ValueError(f"{value!r}: port {port} is outside 1-65535")
+        if low > high:
+            raise ValueError(f"{value!r}: range start {low} is above its end {high}; write {proto}/{high}-{low}")
+        return cls(proto, low, high)  # type: ignore[arg-type]
+
+
+def _to_list(value: object) -> object:
+    return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+
+
+def _parse_ports(value: object) -> object:
+    value = _to_list(value)
+    if not isinstance(value, list):
+        return value
+    return [PortSpec.parse(item) for item in value]
+
+
+def _parse_port(value: object) -> PortSpec:
+    return PortSpec.parse(value)
+
+
+Ports = Annotated[list[PortSpec], BeforeValidator(_parse_ports), Field(min_length=1)]
+Port = Annotated[PortSpec, BeforeValidator(_parse_port)]
+SourceList = Annotated[list[str], BeforeValidator(_to_list), Field(min_length=1)]
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+        arbitrary_types_allowed=True,
+    )
+
+
+class Ingress(_Strict):
+    """Who may open connections to a role, and on which ports."""
+
+    sources: SourceList = Field(alias="from")
+    ports: Ports
+
+
+class Role(_Strict):
+    count: int = Field(ge=0, le=1000)
+    size: str = Field(min_length=1)
+    image: str | None = None
+    ipv6: bool = False
+    tags: list[str] = Field(default_factory=list)
+    bastion: bool = False
+    egress: Literal["open", "restricted"] = "open"
+    ingress: list[Ingress] = Field(default_factory=list)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_are_do_tags(cls, tags: list[str]) -> list[str]:
+        for tag in tags:
+            if not re.fullmatch(r"[A-Za-z0-9_:-]{1,255}", tag):
+                raise ValueError(f"tag {tag!r} may hold only letters, digits, '_', ':' and '-'")
+        return tags
+
+
+class Interfaces(_Strict):
+    public: str = "eth0"
+    private: str = "eth1"
+
+    @field_validator("public", "private")
+    @classmethod
+    def _is_interface_name(cls, name: str) -> str:
+        if not INTERFACE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a Linux interface name (1-15 of letters, digits, _ . -)")
+        return name
+
+
+class PolicyTest(_Strict):
+    """An expectation checked against the compiled policy (plan) and with real packets (lab)."""
+
+    sources: str = Field(alias="from")
+    to: str
+    port: Port
+    expect: Literal["allow", "deny"]
+
+
+class StackConfig(_Strict):
+    region: str = Field(min_length=1)
+    vpc_ip_range: ipaddress.IPv4Network
+    image: str = Field(min_length=1)
+    ssh_user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    ssh_public_key: str
+    operators: list[IPNetwork] = Field(default_factory=list)
+    interfaces: Interfaces = Field(default_factory=Interfaces)
+    roles: dict[str, Role] = Field(min_length=1)
+    tests: list[PolicyTest] = Field(default_factory=list)
+    log_drops: bool = False
+    cloud_firewall: bool = False
+
+    @field_validator("vpc_ip_range", mode="before")
+    @classmethod
+    def _vpc_is_network(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                net = ipaddress.ip_network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not a network address ({exc}); e.g. 10.110.16.0/24") from None
+            if net.version != 4 or not net.is_private:
+                raise ValueError(f"{value!r} must be a private IPv4 range (RFC 1918), e.g. 10.110.16.0/24")
+            if net.prefixlen > 28 or net.prefixlen < 16:
+                raise ValueError(f"{value!r}: DigitalOcean VPC ranges are /16 to /28")
+        return value
+
+    @field_validator("operators", mode="before")
+    @classmethod
+    def _operators_are_networks(cls, value: object) -> object:
+        value = _to_list(value)
+        if isinstance(value, list):
+            out = []
+            for item in value:
+                try:
+                    out.append(ipaddress.ip_network(str(item), strict=True))
+                except ValueError as exc:
+                    raise ValueError(f"{item!r} is not an address range ({exc}); e.g. 198.51.100.7/32") from None
+            return out
+        return value
+
+    @field_validator("ssh_public_key")
+    @classmethod
+    def _is_openssh_public_key(cls, key: str) -> str:
+        if not re.fullmatch(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( .*)?", key.strip()):
+            raise ValueError("expected one OpenSSH public key line, e.g. 'ssh-ed25519 AAAA... ops@example'")
+        return key.strip()
+
+    @field_validator("roles")
+    @classmethod
+    def _role_names(cls, roles: dict[str, Role]) -> dict[str, Role]:
+        for name in roles:
+            if not HOSTNAME_LABEL.fullmatch(name) or len(name) > 40:
+                raise ValueError(
+                    f"role name {name!r} must be a hostname: lower-case letters, digits and '-', "
+                    "not starting or ending with '-', at most 40 characters"
+                )
+            if name in RESERVED_NAMES:
+                raise ValueError(f"role name {name!r} is reserved (it means something in `from`); rename the role")
+            if re.search(r"-\d+$", name):
+                raise ValueError(
+                    f"role name {name!r} ends in -<number>, which would clash with host names like {name}-1; "
+                    "rename the role"
+                )
+        return roles
+
+    # ---------------------------------------------------------------------------- whole-stack checks
+
+    def role_of_host(self, name: str) -> str | None:
+        """`mysql-2` -> `mysql` when that role has at least 2 instances."""
+        role, dash, number = name.rpartition("-")
+        if dash and role in self.roles and number.isdigit() and not number.startswith("0"):
+            if 1 <= int(number) <= self.roles[role].count:
+                return role
+        return None
+
+    def bastion_roles(self) -> list[str]:
+        return [name for name, role in self.roles.items() if role.bastion]
+
+    def check_references(self, prefix: str = NAMESPACE + ":") -> list[StackIssue]:
+        issues: list[StackIssue] = []
+
+        def bad(path: str, message: str) -> None:
+            issues.append(StackIssue(prefix + path, message))
+
+        known = ", ".join(self.roles)
+        for role_name, role in self.roles.items():
+            for i, rule in enumerate(role.ingress):
+                path = f"roles.{role_name}.ingress[{i}].from"
+                for source in rule.sources:
+                    problem = self._source_problem(source, allow_neighbor=False)
+                    if problem:
+                        bad(path, f"{problem}; known roles: {known}")
+            for i, tag in enumerate(role.tags):
+                if tag.startswith("enclave"):
+                    bad(f"roles.{role_name}.tags[{i}]", f"tag {tag!r}: tags starting with 'enclave' are enclave's own")
+
+        if self.bastion_roles():
+            if not self.operators:
+                bad(
+                    "operators",
+                    f"bastion role(s) {', '.join(self.bastion_roles())} accept SSH only from `operators`, which "
+                    "is empty: add your address, e.g. `pulumi config set --path 'operators[0]' 198.51.100.7/32`",
+                )
+            elif sum(self.roles[r].count for r in self.bastion_roles()) == 0:
+                bad(
+                    f"roles.{self.bastion_roles()[0]}.count",
+                    "every bastion role has count 0, so no host could be reached over SSH; set count: 1",
+                )
+        elif not self.operators:
+            bad("operators", "no bastion role and no `operators`: nobody could SSH to any host; add your address")
+
+        hosts = sum(role.count for role in self.roles.values())
+        # DigitalOcean reserves the network and broadcast addresses and a gateway; keep 3 spare.
+        usable = self.vpc_ip_range.num_addresses - 5
+        if hosts > usable:
+            bad(
+                "vpcIpRange",
+                f"{self.vpc_ip_range} holds {usable} droplets but the roles ask for {hosts}; "
+                f"use a larger range, e.g. /{max(16, 32 - (hosts + 5).bit_length())}",
+            )
+
+        if self.interfaces.public == self.interfaces.private:
+            bad("interfaces", "public and private must be different interfaces")
+
+        for i, test in enumerate(self.tests):
+            for key, name in (("from", test.sources), ("to", test.to)):
+                problem = self._endpoint_problem(name, allow_outsiders=key == "from")
+                if problem:
+                    bad(f"tests[{i}].{key}", f"{problem}; known roles: {known}")
+            if test.port.proto != "icmp" and test.port.low != test.port.high:
+                bad(f"tests[{i}].port", f"a test probes one port, not the range {test.port}")
+        return issues
+
+    def _source_problem(self, source: str, allow_neighbor: bool) -> str | None:
+        if source in ("internet", "operators") or source in self.roles or self.role_of_host(source):
+            return None
+        if source == "neighbor" and allow_neighbor:
+            return None
+        if "/" in source or ":" in source or source[:1].isdigit():
+            try:
+                net = ipaddress.ip_network(source, strict=True)
+            except ValueError as exc:
+                return f"{source!r} is not a valid CIDR ({exc})"
+            if net.version == 4 and net.overlaps(self.vpc_ip_range):
+                # CIDR sources are matched on the public interface: inside the VPC they would match nothing.
+                return f"{source!r} lies inside vpcIpRange {self.vpc_ip_range}; name the role or host instead"
+            return None
+        role = self.role_of_host(source.rpartition("-")[0] + "-1") if "-" in source else None
+        if role:
+            return f"{source!r}: role {role} has only {self.roles[role].count} host(s)"
+        return f"{source!r} is not a role, a host (<role>-<n>), internet, operators or a CIDR"
+
+    def _endpoint_problem(self, name: str, allow_outsiders: bool) -> str | None:
+        if name in ("internet", "operators", "neighbor"):
+            return None if allow_outsiders else f"{name!r} cannot be a destination; name a role or a host"
+        if name in self.roles:
+            if self.roles[name].count == 0:
+                return f"role {name!r} has count 0, so the test could never run"
+            return None
+        if self.role_of_host(name):
+            return None
+        return self._source_problem(name, allow_neighbor=False) or f"{name!r} is not a role or host"
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+# Keys that live in the stack file but are not part of the model: the SSH private key is a Pulumi secret
+# read by the program itself (and never by the CLI, which cannot decrypt it).
+SECRET_KEYS = frozenset({"sshPrivateKey"})
+
+
+def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = error["loc"][-1]
+        return f"unknown key {key!r}; check its spelling"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            name = {"sources": "from", "vpc_ip_range": "vpcIpRange", "ssh_user": "sshUser"}.get(part, part)
+            if name.startswith("[") or name in ("function-after", "function-before"):
+                continue
+            out += ("." if out else "") + name
+    return out
+
+
+def load_config(values: dict[str, Any], source: str = "stack") -> StackConfig:
+    """Validate the `enclave:` keys (prefix already removed) and return the stack, or raise StackError."""
+    values = {k: v for k, v in values.items() if k not in SECRET_KEYS}
+    try:
+        stack = StackConfig.model_validate(values)
+    except ValidationError as exc:
+        issues = [
+            StackIssue(NAMESPACE + ":" + _path(tuple(err["loc"])), _friendly(dict(err), StackConfig))
+            for err in exc.errors()
+        ]
+        raise StackError(issues, source) from None
+    issues = stack.check_references()
+    if issues:
+        raise StackError(issues, source)
+    return stack
+
+
+def enclave_keys(pulumi_config: dict[str, Any], source: str = "stack") -> dict[str, Any]:
+    """The `enclave:*` entries of a stack file's `config:` map, prefix removed.
+
+    Other namespaces (e.g. `digitalocean:token`) belong to providers and are left alone. A key without
+    a namespace is rejected, because `pulumi config` would read it as `enclave:<key>` anyway.
+    """
+    out: dict[str, Any] = {}
+    issues = []
+    for key, value in pulumi_config.items():
+        namespace, sep, name = str(key).partition(":")
+        if not sep:
+            issues.append(StackIssue(str(key), f"write it as {NAMESPACE}:{key} (stack config keys are namespaced)"))
+        elif namespace == NAMESPACE:
+            out[name] = value
+    if issues:
+        raise StackError(issues, source)
+    return out

@@ -1,0 +1,190 @@
+"""Roles -> hosts -> flows -> the policy's meaning.
+
+A *flow* says "these sources may open connections to every host of this role, on these ports, arriving on this
+interface". Flows are the single source of truth: the renderer turns them into iptables rules, `decide()` turns
+them into a verdict for one concrete packet (the reference the lab's real packets are compared against), and the
+plan prints them as the flow table.
+
+Pure logic: no Pulumi, no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+from config.schema import PortSpec, StackConfig
+
+Interface = Literal["public", "private"]
+SourceKind = Literal["role", "host", "internet", "operators", "cidr"]
+
+SSH = PortSpec("tcp", 22, 22)
+
+
+@dataclass(frozen=True, order=True)
+class Host:
+    role: str
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """A host's addresses: the inputs that make a policy concrete (Pulumi outputs, lab or example plan)."""
+
+    public: str
+    private: str
+    public6: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: SourceKind
+    name: str  # role name, host name, 'internet', 'operators' or the CIDR text
+
+    @property
+    def interface(self) -> Interface:
+        return "private" if self.kind in ("role", "host") else "public"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Flow:
+    source: Source
+    role: str  # destination role
+    ports: tuple[PortSpec, ...]
+    why: str  # where it comes from: a stack key, or the built-in SSH policy
+
+    @property
+    def interface(self) -> Interface:
+        return self.source.interface
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a probe or a test starts: a stack host, or an outsider with an address."""
+
+    kind: Literal["host", "internet", "operators", "neighbor"]
+    name: str
+    address: str | None = None  # public/outsider address used for CIDR and operator matching
+    address6: str | None = None
+
+
+@dataclass
+class Policy:
+    stack: StackConfig
+    flows: list[Flow] = field(default_factory=list)
+
+    @cached_property
+    def hosts(self) -> list[Host]:
+        return [Host(role, n) for role, spec in self.stack.roles.items() for n in range(1, spec.count + 1)]
+
+    @cached_property
+    def host_by_name(self) -> dict[str, Host]:
+        return {h.name: h for h in self.hosts}
+
+    @cached_property
+    def flows_to_role(self) -> dict[str, list[Flow]]:
+        out: dict[str, list[Flow]] = {role: [] for role in self.stack.roles}
+        for flow in self.flows:
+            out[flow.role].append(flow)
+        return out
+
+    def flows_from_host(self, host: Host) -> list[Flow]:
+        """Private-interface flows this host is a source of (what restricted egress lets out)."""
+        return [f for f in self.flows if f.interface == "private" and source_matches_host(f.source, host)]
+
+    def bastion_hosts(self) -> list[Host]:
+        return [h for h in self.hosts if self.stack.roles[h.role].bastion]
+
+    def hosts_of(self, name: str) -> list[Host]:
+        """A role name or a host name -> the hosts it stands for."""
+        if name in self.stack.roles:
+            return [h for h in self.hosts if h.role == name]
+        return [self.host_by_name[name]] if name in self.host_by_name else []
+
+
+def source_matches_host(source: Source, host: Host) -> bool:
+    return (source.kind == "role" and source.name == host.role) or (source.kind == "host" and source.name == host.name)
+
+
+def _source(stack: StackConfig, text: str) -> Source:
+    if text in ("internet", "operators"):
+        return Source(text, text)  # type: ignore[arg-type]
+    if text in stack.roles:
+        return Source("role", text)
+    if stack.role_of_host(text):
+        return Source("host", text)
+    return Source("cidr", str(ipaddress.ip_network(text, strict=True)))
+
+
+def compile_policy(stack: StackConfig) -> Policy:
+    """The flows of a validated stack: the built-in SSH access first, then each role's declared ingress."""
+    flows: list[Flow] = []
+    bastions = stack.bastion_roles()
+    for role_name, role in stack.roles.items():
+        if role.bastion:
+            flows.append(Flow(Source("operators", "operators"), role_name, (SSH,), "bastion: ssh from operators"))
+        if bastions:
+            for bastion in bastions:
+                flows.append(Flow(Source("role", bastion), role_name, (SSH,), f"ssh through bastion {bastion}"))
+        else:
+            flows.append(Flow(Source("operators", "operators"), role_name, (SSH,), "no bastion: ssh from operators"))
+        for i, rule in enumerate(role.ingress):
+            for text in rule.sources:
+                flows.append(Flow(_source(stack, text), role_name, tuple(rule.ports), f"roles.{role_name}.ingress[{i}]"))
+    return Policy(stack, flows)
+
+
+# ------------------------------------------------------------------------------------------ semantics
+
+
+def _source_admits(policy: Policy, source: Source, src: Endpoint, interface: Interface, family: int) -> bool:
+    if source.interface != interface:
+        return False
+    if source.kind in ("role", "host"):
+        host = policy.host_by_name.get(src.name) if src.kind == "host" else None
+        return host is not None and source_matches_host(source, host)
+    if source.kind == "internet":
+        return True
+    addr_text = src.address if family == 4 else src.address6
+    if addr_text is None:
+        return False
+    addr = ipaddress.ip_address(addr_text)
+    if source.kind == "operators":
+        return any(addr in net for net in policy.stack.operators if net.version == family)
+    net = ipaddress.ip_network(source.name)
+    return net.version == family and addr in net
+
+
+def decide(
+    policy: Policy, src: Endpoint, dst: Host, port: PortSpec, interface: Interface, family: int = 4
+) -> Flow | None:
+    """The flow that admits this packet (src -> dst:port arriving on `interface`), or None if it is dropped.
+
+    This is what the rendered rules mean; the lab checks real netfilter against it packet by packet.
+    Egress restrictions never change a verdict between stack hosts: a restricted host may send on its
+    private interface exactly what its peers accept from it.
+    """
+    if interface == "private" and family == 6:
+        return None  # DigitalOcean VPCs are IPv4 only
+    if family == 6 and not policy.stack.roles[dst.role].ipv6:
+        return None
+    for flow in policy.flows_to_role[dst.role]:
+        if not any(p.contains(port) for p in flow.ports):
+            continue
+        if _source_admits(policy, flow.source, src, interface, family):
+            return flow
+    return None
+
+
+def arrival_interface(src: Endpoint) -> Interface:
+    """Stack hosts and private-network neighbours reach a host's private address; outsiders its public one."""
+    return "private" if src.kind in ("host", "neighbor") else "public"

@@ -1,0 +1,198 @@
+"""The offline plan: hosts, addresses, flows, rule files and the stack's tests, before anything exists.
+
+Addresses are inputs. Without real ones (from Pulumi outputs or `--addresses FILE.json`) the plan uses a
+deterministic example inside the VPC range, which the lab also uses, so a plan and a lab run of one stack
+speak of the same addresses.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from config.schema import PolicyTest, StackConfig, StackError, StackIssue
+from config.stackfile import Stack
+
+from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide
+from .render import Renderer, RuleFiles
+
+# Documentation/benchmark ranges (RFC 2544, RFC 5737, RFC 3849): never anybody's real address.
+EXAMPLE_PUBLIC = ipaddress.ip_network("198.18.0.0/15")
+EXAMPLE_PUBLIC6 = ipaddress.ip_network("2001:db8:e0::/64")
+OUTSIDER_CANDIDATES = [ipaddress.ip_address(a) for a in ("192.0.2.10", "203.0.113.10", "192.0.2.200")]
+OUTSIDER6 = "2001:db8:ff::10"
+
+
+def example_addresses(policy: Policy) -> dict[str, Addresses]:
+    vpc = policy.stack.vpc_ip_range
+    out = {}
+    for i, host in enumerate(policy.hosts):
+        ipv6 = policy.stack.roles[host.role].ipv6
+        out[host.name] = Addresses(
+            public=str(EXAMPLE_PUBLIC.network_address + 10 + i),
+            private=str(vpc.network_address + 2 + i),  # .1 is the VPC gateway
+            public6=str(EXAMPLE_PUBLIC6.network_address + 0x10 + i) if ipv6 else None,
+        )
+    return out
+
+
+def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
+    """`{"mysql-1": {"public": "...", "private": "...", "public6": "..."}}` for every host of the stack."""
+    source = str(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StackError([StackIssue("--addresses", f"cannot read {path}: {exc}")], source) from None
+    issues: list[StackIssue] = []
+    out: dict[str, Addresses] = {}
+    for host in policy.hosts:
+        entry = raw.get(host.name) if isinstance(raw, dict) else None
+        if not isinstance(entry, dict):
+            issues.append(StackIssue(f"--addresses {host.name}", "missing; give public and private addresses"))
+            continue
+        try:
+            for key, family in (("public", 4), ("private", 4), ("public6", 6)):
+                if entry.get(key) is not None and ipaddress.ip_address(entry[key]).version != family:
+                    raise ValueError(f"{key} must be IPv{family}")
+            if ipaddress.ip_address(entry["private"]) not in policy.stack.vpc_ip_range:
+                raise ValueError(f"private {entry['private']} is outside vpcIpRange {policy.stack.vpc_ip_range}")
+            out[host.name] = Addresses(entry["public"], entry["private"], entry.get("public6"))
+        except (KeyError, ValueError) as exc:
+            issues.append(StackIssue(f"--addresses {host.name}", str(exc)))
+    if issues:
+        raise StackError(issues, source)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+@dataclass(frozen=True)
+class Outsiders:
+    internet: Endpoint
+    operator: Endpoint
+    neighbor: Endpoint
+
+
+def outsiders(stack: StackConfig, addresses: dict[str, Addresses]) -> Outsiders:
+    """Concrete stand-ins for `internet`, `operators` and `neighbor` (the lab gives them these addresses)."""
+    ops4 = [n for n in stack.operators if n.version == 4]
+    ops6 = [n for n in stack.operators if n.version == 6]
+    internet = next(a for a in OUTSIDER_CANDIDATES if not any(a in n for n in ops4))
+    op4 = str(next(ops4[0].hosts()) if ops4[0].num_addresses > 1 else ops4[0].network_address) if ops4 else None
+    op6 = str(ops6[0].network_address + (1 if ops6[0].num_addresses > 1 else 0)) if ops6 else None
+    used = {a.private for a in addresses.values()}
+    vpc = stack.vpc_ip_range
+    # the highest free address of the VPC: another tenant's machine on the same private network
+    neighbor = next(str(a) for a in (vpc.broadcast_address - k for k in range(1, 64)) if str(a) not in used)
+    return Outsiders(
+        internet=Endpoint("internet", "internet", str(internet), OUTSIDER6),
+        operator=Endpoint("operators", "operator", op4, op6),
+        neighbor=Endpoint("neighbor", "neighbor", neighbor),
+    )
+
+
+def endpoints_for(name: str, policy: Policy, others: Outsiders, addresses: dict[str, Addresses]) -> list[Endpoint]:
+    if name == "internet":
+        return [others.internet]
+    if name == "operators":
+        return [others.operator]
+    if name == "neighbor":
+        return [others.neighbor]
+    return [Endpoint("host", h.name, addresses[h.name].public, addresses[h.name].public6) for h in policy.hosts_of(name)]
+
+
+@dataclass(frozen=True)
+class TestResult:
+    index: int
+    test: PolicyTest
+    seen: str  # allow | deny | mixed
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.seen == self.test.expect
+
+    def describe(self) -> str:
+        t = self.test
+        return f"tests[{self.index}]: {t.sources} -> {t.to} {t.port} expect {t.expect}"
+
+
+def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[TestResult]:
+    """Each test over every pair it names: `allow` needs every pair admitted, `deny` needs none."""
+    others = outsiders(policy.stack, addresses)
+    results = []
+    for i, test in enumerate(policy.stack.tests):
+        allowed, denied = [], []
+        for src in endpoints_for(test.sources, policy, others, addresses):
+            for dst in policy.hosts_of(test.to):
+                if src.kind == "host" and src.name == dst.name:
+                    continue  # a host reaching itself uses loopback, which is always open
+                flow = decide(policy, src, dst, test.port, arrival_interface(src))
+                (allowed if flow else denied).append(f"{src.name}->{dst.name}" + (f" ({flow.why})" if flow else ""))
+        seen = "allow" if allowed and not denied else "deny" if denied and not allowed else "mixed"
+        if not allowed and not denied:
+            seen = "deny"
+        detail = "; ".join((denied if test.expect == "allow" else allowed)[:5])
+        results.append(TestResult(i, test, seen, detail))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    stack: Stack
+    policy: Policy
+    addresses: dict[str, Addresses]
+    files: dict[str, RuleFiles]
+    tests: list[TestResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(t.passed for t in self.tests)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stack": self.stack.name,
+            "hosts": [
+                {
+                    "name": h.name,
+                    "role": h.role,
+                    "droplet": droplet_name(self.stack.name, h),
+                    **{k: v for k, v in vars(self.addresses[h.name]).items()},
+                    "rules": self.files[h.name].rule_count,
+                }
+                for h in self.policy.hosts
+            ],
+            "flows": [
+                {
+                    "from": str(f.source),
+                    "to": f.role,
+                    "ports": [str(p) for p in f.ports],
+                    "interface": f.interface,
+                    "why": f.why,
+                }
+                for f in self.policy.flows
+            ],
+            "tests": [
+                {"test": t.describe(), "expect": t.test.expect, "seen": t.seen, "passed": t.passed, "detail": t.detail}
+                for t in self.tests
+            ],
+            "ok": self.ok,
+        }
+
+
+def droplet_name(stack_name: str, host: Host) -> str:
+    return f"{stack_name}-{host.name}"
+
+
+def build_plan(stack: Stack, addresses: dict[str, Addresses] | None = None) -> Plan:
+    policy = compile_policy(stack.config)
+    addrs = addresses if addresses is not None else example_addresses(policy)
+    files = Renderer(policy, addrs, stack.name).render_all()
+    return Plan(stack, policy, addrs, files, evaluate_tests(policy, addrs))

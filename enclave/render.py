@@ -1,0 +1,231 @@
+"""Flows + addresses -> per host: an iptables-restore file, an ip6tables-restore file and an ipset file.
+
+Design (why it looks like this):
+- enclave owns only its chains (ENCLAVE-INPUT, ENCLAVE-OUTPUT) and the built-in chains' policies. The files
+  are loaded with `--noflush`, which replaces exactly the chains a file declares: Docker's, fail2ban's and
+  other tools' chains survive. The push script makes sure INPUT/OUTPUT jump to ours first.
+- Peers are matched through one ipset per source role, so a host's rule count depends on its own
+  declarations, never on how many peers there are (scaling a role changes set members, not rules).
+- Every ACCEPT carries a comment saying which declaration it comes from, so `iptables -vL` reads like the
+  stack file, and its counters show what matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from config.schema import PortSpec
+
+from .compiler import Addresses, Flow, Host, Policy
+
+CHAIN_PREFIX = "ENCLAVE"
+INPUT_CHAIN = f"{CHAIN_PREFIX}-INPUT"
+OUTPUT_CHAIN = f"{CHAIN_PREFIX}-OUTPUT"
+SET_PREFIX = "enclave-"
+# ipset names are at most 31 characters; keep room for the ".new" twin used for atomic swaps.
+SET_NAME_MAX = 27
+
+# ICMPv6 that IPv6 cannot live without: neighbour discovery (router/neighbour solicitation and
+# advertisement) and the error messages path MTU discovery and diagnostics rely on.
+ICMPV6_ND = ("router-solicitation", "router-advertisement", "neighbour-solicitation", "neighbour-advertisement")
+ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
+
+
+@dataclass(frozen=True)
+class IpSet:
+    name: str
+    kind: str  # hash:ip (a role's private addresses) or hash:net (operator ranges)
+    family: str  # inet or inet6
+    members: tuple[str, ...]
+    about: str
+
+
+@dataclass(frozen=True)
+class RuleFiles:
+    """Everything a host needs; rendered text is exactly what lands on the host."""
+
+    host: str
+    ipv4: str
+    ipv6: str
+    ipsets: str
+    set_names: tuple[str, ...]
+
+    @property
+    def rule_count(self) -> int:
+        return sum(line.startswith("-A ") for text in (self.ipv4, self.ipv6) for line in text.splitlines())
+
+
+def set_name(label: str) -> str:
+    name = SET_PREFIX + label
+    if len(name) <= SET_NAME_MAX:
+        return name
+    digest = hashlib.sha256(label.encode()).hexdigest()[:6]
+    return f"{SET_PREFIX}{label[: SET_NAME_MAX - len(SET_PREFIX) - 7]}-{digest}"
+
+
+OPERATORS_SET = {4: set_name("operators"), 6: set_name("operators6")}
+
+
+def _comment(text: str) -> str:
+    # iptables comments are at most 256 characters and must not contain a double quote.
+    return '-m comment --comment "' + text.replace('"', "'")[:250] + '"'
+
+
+def _port_match(port: PortSpec, family: int) -> str:
+    if port.proto == "icmp":
+        return "-p icmp -m icmp --icmp-type 8" if family == 4 else "-p ipv6-icmp -m icmp6 --icmpv6-type 128"
+    ports = str(port.low) if port.low == port.high else f"{port.low}:{port.high}"
+    return f"-p {port.proto} -m {port.proto} --dport {ports}"
+
+
+class Renderer:
+    """Renders every host of one policy for one set of addresses; set contents are computed once per role."""
+
+    def __init__(self, policy: Policy, addresses: dict[str, Addresses], stack_name: str = "stack") -> None:
+        self.policy = policy
+        self.addresses = addresses
+        self.stack_name = stack_name
+        self.interfaces = policy.stack.interfaces
+        self._role_sets: dict[str, IpSet] = {}
+
+    # ------------------------------------------------------------------------------------------- sets
+
+    def role_set(self, role: str) -> IpSet:
+        if role not in self._role_sets:
+            members = tuple(self.addresses[h.name].private for h in self.policy.hosts if h.role == role)
+            self._role_sets[role] = IpSet(set_name(role), "hash:ip", "inet", members, f"private addresses of role {role}")
+        return self._role_sets[role]
+
+    def operators_set(self, family: int) -> IpSet:
+        nets = tuple(str(n) for n in self.policy.stack.operators if n.version == family)
+        return IpSet(OPERATORS_SET[family], "hash:net", "inet" if family == 4 else "inet6", nets, "operators")
+
+    # ------------------------------------------------------------------------------------------ rules
+
+    def _source_match(self, flow: Flow, family: int, sets: dict[str, IpSet]) -> str | None:
+        """The match for a flow's source in one family, or None if the flow cannot occur in it."""
+        source = flow.source
+        if source.kind == "role":
+            if family == 6:
+                return None
+            s = self.role_set(source.name)
+            sets[s.name] = s
+            return f"-m set --match-set {s.name} src"
+        if source.kind == "host":
+            return f"-s {self.addresses[source.name].private}/32" if family == 4 else None
+        if source.kind == "internet":
+            return ""
+        if source.kind == "operators":
+            s = self.operators_set(family)
+            if not s.members:
+                return None
+            sets[s.name] = s
+            return f"-m set --match-set {s.name} src"
+        cidr = source.name
+        return f"-s {cidr}" if (":" in cidr) == (family == 6) else None
+
+    def _input_rules(self, host: Host, family: int, sets: dict[str, IpSet]) -> list[str]:
+        role = self.policy.stack.roles[host.role]
+        rules: list[str] = []
+        for flow in self.policy.flows_to_role[host.role]:
+            if family == 6 and (flow.interface == "private" or not role.ipv6):
+                continue  # the VPC is IPv4 only; a role without ipv6 has no public IPv6 address
+            match = self._source_match(flow, family, sets)
+            if match is None:
+                continue
+            iface = self.interfaces.public if flow.interface == "public" else self.interfaces.private
+            for port in flow.ports:
+                words = [f"-A {INPUT_CHAIN} -i {iface}", _port_match(port, family), match]
+                words.append(_comment(f"{flow.why}: {flow.source} -> {port}"))
+                rules.append(" ".join(w for w in words if w) + " -j ACCEPT")
+        return rules
+
+    def _output_rules(self, host: Host, family: int, sets: dict[str, IpSet]) -> list[str]:
+        """Restricted egress: new connections only out of the public interface, or to what peers accept."""
+        rules = [
+            f"-A {OUTPUT_CHAIN} -o lo -j ACCEPT",
+            f"-A {OUTPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ]
+        if family == 6:
+            rules += [f"-A {OUTPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ICMPV6_ND]
+        rules.append(f"-A {OUTPUT_CHAIN} -o {self.interfaces.public} {_comment('new traffic to the Internet')} -j ACCEPT")
+        if family == 4:
+            for flow in self.policy.flows_from_host(host):
+                s = self.role_set(flow.role)
+                sets[s.name] = s
+                for port in flow.ports:
+                    rules.append(
+                        f"-A {OUTPUT_CHAIN} -o {self.interfaces.private} {_port_match(port, 4)} "
+                        f"-m set --match-set {s.name} dst {_comment(f'{flow.why}: {flow.source} -> {flow.role} {port}')} -j ACCEPT"
+                    )
+        rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress restricted: default drop')} -j DROP")
+        return rules
+
+    def _table(self, host: Host, family: int, sets: dict[str, IpSet]) -> str:
+        role = self.policy.stack.roles[host.role]
+        restricted = role.egress == "restricted"
+        head = [
+            f"# enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}. Generated: edit the stack file, not this.",
+            "*filter",
+            ":INPUT DROP [0:0]",
+            ":FORWARD DROP [0:0]",
+            f":OUTPUT {'DROP' if restricted else 'ACCEPT'} [0:0]",
+            f":{INPUT_CHAIN} - [0:0]",
+            f":{OUTPUT_CHAIN} - [0:0]",
+            f"-A {INPUT_CHAIN} -i lo -j ACCEPT",
+            f"-A {INPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        ]
+        if family == 6:
+            head += [
+                f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT"
+                for t in ICMPV6_ND
+            ]
+            head += [f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ICMPV6_ERRORS]
+        head.append(f"-A {INPUT_CHAIN} -m conntrack --ctstate INVALID -j DROP")
+        body = self._input_rules(host, family, sets)
+        tail = []
+        if self.policy.stack.log_drops:
+            tail.append(
+                f'-A {INPUT_CHAIN} -m limit --limit 6/min --limit-burst 10 -j LOG --log-prefix "enclave-drop: "'
+            )
+        tail.append(f"-A {INPUT_CHAIN} {_comment('default drop')} -j DROP")
+        if restricted:
+            tail += self._output_rules(host, family, sets)
+        return "\n".join(head + body + tail + ["COMMIT", ""])
+
+    # ---------------------------------------------------------------------------------------- public
+
+    def render(self, host: Host) -> RuleFiles:
+        sets: dict[str, IpSet] = {}
+        ipv4 = self._table(host, 4, sets)
+        ipv6 = self._table(host, 6, sets)
+        ordered = [sets[k] for k in sorted(sets)]
+        return RuleFiles(host.name, ipv4, ipv6, render_ipsets(ordered), tuple(s.name for s in ordered))
+
+    def render_all(self) -> dict[str, RuleFiles]:
+        return {h.name: self.render(h) for h in self.policy.hosts}
+
+
+def render_ipsets(sets: list[IpSet]) -> str:
+    """An `ipset restore` file that *stages* each set's members in a ".new" twin.
+
+    Staging changes nothing live (the real set is only created if missing, empty and unreferenced); the
+    push swaps the twins in once the iptables files have passed `--test`. A referenced set is never
+    emptied and refilled in place, so a push opens no window where peers are refused or strangers admitted.
+    """
+    lines = []
+    for s in sets:
+        new = staging_name(s.name)
+        lines += [
+            f"# {s.about}",
+            f"create {s.name} {s.kind} family {s.family} -exist",
+            f"create {new} {s.kind} family {s.family} -exist",
+            f"flush {new}",
+        ]
+        lines += [f"add {new} {m}" for m in s.members]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def staging_name(name: str) -> str:
+    return name + ".new"
