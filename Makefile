@@ -1,0 +1,49 @@
+# enclave: `make setup` once, then `make test`; `make plan` / `make lab` show the prod stack offline.
+# Works on a fresh Debian/Ubuntu machine; as root it also installs the system packages the lab needs.
+SHELL := /bin/bash
+VENV := .venv
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+ENCLAVE := $(VENV)/bin/enclave
+STACK ?= prod
+APT_PACKAGES := python3 python3-venv iproute2 iptables ipset openssh-server openssh-client graphviz procps
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: setup apt test typecheck unit plan lab clean
+
+setup: apt $(VENV)/.synced
+
+apt:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	else echo "not root: skipping apt packages ($(APT_PACKAGES)); the lab needs them"; fi
+
+# The venv comes from uv.lock exactly (--frozen); uv itself is bootstrapped into the venv with pip.
+$(VENV)/.synced: pyproject.toml uv.lock
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@test -x $(UV) || $(VENV)/bin/pip install -q "uv==$(UV_VERSION)"
+	$(UV) sync --frozen --inexact --python $(VENV)/bin/python -q
+	@touch $@
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+unit: setup
+	$(VENV)/bin/pytest -q
+
+# The test command (CI runs it): type-check the program against the Pulumi SDKs, then every test.
+test: typecheck unit
+
+plan: setup
+	$(ENCLAVE) plan --stack $(STACK)
+
+lab: setup
+	$(ENCLAVE) lab check --stack $(STACK)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache
