@@ -27,14 +27,23 @@ OUTSIDER6 = "2001:db8:ff::10"
 
 
 def example_addresses(policy: Policy) -> dict[str, Addresses]:
+    """Deterministic addresses that stay put when a role scales, like real droplets' addresses do.
+
+    Host n of the r-th role gets slot (n-1)*roles + r: adding an instance takes a new slot and moves nobody.
+    When that layout would overflow the VPC (one role much larger than the rest), hosts are packed in order.
+    """
     vpc = policy.stack.vpc_ip_range
+    role_pos = {name: r for r, name in enumerate(policy.stack.roles)}
+    widest = max((spec.count for spec in policy.stack.roles.values()), default=0)
+    interleave = 2 + widest * len(role_pos) < vpc.num_addresses - 1
     out = {}
     for i, host in enumerate(policy.hosts):
+        slot = (host.index - 1) * len(role_pos) + role_pos[host.role] if interleave else i
         ipv6 = policy.stack.roles[host.role].ipv6
         out[host.name] = Addresses(
-            public=str(EXAMPLE_PUBLIC.network_address + 10 + i),
-            private=str(vpc.network_address + 2 + i),  # .1 is the VPC gateway
-            public6=str(EXAMPLE_PUBLIC6.network_address + 0x10 + i) if ipv6 else None,
+            public=str(EXAMPLE_PUBLIC.network_address + 10 + slot),
+            private=str(vpc.network_address + 2 + slot),  # .1 is the VPC gateway
+            public6=str(EXAMPLE_PUBLIC6.network_address + 0x10 + slot) if ipv6 else None,
         )
     return out
 
@@ -126,7 +135,8 @@ def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[Test
     others = outsiders(policy.stack, addresses)
     results = []
     for i, test in enumerate(policy.stack.tests):
-        allowed, denied = [], []
+        allowed: list[str] = []
+        denied: list[str] = []
         for src in endpoints_for(test.sources, policy, others, addresses):
             for dst in policy.hosts_of(test.to):
                 if src.kind == "host" and src.name == dst.name:

@@ -1,0 +1,218 @@
+"""The compiler and renderer: what lands on each prod host, and how it behaves as the fleet grows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from config.schema import PortSpec, enclave_keys, load_config
+from config.stackfile import Stack, load_stack
+from enclave.cli import main
+from enclave.compiler import Endpoint, compile_policy, decide
+from enclave.plan import build_plan, example_addresses
+from enclave.render import Renderer, set_name
+
+from .conftest import stack_document
+
+GOLDEN = Path(__file__).parent / "golden" / "prod"
+UPDATE = os.environ.get("ENCLAVE_UPDATE_GOLDEN") == "1"
+
+
+def stack_from(doc: dict[str, Any], name: str = "prod") -> Stack:
+    return Stack(name, load_config(enclave_keys(doc["config"])))
+
+
+@pytest.mark.parametrize("host", ["tunnel-1", "haproxy-www-1", "wordpress-1", "wordpress-2", "mysql-1", "mysql-2"])
+@pytest.mark.parametrize("part", ["rules.v4", "rules.v6", "ipsets"])
+def test_prod_rule_files_match_golden(host: str, part: str) -> None:
+    """The exact files each prod host receives (regenerate with ENCLAVE_UPDATE_GOLDEN=1 and review the diff)."""
+    files = build_plan(load_stack("prod")).files[host]
+    text = {"rules.v4": files.ipv4, "rules.v6": files.ipv6, "ipsets": files.ipsets}[part]
+    path = GOLDEN / f"{host}.{part}"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_golden_files_say_what_the_seed_tutorial_wants() -> None:
+    """Read the goldens as a reviewer would: default drop, ssh only via the bastion, http only on the LB."""
+    v4 = {p.name.split(".")[0]: p.read_text() for p in GOLDEN.glob("*.rules.v4")}
+    for host, text in v4.items():
+        assert ":INPUT DROP" in text and "-A ENCLAVE-INPUT -m comment --comment \"default drop\" -j DROP" in text
+        ssh = [line for line in text.splitlines() if "--dport 22 " in line]
+        if host.startswith("tunnel"):
+            assert any("-i eth0" in line and "enclave-operators src" in line for line in ssh)
+        assert any("-i eth1" in line and "--match-set enclave-tunnel src" in line for line in ssh), host
+        assert not any("-i eth0" in line for line in ssh if not host.startswith("tunnel")), host
+        public = [line for line in text.splitlines() if "-i eth0" in line]
+        if host.startswith("haproxy"):
+            assert len(public) == 1 and "--dport 80" in public[0]
+        elif not host.startswith("tunnel"):
+            assert public == [], host
+    assert ":OUTPUT DROP" in v4["haproxy-www-1"] and ":OUTPUT ACCEPT" in v4["wordpress-1"]
+
+
+def scaled(count: int) -> dict[str, int]:
+    doc = stack_document("prod")
+    doc["config"]["enclave:vpcIpRange"] = "10.110.0.0/16"
+    doc["config"]["enclave:roles"]["wordpress"]["count"] = count
+    plan = build_plan(stack_from(doc))
+    return {h: files.rule_count for h, files in plan.files.items()}
+
+
+def test_rule_count_per_host_does_not_grow_with_the_fleet() -> None:
+    small, large = scaled(2), scaled(200)
+    for host in ("tunnel-1", "haproxy-www-1", "wordpress-1", "mysql-1", "mysql-2"):
+        assert small[host] == large[host], host
+    assert large["wordpress-200"] == small["wordpress-1"]
+
+
+def test_scaling_changes_set_members_not_rules() -> None:
+    doc = stack_document("prod")
+    before = build_plan(stack_from(doc)).files
+    doc["config"]["enclave:roles"]["wordpress"]["count"] = 3
+    after_plan = build_plan(stack_from(doc))
+    after, after_addresses = after_plan.files, after_plan.addresses
+    assert after["mysql-1"].ipv4 == before["mysql-1"].ipv4
+    added = set(after["mysql-1"].ipsets.splitlines()) - set(before["mysql-1"].ipsets.splitlines())
+    assert added == {f"add enclave-wordpress.new {after_addresses['wordpress-3'].private}"}
+    # a host that accepts nothing from wordpress does not change at all
+    assert after["tunnel-1"] == before["tunnel-1"]
+    # and no existing host's example address moved (they do not on DigitalOcean either)
+    assert all(after_addresses[h] == a for h, a in build_plan(stack_from(stack_document("prod"))).addresses.items())
+
+
+def test_decide_is_the_reference_semantics() -> None:
+    stack = load_stack("prod").config
+    policy = compile_policy(stack)
+    host = {h.name: h for h in policy.hosts}
+    wordpress = Endpoint("host", "wordpress-1")
+    haproxy = Endpoint("host", "haproxy-www-1")
+    outsider = Endpoint("internet", "internet", "192.0.2.10", "2001:db8:ff::10")
+    operator = Endpoint("operators", "operator", "198.51.100.7")
+    mysql_port = PortSpec("tcp", 3306, 3306)
+    assert decide(policy, wordpress, host["mysql-1"], mysql_port, "private") is not None
+    assert decide(policy, haproxy, host["mysql-1"], mysql_port, "private") is None
+    assert decide(policy, wordpress, host["mysql-1"], mysql_port, "public") is None
+    glusterfs = decide(policy, wordpress, host["wordpress-2"], PortSpec("tcp", 49200, 49200), "private")
+    assert glusterfs is not None and glusterfs.why == "roles.wordpress.ingress[1]"
+    assert decide(policy, outsider, host["haproxy-www-1"], PortSpec("tcp", 80, 80), "public") is not None
+    assert decide(policy, outsider, host["haproxy-www-1"], PortSpec("tcp", 80, 80), "public", family=6) is None
+    assert decide(policy, outsider, host["tunnel-1"], PortSpec("tcp", 22, 22), "public") is None
+    assert decide(policy, operator, host["tunnel-1"], PortSpec("tcp", 22, 22), "public") is not None
+    assert decide(policy, operator, host["mysql-1"], PortSpec("tcp", 22, 22), "public") is None
+
+
+def test_bastionless_stack_opens_ssh_to_operators_on_every_host() -> None:
+    doc = stack_document("prod")
+    doc["config"]["enclave:roles"]["tunnel"]["bastion"] = False
+    doc["config"]["enclave:tests"] = []
+    plan = build_plan(stack_from(doc))
+    for host, files in plan.files.items():
+        ssh = [line for line in files.ipv4.splitlines() if "--dport 22 " in line]
+        assert ssh and all("-i eth0" in line and "enclave-operators src" in line for line in ssh), host
+    mysql_v6 = plan.files["mysql-1"].ipv6
+    assert "enclave-operators6" not in mysql_v6  # no IPv6 operator ranges: no IPv6 ssh rule at all
+
+
+def test_ipv6_public_services_and_cidrs_render_in_the_right_family() -> None:
+    doc = stack_document("prod")
+    roles = doc["config"]["enclave:roles"]
+    roles["mysql"]["ingress"].append({"from": ["2001:db8:1::/48", "203.0.113.0/24"], "ports": ["tcp/9104", "icmp"]})
+    doc["config"]["enclave:operators"].append("2001:db8:2::/64")
+    plan = build_plan(stack_from(doc))
+    v4, v6 = plan.files["mysql-1"].ipv4, plan.files["mysql-1"].ipv6
+    assert "-s 203.0.113.0/24" in v4 and "2001:db8:1::/48" not in v4
+    assert "-s 2001:db8:1::/48" in v6 and "203.0.113.0/24" not in v6
+    assert "--icmpv6-type 128" in v6 and "--icmp-type 8" in v4
+    # haproxy-www has no ipv6: its IPv6 table admits nothing public at all
+    assert "-i eth0" not in plan.files["haproxy-www-1"].ipv6.split("default drop")[0]
+
+
+def test_neighbour_discovery_is_allowed_on_ipv6() -> None:
+    v6 = build_plan(load_stack("prod")).files["mysql-1"].ipv6
+    for kind in ("neighbour-solicitation", "neighbour-advertisement", "router-advertisement", "packet-too-big"):
+        accept = [line for line in v6.splitlines() if kind in line]
+        assert accept and accept[0].endswith("-j ACCEPT")
+        assert v6.index(accept[0]) < v6.index("--ctstate INVALID -j DROP")
+
+
+def test_long_role_names_get_short_unique_set_names() -> None:
+    a, b = set_name("a-very-long-role-name-for-the-api-1x"), set_name("a-very-long-role-name-for-the-api-2x")
+    assert a != b and len(a) <= 27 and len(b) <= 27 and a.startswith("enclave-")
+
+
+def test_log_drops_adds_a_rate_limited_log_before_the_drop() -> None:
+    doc = stack_document("prod")
+    doc["config"]["enclave:logDrops"] = True
+    v4 = build_plan(stack_from(doc)).files["mysql-1"].ipv4.splitlines()
+    log = next(i for i, line in enumerate(v4) if "-j LOG" in line)
+    assert "-m limit" in v4[log] and "default drop" in v4[log + 1]
+
+
+def test_example_addresses_are_inside_the_vpc_and_distinct() -> None:
+    stack = load_stack("prod").config
+    addresses = example_addresses(compile_policy(stack))
+    private = [a.private for a in addresses.values()]
+    assert len(set(private)) == len(private)
+    assert all(a.endswith(tuple(".%d" % n for n in range(2, 255))) for a in private)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_plan_prints_hosts_flows_and_tests(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--stack", "prod"]) == 0
+    out = capsys.readouterr().out
+    assert "prod-mysql-2" in out and "roles.mysql.ingress[0]" in out and "FAIL" not in out
+
+
+def test_plan_host_prints_exact_files(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--stack", "prod", "--host", "mysql-1"]) == 0
+    out = capsys.readouterr().out
+    assert (GOLDEN / "mysql-1.rules.v4").read_text() in out
+    assert (GOLDEN / "mysql-1.rules.v6").read_text() in out
+
+
+def test_plan_json_and_addresses_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = compile_policy(load_stack("prod").config)
+    real = {
+        h.name: {"public": f"203.0.113.{i + 10}", "private": f"10.110.16.{i + 100}", "public6": None}
+        for i, h in enumerate(policy.hosts)
+    }
+    path = tmp_path / "addresses.json"
+    path.write_text(json.dumps(real))
+    assert main(["plan", "--stack", "prod", "--addresses", str(path), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is True
+    assert {h["name"]: h["private"] for h in data["hosts"]}["mysql-1"] == real["mysql-1"]["private"]
+    assert main(["plan", "--stack", "prod", "--addresses", str(path), "--host", "mysql-1"]) == 0
+    assert f"add enclave-wordpress.new {real['wordpress-2']['private']}" in capsys.readouterr().out
+
+
+def test_addresses_file_missing_a_host_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "addresses.json"
+    path.write_text(json.dumps({"tunnel-1": {"public": "203.0.113.1", "private": "10.110.16.9"}}))
+    assert main(["plan", "--stack", "prod", "--addresses", str(path)]) == 2
+    assert "--addresses mysql-1" in capsys.readouterr().err
+
+
+def test_a_failing_stack_test_fails_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = stack_document("prod")
+    doc["config"]["enclave:tests"].append({"from": "haproxy-www", "to": "mysql-1", "port": 3306, "expect": "allow"})
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", "--stack-file", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "haproxy-www -> mysql-1 tcp/3306 expect allow" in out and "deny" in out
+
+
+def test_unknown_host_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--stack", "prod", "--host", "mysql-9"]) == 2
+    assert "--host mysql-9" in capsys.readouterr().out

@@ -1,0 +1,235 @@
+"""Bad stack files: each is rejected before anything is created, with a message naming the key to edit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from config.schema import StackError
+from config.stackfile import load_stack_file
+from enclave.cli import main
+
+from .conftest import stack_document
+
+Doc = dict[str, Any]
+
+
+def roles(doc: Doc) -> Doc:
+    result: Doc = doc["config"]["enclave:roles"]
+    return result
+
+
+def set_key(key: str, value: Any) -> Callable[[Doc], None]:
+    def mutate(doc: Doc) -> None:
+        doc["config"][key] = value
+
+    return mutate
+
+
+def drop_key(key: str) -> Callable[[Doc], None]:
+    def mutate(doc: Doc) -> None:
+        del doc["config"][key]
+
+    return mutate
+
+
+def role_key(role: str, key: str, value: Any) -> Callable[[Doc], None]:
+    def mutate(doc: Doc) -> None:
+        roles(doc)[role][key] = value
+
+    return mutate
+
+
+def ingress(role: str, rule: Any) -> Callable[[Doc], None]:
+    def mutate(doc: Doc) -> None:
+        roles(doc)[role]["ingress"] = [rule]
+
+    return mutate
+
+
+def add_role(name: str, spec: Any) -> Callable[[Doc], None]:
+    def mutate(doc: Doc) -> None:
+        roles(doc)[name] = spec
+
+    return mutate
+
+
+def policy_test(entry: Any) -> Callable[[Doc], None]:
+    def mutate(doc: Doc) -> None:
+        doc["config"]["enclave:tests"] = [entry]
+
+    return mutate
+
+
+def no_bastion_no_operators(doc: Doc) -> None:
+    roles(doc)["tunnel"]["bastion"] = False
+    del doc["config"]["enclave:operators"]
+
+
+# (id, mutation, key path the message must name, words the message must contain)
+BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
+    ("unknown-role-in-from", ingress("mysql", {"from": "wordpres", "ports": ["tcp/3306"]}),
+     "enclave:roles.mysql.ingress[0].from", "'wordpres' is not a role"),
+    ("unknown-role-in-list", ingress("mysql", {"from": ["wordpress", "redis"], "ports": [3306]}),
+     "enclave:roles.mysql.ingress[0].from", "'redis'"),
+    ("host-beyond-count", ingress("mysql", {"from": "wordpress-3", "ports": [3306]}),
+     "enclave:roles.mysql.ingress[0].from", "only 2 host"),
+    ("port-out-of-range", ingress("mysql", {"from": "wordpress", "ports": ["tcp/70000"]}),
+     "enclave:roles.mysql.ingress[0].ports", "outside 1-65535"),
+    ("port-zero", ingress("mysql", {"from": "wordpress", "ports": [0]}),
+     "enclave:roles.mysql.ingress[0].ports", "outside 1-65535"),
+    ("reversed-range", ingress("mysql", {"from": "wordpress", "ports": ["tcp/9000-8000"]}),
+     "enclave:roles.mysql.ingress[0].ports", "above its end"),
+    ("bad-protocol", ingress("mysql", {"from": "wordpress", "ports": ["sctp/3306"]}),
+     "enclave:roles.mysql.ingress[0].ports", "tcp, udp or icmp"),
+    ("port-not-a-number", ingress("mysql", {"from": "wordpress", "ports": ["tcp/mysql"]}),
+     "enclave:roles.mysql.ingress[0].ports", "not a port"),
+    ("no-ports", ingress("mysql", {"from": "wordpress", "ports": []}),
+     "enclave:roles.mysql.ingress[0].ports", "at least 1"),
+    ("missing-from", ingress("mysql", {"ports": [3306]}),
+     "enclave:roles.mysql.ingress[0].from", "required"),
+    ("bad-cidr", ingress("haproxy-www", {"from": "203.0.113.0/33", "ports": [80]}),
+     "enclave:roles.haproxy-www.ingress[0].from", "not a valid CIDR"),
+    ("cidr-host-bits", ingress("haproxy-www", {"from": "203.0.113.5/24", "ports": [80]}),
+     "enclave:roles.haproxy-www.ingress[0].from", "not a valid CIDR"),
+    ("cidr-inside-vpc", ingress("mysql", {"from": "10.110.16.0/28", "ports": [3306]}),
+     "enclave:roles.mysql.ingress[0].from", "name the role or host instead"),
+    ("role-name-not-hostname", add_role("Web_Server", {"count": 1, "size": "s-1vcpu-1gb"}),
+     "enclave:roles", "must be a hostname"),
+    ("role-name-reserved", add_role("internet", {"count": 1, "size": "s-1vcpu-1gb"}),
+     "enclave:roles", "reserved"),
+    ("role-name-like-host", add_role("web-2", {"count": 1, "size": "s-1vcpu-1gb"}),
+     "enclave:roles", "clash with host names"),
+    ("negative-count", role_key("wordpress", "count", -1),
+     "enclave:roles.wordpress.count", "greater than or equal to 0"),
+    ("count-not-a-number", role_key("wordpress", "count", "two"),
+     "enclave:roles.wordpress.count", "valid integer"),
+    ("vpc-too-small", lambda doc: doc["config"].update({"enclave:vpcIpRange": "10.110.16.0/28"})
+                               or roles(doc)["wordpress"].update({"count": 12})),
+     "enclave:vpcIpRange", "holds 11 droplets but the roles ask for 16; use a larger range, e.g. /27"),
+    ("vpc-public-range", set_key("enclave:vpcIpRange", "8.8.8.0/24"),
+     "enclave:vpcIpRange", "private IPv4 range"),
+    ("vpc-not-a-network", set_key("enclave:vpcIpRange", "10.110.16.1/24"),
+     "enclave:vpcIpRange", "not a network address"),
+    ("unknown-top-key", set_key("enclave:regoin", "ams3"),
+     "enclave:regoin", "unknown key 'regoin'"),
+    ("unknown-role-key", role_key("mysql", "ingres", []),
+     "enclave:roles.mysql.ingres", "unknown key 'ingres'"),
+    ("unknown-ingress-key", ingress("mysql", {"from": "wordpress", "ports": [3306], "proto": "tcp"}),
+     "enclave:roles.mysql.ingress[0].proto", "unknown key"),
+    ("operators-missing-with-bastion", drop_key("enclave:operators"),
+     "enclave:operators", "accept SSH only from `operators`"),
+    ("operators-bad-address", set_key("enclave:operators", ["198.51.100.300/32"]),
+     "enclave:operators", "not an address range"),
+    ("no-bastion-no-operators", no_bastion_no_operators,
+     "enclave:operators", "nobody could SSH"),
+    ("bastion-count-zero", role_key("tunnel", "count", 0),
+     "enclave:roles.tunnel.count", "no host could be reached"),
+    ("bad-egress", role_key("haproxy-www", "egress", "closed"),
+     "enclave:roles.haproxy-www.egress", "'open' or 'restricted'"),
+    ("missing-size", role_key("mysql", "size", ""),
+     "enclave:roles.mysql.size", "at least 1 character"),
+    ("bad-public-key", set_key("enclave:sshPublicKey", "not a key"),
+     "enclave:sshPublicKey", "OpenSSH public key"),
+    ("missing-region", drop_key("enclave:region"),
+     "enclave:region", "required key is missing"),
+    ("same-interfaces", set_key("enclave:interfaces", {"public": "eth0", "private": "eth0"}),
+     "enclave:interfaces", "different interfaces"),
+    ("bad-interface-name", set_key("enclave:interfaces", {"public": "eth0 extra", "private": "eth1"}),
+     "enclave:interfaces.public", "interface name"),
+    ("test-unknown-target", policy_test({"from": "internet", "to": "mysq", "port": 3306, "expect": "deny"}),
+     "enclave:tests[0].to", "'mysq' is not a role"),
+    ("test-to-outsider", policy_test({"from": "mysql", "to": "internet", "port": 80, "expect": "deny"}),
+     "enclave:tests[0].to", "cannot be a destination"),
+    ("test-bad-expect", policy_test({"from": "internet", "to": "mysql", "port": 3306, "expect": "maybe"}),
+     "enclave:tests[0].expect", "'allow' or 'deny'"),
+    ("test-port-range", policy_test({"from": "internet", "to": "mysql", "port": "tcp/1-9", "expect": "deny"}),
+     "enclave:tests[0].port", "one port"),
+    ("bad-tag", role_key("mysql", "tags", ["has space"]),
+     "enclave:roles.mysql.tags", "may hold only"),
+    ("reserved-tag", role_key("mysql", "tags", ["enclave-prod"]),
+     "enclave:roles.mysql.tags[0]", "enclave's own"),
+    ("no-roles", set_key("enclave:roles", {}),
+     "enclave:roles", "at least 1"),
+    ("key-without-namespace", lambda doc: doc["config"].update({"region": "ams3"}),
+     "region", "enclave:region"),
+]
+
+
+def write_stack(tmp_path: Path, doc: Doc) -> Path:
+    path = tmp_path / "Pulumi.bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@pytest.mark.parametrize("mutate,key,words", [case[1:] for case in BAD_STACKS], ids=[case[0] for case in BAD_STACKS])
+def test_bad_stack_is_rejected_naming_the_key(tmp_path: Path, mutate: Callable[[Doc], None], key: str, words: str) -> None:
+    doc = stack_document("prod")
+    mutate(doc)
+    with pytest.raises(StackError) as caught:
+        load_stack_file(write_stack(tmp_path, doc))
+    issues = caught.value.issues
+    matching = [i for i in issues if i.path == key]
+    assert matching, f"no issue names {key}; got {[str(i) for i in issues]}"
+    assert any(words in i.message for i in matching), [str(i) for i in matching]
+
+
+def test_there_are_at_least_25_bad_stack_cases() -> None:
+    assert len({case[0] for case in BAD_STACKS}) >= 25
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    doc = stack_document("prod")
+    roles(doc)["wordpress"]["count"] = -3
+    roles(doc)["mysql"]["ingres"] = []
+    doc["config"]["enclave:vpcIpRange"] = "10.110.16.1/24"
+    with pytest.raises(StackError) as caught:
+        load_stack_file(write_stack(tmp_path, doc))
+    assert {i.path for i in caught.value.issues} >= {
+        "enclave:roles.wordpress.count",
+        "enclave:roles.mysql.ingres",
+        "enclave:vpcIpRange",
+    }
+
+
+def test_cli_exits_2_and_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = stack_document("prod")
+    ingress("mysql", {"from": "wordpres", "ports": ["tcp/3306"]})(doc)
+    code = main(["plan", "--stack-file", str(write_stack(tmp_path, doc))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "enclave:roles.mysql.ingress[0].from" in err
+    assert "nothing was created or changed" in err
+
+
+def test_not_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "Pulumi.x.yaml"
+    path.write_text("config: [unclosed\n")
+    with pytest.raises(StackError, match="not valid YAML"):
+        load_stack_file(path)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("80", "tcp/80"), (443, "tcp/443"), ("udp/53", "udp/53"), ("TCP/24007-24008", "tcp/24007-24008"), ("icmp", "icmp")],
+)
+def test_port_forms(text: Any, expected: str) -> None:
+    doc = stack_document("prod")
+    ingress("mysql", {"from": "wordpress", "ports": [text]})(doc)
+    from config.schema import load_config, enclave_keys
+
+    stack = load_config(enclave_keys(doc["config"]))
+    assert str(stack.roles["mysql"].ingress[0].ports[0]) == expected
+
+
+def test_zero_count_and_bastionless_stacks_are_valid(tmp_path: Path) -> None:
+    doc = stack_document("prod")
+    roles(doc)["wordpress"]["count"] = 0
+    doc["config"]["enclave:tests"] = []
+    stack = load_stack_file(write_stack(tmp_path, doc))
+    assert stack.config.roles["wordpress"].count == 0
+    roles(doc)["tunnel"]["bastion"] = False
+    assert load_stack_file(write_stack(tmp_path, doc)).config.bastion_roles() == []
