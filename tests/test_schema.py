@@ -64,6 +64,11 @@ def policy_test(entry: Any) -> Callable[[Doc], None]:
     return mutate
 
 
+def small_vpc_many_hosts(doc: Doc) -> None:
+    doc["config"]["enclave:vpcIpRange"] = "10.110.16.0/28"
+    roles(doc)["wordpress"]["count"] = 12
+
+
 def no_bastion_no_operators(doc: Doc) -> None:
     roles(doc)["tunnel"]["bastion"] = False
     del doc["config"]["enclave:operators"]
@@ -107,8 +112,7 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "enclave:roles.wordpress.count", "greater than or equal to 0"),
     ("count-not-a-number", role_key("wordpress", "count", "two"),
      "enclave:roles.wordpress.count", "valid integer"),
-    ("vpc-too-small", lambda doc: doc["config"].update({"enclave:vpcIpRange": "10.110.16.0/28"})
-                               or roles(doc)["wordpress"].update({"count": 12})),
+    ("vpc-too-small", small_vpc_many_hosts,
      "enclave:vpcIpRange", "holds 11 droplets but the roles ask for 16; use a larger range, e.g. /27"),
     ("vpc-public-range", set_key("enclave:vpcIpRange", "8.8.8.0/24"),
      "enclave:vpcIpRange", "private IPv4 range"),
@@ -154,7 +158,7 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "enclave:roles.mysql.tags[0]", "enclave's own"),
     ("no-roles", set_key("enclave:roles", {}),
      "enclave:roles", "at least 1"),
-    ("key-without-namespace", lambda doc: doc["config"].update({"region": "ams3"}),
+    ("key-without-namespace", set_key("region", "ams3"),
      "region", "enclave:region"),
 ]
 
