@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 ENCLAVE := $(VENV)/bin/enclave
 STACK ?= prod
-APT_PACKAGES := python3 python3-venv iproute2 iptables ipset openssh-server openssh-client graphviz procps
+APT_PACKAGES := python3 python3-venv iproute2 iptables ipset openssh-server openssh-client graphviz librsvg2-bin procps
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
