@@ -1,26 +1,44 @@
-"""The one shell command that installs a host's rule files: the same text for Pulumi, the lab and the CLI.
+"""What runs on a host: the push, the confirmation, the boot restore and the first-boot baseline.
 
-Sequence on the host (POSIX sh, runs as root; every step before "apply" changes nothing live):
-  1. write the three files to $STATE/incoming (STATE defaults to /var/lib/enclave);
-  2. stage ipset members in ".new" twins (creates missing sets empty: no rule references them yet);
-  3. make sure INPUT/OUTPUT jump to ENCLAVE-INPUT/ENCLAVE-OUTPUT first (empty chains change nothing);
-  4. `iptables-restore --test` and `ip6tables-restore --test`: a bad file stops here, nothing applied;
-  5. apply: swap each staged set in, then `iptables-restore --noflush`, `ip6tables-restore --noflush`
-     (each one kernel transaction: never a moment with the host open or half-filtered);
-  6. destroy enclave sets no rule uses any more; keep the files as $STATE/current for the boot restore.
+All of it is POSIX sh built from one installed helper, `$STATE/apply.sh` (STATE defaults to /var/lib/enclave),
+so the Pulumi program, the lab and a user reading `pulumi preview --diff` see the same text.
 
-Only enclave's chains and sets are replaced; other tools' chains and tables are left as they are.
-Pushing the same files twice leaves `iptables-save` unchanged.
+One change of rules is two SSH commands (the iptables-apply idea, automated):
+
+  push     writes the new files to $STATE/incoming, validates them (every step before "apply" changes nothing
+           live), arms a rollback timer, applies them atomically and marks them pending. Exit 0 = applied.
+  confirm  runs over a NEW SSH connection (through the bastion): an open session survives a rule that blocks
+           new ones, only a new connection proves access. It promotes incoming -> confirmed and disarms the
+           timer. If no confirmation arrives within the window, the host restores the last confirmed rules
+           (or the baseline) by itself and the late confirm fails, naming the host and the reason.
+
+apply.sh DIR applies a directory of rule files:
+  1. stage ipset members in ".new" twins (creates missing sets empty: no rule references them yet);
+  2. make sure INPUT/OUTPUT jump to ENCLAVE-INPUT/ENCLAVE-OUTPUT first (an empty chain changes nothing);
+  3. `iptables-restore --test` and `ip6tables-restore --test`: a bad file stops here, nothing applied;
+  4. swap each staged set in, then `iptables-restore --noflush` and `ip6tables-restore --noflush`: each is one
+     kernel transaction, so the host is never open or half-filtered; only enclave's chains are replaced,
+     other tools' chains and tables (Docker, fail2ban) are left alone;
+  5. destroy enclave sets no rule uses any more.
+Applying the same files twice leaves `iptables-save` unchanged.
+
+Reboots: a systemd unit (enclave-firewall.service, before the network comes up) and cloud-init's bootcmd both
+run `apply.sh --restore`: the last confirmed rules, else the baseline. No iptables-persistent needed.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import yaml
+
 from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles, staging_name
 
 HEREDOC = "ENCLAVE_EOF"
 STATE_DIR_DEFAULT = "/var/lib/enclave"
+ROLLBACK_SECONDS_DEFAULT = 90
+UNIT_NAME = "enclave-firewall.service"
+STATE = f'STATE="${{ENCLAVE_STATE_DIR:-{STATE_DIR_DEFAULT}}}"'
 
 
 def digest(files: RuleFiles) -> str:
@@ -33,41 +51,162 @@ def digest(files: RuleFiles) -> str:
 
 
 def _heredoc(path: str, text: str) -> str:
-    assert HEREDOC not in text
+    if any(line == HEREDOC for line in text.splitlines()):
+        raise ValueError(f"rule text contains the here-document delimiter {HEREDOC}")
     return f"cat > {path} <<'{HEREDOC}'\n{text}{HEREDOC}\n"
 
 
-def push_script(files: RuleFiles, stack_name: str) -> str:
-    """A POSIX sh script, fed to `sh -s` as root on the host, that applies `files` safely."""
-    sets = " ".join(files.set_names)
-    swaps = "".join(f"swap {staging_name(s)} {s}\\ndestroy {staging_name(s)}\\n" for s in files.set_names)
-    return f"""#!/bin/sh
-# enclave push: stack {stack_name}, host {files.host}, rules {digest(files)}
-set -eu
-umask 077
-STATE="${{ENCLAVE_STATE_DIR:-{STATE_DIR_DEFAULT}}}"
-mkdir -p "$STATE/incoming"
-# On failure: drop the staged twins, and sets this push created (destroy refuses a set a rule still uses).
-unstage() {{ for s in {sets}; do ipset destroy "$s.new" 2>/dev/null || true; ipset destroy "$s" 2>/dev/null || true; done; }}
-fail() {{ unstage; echo "enclave push {files.host}: $*" >&2; exit 1; }}
-{_heredoc('"$STATE/incoming/ipsets"', files.ipsets)}{_heredoc('"$STATE/incoming/rules.v4"', files.ipv4)}{_heredoc('"$STATE/incoming/rules.v6"', files.ipv6)}
-ipset -exist restore < "$STATE/incoming/ipsets" || fail "ipset definitions rejected; nothing was changed"
+# The helper installed on every host. DIR holds ipsets, sets (names, one per line), rules.v4, rules.v6.
+APPLY_SH = rf"""#!/bin/sh
+# enclave apply.sh: installs a directory of enclave rule files atomically. Generated by enclave.
+#   apply.sh --test DIR   validate only (creates missing enclave sets, empty and unreferenced)
+#   apply.sh DIR          validate, then apply
+#   apply.sh --restore    apply the last confirmed rules, else the baseline (boot and rollback)
+set -u
+{STATE}
+PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+say() {{ echo "enclave: $*" >&2; }}
+if [ "${{1:-}}" = "--restore" ]; then
+  for d in "$STATE/confirmed" "$STATE/baseline"; do
+    if [ -f "$d/rules.v4" ]; then exec sh "$0" "$d"; fi
+  done
+  say "nothing to restore in $STATE"; exit 1
+fi
+test_only=0
+if [ "${{1:-}}" = "--test" ]; then test_only=1; shift; fi
+dir=${{1:?usage: apply.sh [--test] DIR}}
+sets=$(cat "$dir/sets" 2>/dev/null || true)
+unstage() {{ for s in $sets; do ipset destroy "$s.new" 2>/dev/null; ipset destroy "$s" 2>/dev/null; done; return 0; }}
+ipset -exist restore < "$dir/ipsets" || {{ unstage; say "ipset definitions rejected in $dir; nothing was changed"; exit 1; }}
 for t in iptables ip6tables; do
   for c in INPUT OUTPUT; do
-    $t -w -n -L {CHAIN_PREFIX}-$c >/dev/null 2>&1 || $t -w -N {CHAIN_PREFIX}-$c
-    $t -w -C $c -j {CHAIN_PREFIX}-$c 2>/dev/null || $t -w -I $c 1 -j {CHAIN_PREFIX}-$c
+    $t -w -n -L {CHAIN_PREFIX}-$c >/dev/null 2>&1 || $t -w -N {CHAIN_PREFIX}-$c || exit 1
+    $t -w -C $c -j {CHAIN_PREFIX}-$c 2>/dev/null || $t -w -I $c 1 -j {CHAIN_PREFIX}-$c || exit 1
   done
 done
-iptables-restore -w --test --noflush < "$STATE/incoming/rules.v4" || fail "IPv4 rules rejected; nothing was changed"
-ip6tables-restore -w --test --noflush < "$STATE/incoming/rules.v6" || fail "IPv6 rules rejected; nothing was changed"
-printf '{swaps}' | ipset restore || fail "ipset swap failed"
-iptables-restore -w --noflush < "$STATE/incoming/rules.v4" || fail "IPv4 rules failed to apply"
-ip6tables-restore -w --noflush < "$STATE/incoming/rules.v6" || fail "IPv6 rules failed to apply"
+iptables-restore -w --test --noflush < "$dir/rules.v4" || {{ unstage; say "IPv4 rules rejected in $dir; nothing was changed"; exit 1; }}
+ip6tables-restore -w --test --noflush < "$dir/rules.v6" || {{ unstage; say "IPv6 rules rejected in $dir; nothing was changed"; exit 1; }}
+if [ $test_only = 1 ]; then exit 0; fi
+for s in $sets; do printf 'swap %s.new %s\ndestroy %s.new\n' "$s" "$s" "$s"; done | ipset restore || {{ say "ipset swap failed"; exit 1; }}
+iptables-restore -w --noflush < "$dir/rules.v4" || {{ say "IPv4 rules failed to apply"; exit 1; }}
+ip6tables-restore -w --noflush < "$dir/rules.v6" || {{ say "IPv6 rules failed to apply"; exit 1; }}
 for s in $(ipset list -n | grep '^{SET_PREFIX}' || true); do
-  case " {sets} " in *" $s "*) ;; *) ipset destroy "$s" 2>/dev/null || true ;; esac
+  case " $(echo $sets) " in *" $s "*) ;; *) ipset destroy "$s" 2>/dev/null || true ;; esac
 done
-rm -rf "$STATE/current" && mv "$STATE/incoming" "$STATE/current"
-echo "enclave push {files.host}: applied rules {digest(files)}"
+exit 0
+"""
+
+UNIT = f"""[Unit]
+Description=enclave host firewall: restore the last confirmed rules before the network comes up
+DefaultDependencies=no
+Wants=network-pre.target
+Before=network-pre.target shutdown.target
+Conflicts=shutdown.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh {STATE_DIR_DEFAULT}/apply.sh --restore
+
+[Install]
+WantedBy=multi-user.target
 """
 
 
+def _write_dir(var: str, files: RuleFiles) -> str:
+    names = "".join(f"{s}\n" for s in files.set_names)
+    return (
+        f'mkdir -p "{var}"\n'
+        + _heredoc(f'"{var}/ipsets"', files.ipsets)
+        + _heredoc(f'"{var}/sets"', names)
+        + _heredoc(f'"{var}/rules.v4"', files.ipv4)
+        + _heredoc(f'"{var}/rules.v6"', files.ipv6)
+    )
+
+
+def install_helpers() -> str:
+    """Shell that (re)writes apply.sh and, on systemd hosts, the boot unit. Same text in push and cloud-init."""
+    unit = UNIT.replace(STATE_DIR_DEFAULT, "$STATE")  # the unit names the host's actual state directory
+    return (
+        'mkdir -p "$STATE"\n'
+        + _heredoc('"$STATE/apply.sh.tmp"', APPLY_SH)
+        + 'mv "$STATE/apply.sh.tmp" "$STATE/apply.sh"\n'
+        # ENCLAVE_SYSTEMD_DIR lets a test harness (the lab) receive the unit without a systemd of its own.
+        + 'UNITS="${ENCLAVE_SYSTEMD_DIR:-/etc/systemd/system}"\n'
+        + 'if [ -n "${ENCLAVE_SYSTEMD_DIR:-}" ] || [ -d /run/systemd/system ]; then\n'
+        + f'mkdir -p "$UNITS"\ncat > "$UNITS/{UNIT_NAME}" <<{HEREDOC}\n{unit}{HEREDOC}\n'
+        + f'[ -n "${{ENCLAVE_SYSTEMD_DIR:-}}" ] || {{ systemctl daemon-reload && systemctl enable {UNIT_NAME}; }} >/dev/null 2>&1 || true\n'
+        + "fi\n"
+    )
+
+
+def push_script(files: RuleFiles, stack_name: str) -> str:
+    """Validate, arm the rollback, apply. Fed to `sh -s` as root on the host; re-run exactly when rules change."""
+    d = digest(files)
+    return f"""#!/bin/sh
+# enclave push: stack {stack_name}, host {files.host}, rules {d}
+set -eu
+umask 077
+{STATE}
+WINDOW="${{ENCLAVE_ROLLBACK_SECONDS:-{ROLLBACK_SECONDS_DEFAULT}}}"
+{install_helpers()}rm -rf "$STATE/incoming"
+{_write_dir("$STATE/incoming", files)}echo {d} > "$STATE/incoming/digest"
+sh "$STATE/apply.sh" --test "$STATE/incoming" || {{ echo "enclave push {files.host}: rules {d} rejected; nothing was changed" >&2; exit 1; }}
+# Arm the rollback before touching anything: unless `confirm` (a new SSH connection) promotes these rules
+# within $WINDOW seconds, the host goes back to its last confirmed rules by itself.
+# Timer and confirm each claim "pending" with an atomic mv, so exactly one of them acts on these rules.
+echo {d} > "$STATE/pending"
+setsid sh -c 'sleep "$1"
+  if [ "$(cat "$2/pending" 2>/dev/null)" = "$3" ] && mv "$2/pending" "$2/pending.rollback" 2>/dev/null; then
+    sh "$2/apply.sh" --restore
+    echo "rules $3 were rolled back after $1 s without confirmation" > "$2/rolled-back"
+    rm -f "$2/pending.rollback"
+  fi' enclave-rollback "$WINDOW" "$STATE" {d} </dev/null >/dev/null 2>&1 &
+rm -f "$STATE/rolled-back"
+sh "$STATE/apply.sh" "$STATE/incoming" || {{ rm -f "$STATE/pending"; sh "$STATE/apply.sh" --restore; echo "enclave push {files.host}: rules {d} failed to apply; previous rules restored" >&2; exit 1; }}
+echo "enclave push {files.host}: applied rules {d}; confirm within $WINDOW s over a new connection or they roll back"
+"""
+
+
+def confirm_script(files: RuleFiles, stack_name: str) -> str:
+    """Promote the pushed rules to confirmed. Run over a NEW SSH connection after push_script succeeded."""
+    d = digest(files)
+    return f"""#!/bin/sh
+# enclave confirm: stack {stack_name}, host {files.host}, rules {d}
+set -eu
+{STATE}
+if [ "$(cat "$STATE/pending" 2>/dev/null)" = "{d}" ] && mv "$STATE/pending" "$STATE/pending.confirm" 2>/dev/null; then
+  rm -rf "$STATE/confirmed.new" && cp -R "$STATE/incoming" "$STATE/confirmed.new"
+  rm -rf "$STATE/confirmed" && mv "$STATE/confirmed.new" "$STATE/confirmed"
+  rm -f "$STATE/pending.confirm"
+  echo "enclave confirm {files.host}: rules {d} confirmed over a new connection"
+elif [ "$(cat "$STATE/confirmed/digest" 2>/dev/null)" = "{d}" ]; then
+  echo "enclave confirm {files.host}: rules {d} already confirmed"
+else
+  echo "enclave confirm {files.host}: rules {d} are not in force: $(cat "$STATE/rolled-back" 2>/dev/null || echo 'never applied')." >&2
+  echo "The host went back to its last confirmed rules. If the new rules cut SSH from the bastion, fix the stack and run pulumi up again." >&2
+  exit 1
+fi
+"""
+
+
+def baseline_script(files: RuleFiles) -> str:
+    """First boot (cloud-init bootcmd, every boot): install helpers and baseline, restore confirmed or baseline."""
+    return f"""#!/bin/sh
+# enclave baseline for role {files.host}: closed before any service listens; replaced by the first push
+set -u
+umask 077
+{STATE}
+{install_helpers()}rm -rf "$STATE/baseline"
+{_write_dir("$STATE/baseline", files)}sh "$STATE/apply.sh" --restore
+"""
+
+
+def cloud_config(baseline: RuleFiles) -> str:
+    """Droplet user data: cloud-init runs bootcmd on every boot, early in its init stage, before sshd starts.
+
+    On the first boot that applies the baseline; after a push it restores the last confirmed rules (as the
+    systemd unit already did, earlier still). Built from the role's baseline only, never from peers.
+    """
+    document = {"bootcmd": [["sh", "-c", baseline_script(baseline)]]}
+    return "#cloud-config\n" + yaml.safe_dump(document, default_flow_style=False, width=1 << 16)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from config.schema import PortSpec
+from config.schema import PortSpec, StackConfig
 
 from .compiler import Addresses, Flow, Host, Policy
 
@@ -165,34 +165,10 @@ class Renderer:
     def _table(self, host: Host, family: int, sets: dict[str, IpSet]) -> str:
         role = self.policy.stack.roles[host.role]
         restricted = role.egress == "restricted"
-        head = [
-            f"# enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}. Generated: edit the stack file, not this.",
-            "*filter",
-            ":INPUT DROP [0:0]",
-            ":FORWARD DROP [0:0]",
-            f":OUTPUT {'DROP' if restricted else 'ACCEPT'} [0:0]",
-            f":{INPUT_CHAIN} - [0:0]",
-            f":{OUTPUT_CHAIN} - [0:0]",
-            f"-A {INPUT_CHAIN} -i lo -j ACCEPT",
-            f"-A {INPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        ]
-        if family == 6:
-            head += [
-                f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT"
-                for t in ICMPV6_ND
-            ]
-            head += [f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ICMPV6_ERRORS]
-        head.append(f"-A {INPUT_CHAIN} -m conntrack --ctstate INVALID -j DROP")
+        title = f"enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}"
         body = self._input_rules(host, family, sets)
-        tail = []
-        if self.policy.stack.log_drops:
-            tail.append(
-                f'-A {INPUT_CHAIN} -m limit --limit 6/min --limit-burst 10 -j LOG --log-prefix "enclave-drop: "'
-            )
-        tail.append(f"-A {INPUT_CHAIN} {_comment('default drop')} -j DROP")
-        if restricted:
-            tail += self._output_rules(host, family, sets)
-        return "\n".join(head + body + tail + ["COMMIT", ""])
+        output = self._output_rules(host, family, sets) if restricted else []
+        return filter_table(title, family, body, output, self.policy.stack.log_drops)
 
     # ---------------------------------------------------------------------------------------- public
 
@@ -205,6 +181,60 @@ class Renderer:
 
     def render_all(self) -> dict[str, RuleFiles]:
         return {h.name: self.render(h) for h in self.policy.hosts}
+
+
+def filter_table(title: str, family: int, accepts: list[str], output: list[str], log_drops: bool) -> str:
+    """The frame every enclave table shares: policies, loopback, replies, ICMPv6 essentials, default drop."""
+    lines = [
+        f"# {title}. Generated: edit the stack file, not this.",
+        "*filter",
+        ":INPUT DROP [0:0]",
+        ":FORWARD DROP [0:0]",
+        f":OUTPUT {'DROP' if output else 'ACCEPT'} [0:0]",
+        f":{INPUT_CHAIN} - [0:0]",
+        f":{OUTPUT_CHAIN} - [0:0]",
+        f"-A {INPUT_CHAIN} -i lo -j ACCEPT",
+        f"-A {INPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    ]
+    if family == 6:
+        # before the INVALID drop: conntrack does not track neighbour discovery
+        lines += [
+            f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT" for t in ICMPV6_ND
+        ]
+        lines += [f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ICMPV6_ERRORS]
+    lines.append(f"-A {INPUT_CHAIN} -m conntrack --ctstate INVALID -j DROP")
+    lines += accepts
+    if log_drops:
+        lines.append(f'-A {INPUT_CHAIN} -m limit --limit 6/min --limit-burst 10 -j LOG --log-prefix "enclave-drop: "')
+    lines.append(f"-A {INPUT_CHAIN} {_comment('default drop')} -j DROP")
+    return "\n".join(lines + output + ["COMMIT", ""])
+
+
+def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
+    """What a droplet of `role` boots with, before its first push: closed, but reachable for that push.
+
+    SSH on the private interface from the VPC range (the bastion's address is not known when the droplet is
+    created), and on the public interface from operators for bastions (or every host without bastions).
+    Depends on no peer, so it never changes when the fleet does, and never forces a droplet replacement.
+    """
+    public_ssh = stack.roles[role].bastion or not stack.bastion_roles()
+    tables = []
+    for family in (4, 6):
+        accepts = []
+        if family == 4:
+            accepts.append(
+                f"-A {INPUT_CHAIN} -i {stack.interfaces.private} -s {stack.vpc_ip_range} -p tcp -m tcp --dport 22 "
+                f"{_comment('baseline: ssh from the VPC until the first push')} -j ACCEPT"
+            )
+        if public_ssh:
+            accepts += [
+                f"-A {INPUT_CHAIN} -i {stack.interfaces.public} -s {net} -p tcp -m tcp --dport 22 "
+                f"{_comment('baseline: ssh from operators')} -j ACCEPT"
+                for net in stack.operators
+                if net.version == family
+            ]
+        tables.append(filter_table(f"enclave baseline, role {role}, IPv{family}", family, accepts, [], stack.log_drops))
+    return RuleFiles(f"baseline-{role}", tables[0], tables[1], "", ())
 
 
 def render_ipsets(sets: list[IpSet]) -> str:
