@@ -88,6 +88,9 @@ class Renderer:
         self.stack_name = stack_name
         self.interfaces = policy.stack.interfaces
         self._role_sets: dict[str, IpSet] = {}
+        # A set's staging text is the same in every host that uses it; render it once (a 5 000-host fleet
+        # would otherwise rebuild millions of `add` lines).
+        self._set_texts: dict[str, str] = {}  # by set name: one content per name within a Renderer
 
     # ------------------------------------------------------------------------------------------- sets
 
@@ -177,7 +180,13 @@ class Renderer:
         ipv4 = self._table(host, 4, sets)
         ipv6 = self._table(host, 6, sets)
         ordered = [sets[k] for k in sorted(sets)]
-        return RuleFiles(host.name, ipv4, ipv6, render_ipsets(ordered), tuple(s.name for s in ordered))
+        ipsets = "".join(self._set_text(s) for s in ordered)
+        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.name for s in ordered))
+
+    def _set_text(self, s: IpSet) -> str:
+        if s.name not in self._set_texts:
+            self._set_texts[s.name] = render_ipsets([s])
+        return self._set_texts[s.name]
 
     def render_all(self) -> dict[str, RuleFiles]:
         return {h.name: self.render(h) for h in self.policy.hosts}
