@@ -6,6 +6,7 @@ Exit codes: 0 fine, 1 a check failed (a stack test, a lab probe), 2 bad input (s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,8 +18,12 @@ from rich.table import Table
 from config.schema import StackError
 from config.stackfile import Stack, load_stack, load_stack_file
 
-from .plan import Plan, build_plan, droplet_name, load_addresses
+from .plan import Plan, build_plan, droplet_name, example_addresses, load_addresses
 from .compiler import compile_policy
+from .cloudfirewall import check_cloud_firewalls
+from .diagram import DiagramError, write_diagram
+from .diff import compare_stacks, diff_lines
+from .sshconfig import ssh_config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -32,9 +37,11 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stack_from_args(args: argparse.Namespace) -> Stack:
-    if args.stack_file is not None:
-        return load_stack_file(args.stack_file)
-    return load_stack(args.stack or "dev")
+    stack = load_stack_file(args.stack_file) if args.stack_file is not None else load_stack(args.stack or "dev")
+    if stack.config.cloud_firewall:
+        # the provider's limits, checked here as the Pulumi program checks them: before anything exists
+        check_cloud_firewalls(stack.name, compile_policy(stack.config))
+    return stack
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -68,9 +75,50 @@ def print_plan(plan: Plan, console: Console) -> None:
             tests.add_row(t.describe(), t.test.expect, t.seen, verdict, t.detail)
         console.print(tests)
 
+    firewalls = check_cloud_firewalls(plan.stack.name, plan.policy)
+    if firewalls:
+        table = Table(title="cloud firewalls (enclave:cloudFirewall): outbound open", title_justify="left")
+        for column in ("firewall", "applies to tag", "inbound rules", "rules"):
+            table.add_column(column)
+        for fw in firewalls:
+            table.add_row(fw.name, ", ".join(fw.tags), "\n".join(str(r) for r in fw.inbound_rules), str(fw.rule_count))
+        console.print(table)
+
+
+def report_failed_tests(plan: Plan, console: Console) -> int:
+    if plan.ok:
+        return EXIT_OK
+    failed = [t for t in plan.tests if not t.passed]
+    console.print(f"[red bold]{len(failed)} test(s) failed against the compiled policy:[/]")
+    for t in failed:
+        console.print(f"  {t.describe()}, but it would be {t.seen}: {t.detail}", markup=False)
+    return EXIT_FAILED
+
+
+def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> int:
+    """`plan --diff-from OLD`: per host, the rule lines and set members the change from OLD would touch."""
+    old = load_stack_file(args.diff_from, stack.name)
+    old_addresses = load_addresses(args.addresses, compile_policy(old.config)) if args.addresses else None
+    plan, diff = compare_stacks(stack, old.config, old_addresses)
+    if args.host is not None:
+        diff.hosts = [h for h in diff.hosts if h.host == args.host]
+        if not diff.hosts:
+            console.print(f"[red]--host {args.host}: in neither stack; hosts are {', '.join(plan.files)}[/]")
+            return EXIT_BAD_INPUT
+    if args.format == "json":
+        print(json.dumps(diff.to_json(), indent=2))
+    else:
+        console.print(f"stack {stack.name}: changes from {args.diff_from} to {stack.path}", highlight=False)
+        for style, line in diff_lines(diff):
+            # rule lines are shown whole, never wrapped, so they can be searched for and copied
+            console.print(line, style=style or None, markup=False, highlight=False, soft_wrap=True)
+    return report_failed_tests(plan, console)
+
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     stack = stack_from_args(args)
+    if args.diff_from is not None:
+        return cmd_plan_diff(args, stack, console)
     addresses = load_addresses(args.addresses, compile_policy(stack.config)) if args.addresses else None
     plan = build_plan(stack, addresses)
     if args.host is not None and args.host not in plan.files:
@@ -78,6 +126,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     if args.format == "json":
         data = plan.to_json()
+        firewalls = check_cloud_firewalls(stack.name, plan.policy)
+        if firewalls:
+            data["cloudFirewalls"] = [dataclasses.asdict(fw) for fw in firewalls]
         if args.host:
             files = plan.files[args.host]
             data = {"host": args.host, "rules.v4": files.ipv4, "rules.v6": files.ipv6, "ipsets": files.ipsets}
@@ -89,12 +140,48 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             sys.stdout.write(f"### {args.host}: {title}\n{text}")
     else:
         print_plan(plan, console)
-    if not plan.ok:
-        failed = [t for t in plan.tests if not t.passed]
-        console.print(f"[red bold]{len(failed)} test(s) failed against the compiled policy:[/]")
-        for t in failed:
-            console.print(f"  {t.describe()}, but it would be {t.seen}: {t.detail}", markup=False)
+    return report_failed_tests(plan, console)
+
+
+# ------------------------------------------------------------------------------------ diagram, ssh-config
+
+
+def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
+    stack = stack_from_args(args)
+    output: Path = args.output if args.output is not None else Path(stack.name)
+    try:
+        written = write_diagram(stack, output)
+    except DiagramError as exc:
+        Console(stderr=True).print(f"[red bold]error:[/] {exc}", highlight=False)
         return EXIT_FAILED
+    except OSError as exc:
+        Console(stderr=True).print(
+            f"[red bold]error:[/] --output {output}: cannot write there ({exc.strerror}); "
+            "pick a writable directory, e.g. --output docs/prod",
+            highlight=False,
+        )
+        return EXIT_BAD_INPUT
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+    return EXIT_OK
+
+
+def cmd_ssh_config(args: argparse.Namespace, console: Console) -> int:
+    stack = stack_from_args(args)
+    policy = compile_policy(stack.config)
+    if args.addresses is not None:
+        addresses = load_addresses(args.addresses, policy)
+    else:
+        addresses = example_addresses(policy)
+        Console(stderr=True).print(
+            "note: example addresses (nothing is deployed offline); pass --addresses FILE.json, "
+            "or after `pulumi up` use `pulumi stack output sshConfig`",
+            highlight=False,
+            soft_wrap=True,
+        )
+    extra = {"identity_file": args.identity_file} if args.identity_file else {}
+    # raw text on stdout, so `enclave ssh-config --stack prod > ~/.ssh/enclave-prod.conf` is the whole file
+    sys.stdout.write(ssh_config(stack.name, policy, addresses, stack.config.ssh_user, **extra))
     return EXIT_OK
 
 
@@ -113,7 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--host", help="print this host's exact rule files (e.g. mysql-1)")
     plan.add_argument("--addresses", type=Path, help="JSON file of real addresses {host: {public, private, public6}}")
     plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.add_argument(
+        "--diff-from", type=Path, metavar="OLD.yaml",
+        help="show what changing from this stack file (the deployed one) would change on each host; "
+        "--addresses then gives the deployed hosts' addresses",
+    )
     plan.set_defaults(func=cmd_plan)
+
+    diagram = sub.add_parser("diagram", help="draw the network: <output>.svg (Graphviz) and <output>.mmd (Mermaid)")
+    add_stack_arguments(diagram)
+    diagram.add_argument("--output", "-o", type=Path, help="path without extension (default: ./<stack>), e.g. docs/prod")
+    diagram.set_defaults(func=cmd_diagram)
+
+    ssh = sub.add_parser("ssh-config", help="an OpenSSH client config: every host by name, private ones via the bastion")
+    add_stack_arguments(ssh)
+    ssh.add_argument("--addresses", type=Path, help="JSON file of real addresses {host: {public, private, public6}}")
+    ssh.add_argument("--identity-file", help="private key for every host (default: ~/.ssh/enclave)")
+    ssh.set_defaults(func=cmd_ssh_config)
 
     from .lab import cli as lab_cli  # the lab registers its own subcommands
 
