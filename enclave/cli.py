@@ -152,13 +152,14 @@ def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
     try:
         written = write_diagram(stack, output)
     except DiagramError as exc:
-        Console(stderr=True).print(f"[red bold]error:[/] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red bold]error:[/] {exc}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
     except OSError as exc:
         Console(stderr=True).print(
             f"[red bold]error:[/] --output {output}: cannot write there ({exc.strerror}); "
             "pick a writable directory, e.g. --output docs/prod",
             highlight=False,
+            soft_wrap=True,
         )
         return EXIT_BAD_INPUT
     for path in written:

@@ -26,7 +26,7 @@ PRIVATE_COLOR = "#1c7ed6"  # blue: stays on the private network
 PUBLIC_FILL = "#fff4e6"
 VPC_FILL = "#f1f3f5"
 VPC_LINE = "#868e96"
-FONT = "Helvetica"
+FONT = "Arial"  # metric-compatible stand-ins (Liberation Sans) exist wherever Arial does not
 
 
 class DiagramError(Exception):
@@ -140,13 +140,20 @@ def _role_label(policy: Policy, role: str, public: bool) -> str:
     )
 
 
+def _padded(markup: str) -> str:
+    # a cluster is only as wide as its label: pad it so the text keeps clear of the border
+    return f'<<TABLE BORDER="0" CELLPADDING="6"><TR><TD>{markup}</TD></TR></TABLE>>'
+
+
 def to_dot(picture: NetworkPicture) -> graphviz.Digraph:
     policy = picture.policy
     stack = policy.stack
     legend = (
-        '<<TABLE BORDER="0" CELLSPACING="6"><TR>'
-        f'<TD><FONT COLOR="{PUBLIC_COLOR}"><B>━━ public entry</B>&#160;(from outside the VPC)</FONT></TD>'
-        f'<TD><FONT COLOR="{PRIVATE_COLOR}"><B>━━ private flow</B>&#160;(inside the VPC only)</FONT></TD>'
+        '<<TABLE BORDER="0" CELLSPACING="2"><TR>'
+        f'<TD><FONT COLOR="{PUBLIC_COLOR}"><B>━━ public entry</B></FONT></TD>'
+        f'<TD><FONT COLOR="{PUBLIC_COLOR}">from outside the VPC</FONT></TD><TD WIDTH="20"></TD>'
+        f'<TD><FONT COLOR="{PRIVATE_COLOR}"><B>━━ private flow</B></FONT></TD>'
+        f'<TD><FONT COLOR="{PRIVATE_COLOR}">inside the VPC only</FONT></TD><TD WIDTH="20"></TD>'
         "<TD>anything not drawn is dropped</TD>"
         "</TR></TABLE>>"
     )
@@ -169,15 +176,17 @@ def to_dot(picture: NetworkPicture) -> graphviz.Digraph:
                 color=PUBLIC_COLOR, penwidth="1.5",
             )
     with dot.subgraph(name="cluster_vpc") as vpc:
+        vpc_title = f"VPC {picture.stack_name} · {stack.vpc_ip_range} · {stack.region}: private network"
         vpc.attr(
-            label=f"<<B>VPC {html.escape(picture.stack_name)}</B>&#160;· {stack.vpc_ip_range} · {html.escape(stack.region)}: private network>",
-            style="rounded,filled", fillcolor=VPC_FILL, color=VPC_LINE, fontname=FONT, labeljust="l", labelloc="t",
+            # at the bottom: the arrows coming in from outside cross the top edge
+            label=_padded(f"<B>{html.escape(vpc_title)}</B>"), labelloc="b",
+            style="rounded,filled", fillcolor=VPC_FILL, color=VPC_LINE, fontname=FONT,
         )
         if picture.entry_roles:
             with vpc.subgraph(name="cluster_public_edge") as edge:
                 edge.attr(
-                    label="public edge: reachable from outside", style="rounded,dashed,filled", fillcolor=PUBLIC_FILL,
-                    color=PUBLIC_COLOR, fontcolor=PUBLIC_COLOR, penwidth="2", fontname=FONT, labeljust="l", labelloc="t",
+                    label=_padded("public edge: reachable from outside"), labelloc="b", style="rounded,dashed,filled",
+                    fillcolor=PUBLIC_FILL, color=PUBLIC_COLOR, fontcolor=PUBLIC_COLOR, penwidth="2", fontname=FONT,
                 )
                 for role in picture.entry_roles:
                     edge.node(role, _role_label(policy, role, True), shape="plain")
@@ -280,5 +289,8 @@ def write_diagram(stack: Stack, output: Path) -> list[Path]:
     mmd = output.with_name(output.name + ".mmd")
     mmd.write_text(to_mermaid(picture))
     svg = output.with_name(output.name + ".svg")
-    svg.write_bytes(render_svg(picture))
+    try:
+        svg.write_bytes(render_svg(picture))
+    except DiagramError as exc:
+        raise DiagramError(f"{exc}; {mmd} was written") from None
     return [svg, mmd]
