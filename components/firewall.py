@@ -1,0 +1,164 @@
+"""Per host: its rendered rules, the SSH connection that reaches it, and the command that installs them.
+
+Everything about *pushing* a firewall lives here, so a change to how rules reach a host (a second, confirming
+command over a new connection, say) is a change to `FirewallPush` alone.
+
+Why a push re-runs exactly when its host's rules change: the push is a `command:remote:Command` with no
+`update` command, so Pulumi runs `create` again whenever one of its inputs changes, and its inputs are the
+connection (stable: the host's own address, the bastion's address) and `stdin`, the push script, which is
+rendered only from the addresses that host's rules actually contain (`rule_peers`). Adding a WordPress server
+therefore touches the pushes of the hosts that accept from WordPress or send to it, and no other, even in
+`pulumi preview`, where a new droplet's addresses are still unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+from pulumi_command import remote
+
+from enclave.compiler import Addresses, Host, Policy
+from enclave.plan import example_addresses
+from enclave.push import push_script
+from enclave.render import Renderer
+
+# A droplet is "active" in the API a while before its sshd answers (first boot, cloud-init, host keys).
+# pulumi-command redials with a growing pause between attempts; 30 dials of at most 20 s each wait out a
+# slow first boot (several minutes) yet still fail a push to a host that will never answer.
+SSH_DIAL_ATTEMPTS = 30
+SSH_DIAL_TIMEOUT_SECONDS = 20
+
+
+# ------------------------------------------------------------------------------------------- rules
+
+
+class _AddressReads(dict[str, Addresses]):
+    """Addresses that remember which hosts were looked up (all of them, if anything iterated the map)."""
+
+    def __init__(self, addresses: dict[str, Addresses]) -> None:
+        super().__init__(addresses)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> Addresses:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __contains__(self, name: object) -> bool:
+        if isinstance(name, str):
+            self.read.add(name)
+        return super().__contains__(name)
+
+    def __iter__(self) -> Iterator[str]:
+        self.read.update(self.keys())
+        return super().__iter__()
+
+    def items(self) -> Any:
+        self.read.update(self.keys())
+        return super().items()
+
+    def values(self) -> Any:
+        self.read.update(self.keys())
+        return super().values()
+
+
+def rule_peers(policy: Policy, host: Host) -> list[str]:
+    """The hosts whose addresses appear in `host`'s rules: the only addresses its push may depend on.
+
+    Found by rendering the host once with stand-in addresses and noting which the renderer looked up, so this
+    can never disagree with the renderer (the rule logic lives in enclave.render alone).
+    """
+    reads = _AddressReads(example_addresses(policy))
+    Renderer(policy, reads, "peers").render(host)
+    return sorted(reads.read)
+
+
+def rules_script(
+    policy: Policy, host: Host, addresses: dict[str, pulumi.Output[Addresses]], stack_name: str
+) -> pulumi.Output[str]:
+    """The push script for `host`, rendered once the addresses of its rule peers (and only those) are known."""
+    peers = rule_peers(policy, host)
+
+    def render(known: dict[str, Addresses]) -> str:
+        return push_script(Renderer(policy, known, stack_name).render(host), stack_name)
+
+    if not peers:
+        return pulumi.Output.from_input(render({}))
+    return pulumi.Output.all(**{name: addresses[name] for name in peers}).apply(render)
+
+
+# -------------------------------------------------------------------------------------- connection
+
+
+@dataclass(frozen=True)
+class SshLogin:
+    """Who the pushes log in as; the key is a secret Output and stays one inside every connection."""
+
+    user: str
+    private_key: pulumi.Output[str]
+
+
+def bastion_hop(address: pulumi.Input[str], login: SshLogin) -> remote.ProxyConnectionArgs:
+    """The jump through the bastion, on its public address."""
+    return remote.ProxyConnectionArgs(
+        host=address,
+        user=login.user,
+        private_key=login.private_key,
+        dial_error_limit=SSH_DIAL_ATTEMPTS,
+        per_dial_timeout=SSH_DIAL_TIMEOUT_SECONDS,
+    )
+
+
+def ssh_connection(
+    address: pulumi.Input[str], login: SshLogin, via: remote.ProxyConnectionArgs | None = None
+) -> remote.ConnectionArgs:
+    """An SSH connection to `address`: a bastion's (or any host's without bastions) public address, or a
+    private address reached through `via`."""
+    return remote.ConnectionArgs(
+        host=address,
+        user=login.user,
+        private_key=login.private_key,
+        proxy=via,
+        dial_error_limit=SSH_DIAL_ATTEMPTS,
+        per_dial_timeout=SSH_DIAL_TIMEOUT_SECONDS,
+    )
+
+
+# -------------------------------------------------------------------------------------------- push
+
+
+class FirewallPush(pulumi.ComponentResource):
+    """Installs one host's rules over SSH: `sh -s` with the push script on stdin, as root.
+
+    The droplet is never replaced for a firewall change: rules are only ever this resource's input.
+    """
+
+    apply: remote.Command
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        connection: remote.ConnectionArgs,
+        script: pulumi.Input[str],
+        user: str,
+        after: Sequence[pulumi.Resource] = (),
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("enclave:index:FirewallPush", name, None, opts)
+        # The script needs root; a non-root login (set up by the image or cloud-init) must have sudo.
+        shell = "sh -s" if user == "root" else "sudo -n sh -s"
+        self.apply = remote.Command(
+            f"{name}-apply",
+            connection=connection,
+            create=shell,
+            stdin=script,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(after)),
+        )
+        self.register_outputs({"applied": self.apply.stdout})

@@ -1,0 +1,155 @@
+"""The stack's `enclave:` configuration as the Pulumi CLI hands it to the program, checked by `config/`.
+
+The CLI, the lab and this program validate a stack with the same `config.schema.load_config`, so a stack that
+`enclave plan` accepts is exactly a stack `pulumi up` accepts. What only the program sees is handled here:
+
+- Pulumi passes every config value as a string; maps and lists (`roles`, `operators`, `tests`, `interfaces`)
+  arrive as JSON text and are decoded before validation.
+- Every `enclave:` key is validated, so a misspelt key (`enclave:role`) is an error, not silently ignored.
+- `enclave:sshPrivateKey` must exist and be a Pulumi secret; it is read with `require_secret` and only ever
+  travels inside secret Outputs.
+- The stack's own `tests` must pass against the compiled policy, as `enclave plan` requires.
+- With `enclave:cloudFirewall: true`, DigitalOcean's firewall limits are checked as the CLI checks them.
+
+Anything wrong raises `InvalidStack` (a `pulumi.RunError`, which Pulumi prints without a traceback) naming every
+key to fix, before the program registers a single resource.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
+
+from config.schema import HOSTNAME_LABEL, NAMESPACE, StackConfig, StackError, StackIssue, enclave_keys, load_config
+from config.stackfile import Stack
+from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
+from enclave.plan import Plan, build_plan
+
+PRIVATE_KEY = "sshPrivateKey"
+# The longest DigitalOcean droplet name; droplets are named <stack>-<role>-<n>, which is also their hostname.
+DROPLET_NAME_MAX = 63
+
+
+class InvalidStack(pulumi.RunError):
+    """A stack that must not be deployed; the message lists every issue, each named by its key."""
+
+    def __init__(self, error: StackError) -> None:
+        self.issues = error.issues
+        super().__init__(str(error))
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """A validated stack, ready to build: its name, its model, its plan, its cloud firewalls (if enabled)
+    and the SSH key (a secret Output)."""
+
+    name: str
+    config: StackConfig
+    plan: Plan
+    cloud_firewalls: list[CloudFirewall]
+    ssh_private_key: pulumi.Output[str]
+
+
+def _decode(value: Any) -> Any:
+    # Pulumi serialises structured config values as JSON text; no scalar enclave key starts with { or [.
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # left as text: the schema then names the key and what it expects
+    return value
+
+
+def pulumi_config_values() -> dict[str, Any]:
+    """Every config key of the running stack, fully qualified (`enclave:roles`, `digitalocean:token`, ...).
+
+    `pulumi.Config` can only look keys up by name; to find misspelt keys we need the whole map, which the
+    language host puts in PULUMI_CONFIG and the SDK copies into its runtime config (tests set it directly).
+    """
+    return {**get_config_env(), **CONFIG.get()}
+
+
+def _stack_name_issues(stack_name: str, config: StackConfig | None) -> list[StackIssue]:
+    if not HOSTNAME_LABEL.fullmatch(stack_name):
+        return [
+            StackIssue(
+                "(stack name)",
+                f"{stack_name!r} becomes part of droplet host names and tags: use lower-case letters, digits and "
+                "'-' (e.g. `pulumi stack rename prod`)",
+            )
+        ]
+    issues = []
+    for role_name, role in (config.roles if config else {}).items():
+        longest = f"{stack_name}-{role_name}-{role.count}"
+        if len(longest) > DROPLET_NAME_MAX:
+            issues.append(
+                StackIssue(
+                    f"{NAMESPACE}:roles.{role_name}",
+                    f"droplet name {longest!r} is longer than {DROPLET_NAME_MAX} characters; shorten the role "
+                    "or the stack name",
+                )
+            )
+    return issues
+
+
+def _private_key_issues(values: dict[str, Any]) -> list[StackIssue]:
+    key = f"{NAMESPACE}:{PRIVATE_KEY}"
+    set_secret = f"pulumi config set --secret {key} < ~/.ssh/enclave-<stack>"
+    value = values.get(PRIVATE_KEY)
+    if value is None:
+        return [StackIssue(key, f"required secret is missing; set it with `{set_secret}`")]
+    problems = []
+    if not is_config_secret(key):
+        problems.append(StackIssue(key, f"is stored in plain text in the stack file; set it again with `{set_secret}`"))
+    if not isinstance(value, str) or "PRIVATE KEY-----" not in value:
+        # never echo the value: it may be a real key pasted in the wrong place
+        problems.append(
+            StackIssue(key, f"is not a private key file (-----BEGIN ... PRIVATE KEY-----); set it with `{set_secret}`")
+        )
+    return problems
+
+
+def read_stack_settings(stack_name: str | None = None) -> StackSettings:
+    """The running stack's settings, or `InvalidStack` before any resource exists."""
+    name = stack_name or pulumi.get_stack()
+    source = f"stack {name}"
+    try:
+        values = {key: _decode(value) for key, value in enclave_keys(pulumi_config_values(), source).items()}
+    except StackError as exc:
+        raise InvalidStack(exc) from None
+
+    issues: list[StackIssue] = []
+    config: StackConfig | None = None
+    try:
+        config = load_config(values, source)
+    except StackError as exc:
+        issues += exc.issues
+    issues += _stack_name_issues(name, config)
+    issues += _private_key_issues(values)
+    if issues or config is None:
+        raise InvalidStack(StackError(issues, source))
+
+    plan = build_plan(Stack(name, config))
+    failed = [t for t in plan.tests if not t.passed]
+    if failed:
+        raise InvalidStack(
+            StackError(
+                [
+                    StackIssue(
+                        f"{NAMESPACE}:tests[{t.index}]",
+                        f"{t.describe()}, but the compiled policy says {t.seen}: {t.detail}",
+                    )
+                    for t in failed
+                ],
+                source,
+            )
+        )
+    try:
+        firewalls = check_cloud_firewalls(name, plan.policy)
+    except StackError as exc:
+        raise InvalidStack(exc) from None
+    return StackSettings(name, config, plan, firewalls, pulumi.Config(NAMESPACE).require_secret(PRIVATE_KEY))

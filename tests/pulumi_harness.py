@@ -1,0 +1,239 @@
+"""Runs the real Pulumi program (`__main__.py`) under the SDK's mocks and records what it registers.
+
+No Pulumi CLI or provider plugin is involved: `pulumi.runtime.set_mocks` replaces the engine, and
+`RecordingMonitor` keeps each registration exactly as the engine would receive it (secrets still wrapped,
+dependencies, ignore_changes). Mocked droplets get deterministic addresses from their names, so two runs of
+different stack versions can be compared resource by resource.
+
+Each run starts from a copy of the pristine context captured at import, with the runtime options reset and a
+new root stack, so runs in one process cannot see each other's config, resources or outputs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import ipaddress
+import json
+import logging
+import runpy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pulumi
+import yaml
+from pulumi.runtime import mocks
+from pulumi.runtime.rpc import _special_secret_sig, _special_sig_key
+from pulumi.runtime.settings import get_root_resource, reset_options
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+from config.schema import StackConfig, StackError, load_config
+from enclave.compiler import Addresses
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAM = ROOT / "__main__.py"
+PROJECT = "enclave"
+PRISTINE = contextvars.copy_context()
+
+# Not a usable key: the shape of one, so the program's checks accept it and the tests can look for it.
+TEST_PRIVATE_KEY = (
+    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
+    "b3BlbnNzaC1rZXktdjEAAAAAdGVzdC1vbmx5LW5vdC1hLXJlYWwta2V5LWVuY2xhdmU=\n"
+    "-----END OPENSSH PRIVATE KEY-----\n"
+)
+SECRET_KEYS = ["enclave:sshPrivateKey", "digitalocean:token"]
+
+
+def pulumi_config(document: dict[str, Any], private_key: str | None = TEST_PRIVATE_KEY) -> dict[str, str]:
+    """A stack file's `config:` as the Pulumi CLI passes it to a program: strings, maps and lists as JSON."""
+    out: dict[str, str] = {"digitalocean:token": "dop_v1_test"}
+    for key, value in document["config"].items():
+        if isinstance(value, (dict, list)):
+            out[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        else:
+            out[key] = str(value)
+    if private_key is not None:
+        out.setdefault("enclave:sshPrivateKey", private_key)  # unless the document sets its own
+    return out
+
+
+def enclave_config(config: dict[str, str]) -> StackConfig:
+    """The stack model of a CLI-style config map (the tests' own view, for computing expectations)."""
+    values = {k.partition(":")[2]: v for k, v in config.items() if k.startswith("enclave:")}
+    values.pop("sshPrivateKey", None)
+    for key, value in values.items():
+        if value[:1] in "{[":
+            values[key] = json.loads(value)
+    return load_config(values)
+
+
+def mocked_addresses(stack_name: str, stack: StackConfig) -> dict[str, Addresses]:
+    """Addresses the mocks give droplet `<stack>-<role>-<n>`: fixed by role position and n, whatever the counts."""
+    out = {}
+    for position, (role_name, role) in enumerate(stack.roles.items()):
+        for n in range(1, 17):
+            slot = 16 * position + n
+            out[f"{stack_name}-{role_name}-{n}"] = Addresses(
+                public=str(ipaddress.ip_address("198.18.0.0") + slot),
+                private=str(stack.vpc_ip_range.network_address + 1 + slot),
+                public6=str(ipaddress.ip_address("2001:db8:e0::") + slot) if role.ipv6 else None,
+            )
+    return out
+
+
+@dataclass
+class Registration:
+    """One resource as the engine received it."""
+
+    type: str
+    name: str
+    urn: str
+    id: str
+    parent: str
+    inputs: dict[str, Any]  # deserialised; secrets stay wrapped ({sig: secret, value: ...})
+    dependencies: list[str]
+    ignore_changes: list[str]
+
+
+class RecordingMonitor(mocks.MockMonitor):
+    def __init__(self, mock: mocks.Mocks) -> None:
+        super().__init__(mock)
+        self.registrations: list[Registration] = []
+
+    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (the gRPC method name)
+        response = super().RegisterResource(request)  # type: ignore[no-untyped-call]  # the SDK leaves it untyped
+        if request.type != "pulumi:pulumi:Stack":
+            inputs = pulumi.runtime.rpc.deserialize_properties(request.object)
+            self.registrations.append(
+                Registration(
+                    request.type,
+                    request.name,
+                    response.urn,
+                    response.id,
+                    request.parent,
+                    inputs,
+                    list(request.dependencies),
+                    list(request.ignoreChanges),
+                )
+            )
+        return response
+
+
+class DropletMocks(mocks.Mocks):
+    """Provider stand-ins: ids from names, droplet addresses from `mocked_addresses`."""
+
+    def __init__(self, addresses: dict[str, Addresses]) -> None:
+        self.addresses = addresses
+
+    def new_resource(self, args: mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
+        state = dict(args.inputs)
+        if args.typ == "digitalocean:index/droplet:Droplet":
+            a = self.addresses[args.inputs["name"]]
+            state.update(ipv4Address=a.public, ipv4AddressPrivate=a.private)
+            if args.inputs.get("ipv6"):
+                state["ipv6Address"] = a.public6
+        elif args.typ == "digitalocean:index/sshKey:SshKey":
+            state["fingerprint"] = "3b:16:e4:bf:8b:00:8b:b8:59:8c:a9:d3:f0:19:fa:45"
+        elif args.typ == "command:remote:Command":
+            state = {"stdout": "applied", "stderr": ""}  # the connection (and its key) is not echoed back
+        if args.typ == "digitalocean:index/droplet:Droplet":  # droplet ids are numbers (firewalls use them)
+            return str(int(hashlib.sha256(args.name.encode()).hexdigest()[:8], 16)), state
+        return f"{args.name}-id", state
+
+    def call(self, args: mocks.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        return {}, None
+
+
+@dataclass
+class ProgramRun:
+    stack_name: str
+    config: dict[str, str]
+    registrations: list[Registration]
+    outputs: dict[str, Any] = field(default_factory=dict)
+    secret_outputs: set[str] = field(default_factory=set)
+    error: BaseException | None = None
+    log: list[str] = field(default_factory=list)
+
+    def of_type(self, typ: str) -> list[Registration]:
+        return [r for r in self.registrations if r.type == typ]
+
+    def by_name(self, typ: str) -> dict[str, Registration]:
+        return {r.name: r for r in self.of_type(typ)}
+
+
+class _Capture(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _run(stack_name: str, config: dict[str, str], secret_keys: list[str], addresses: dict[str, Addresses]) -> ProgramRun:
+    reset_options(project=PROJECT, stack=stack_name)
+    pulumi.runtime.set_all_config(config, secret_keys)
+    monitor = RecordingMonitor(DropletMocks(addresses))
+    run = ProgramRun(stack_name, config, monitor.registrations)
+    logger = logging.getLogger(f"enclave-test-{id(run)}")
+    logger.addHandler(_Capture(run.log))
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    mocks.set_mocks(DropletMocks(addresses), project=PROJECT, stack=stack_name, preview=False, logger=logger, monitor=monitor)
+
+    def program() -> None:
+        runpy.run_path(str(PROGRAM), run_name="__main__")
+
+    try:
+        _sync_await(run_pulumi_func(program))
+    except Exception as exc:  # the program's own error is the result under test
+        run.error = exc
+        return run
+    root = get_root_resource()
+    assert root is not None
+    for key, value in root.outputs.items():  # type: ignore[attr-defined]
+        output = pulumi.Output.from_input(value)
+        run.outputs[key] = _sync_await(output.future())
+        if _sync_await(output.is_secret()):
+            run.secret_outputs.add(key)
+    return run
+
+
+def run_program(
+    stack_name: str,
+    config: dict[str, str],
+    secret_keys: list[str] | None = None,
+    addresses: dict[str, Addresses] | None = None,
+) -> ProgramRun:
+    """Run `__main__.py` for one stack under mocks, in a fresh copy of the pristine runtime context."""
+    if addresses is None:
+        try:
+            addresses = mocked_addresses(stack_name, enclave_config(config))
+        except StackError:
+            addresses = {}  # a stack the program must refuse: no droplet should ever ask for an address
+    keys = SECRET_KEYS if secret_keys is None else secret_keys
+    return PRISTINE.copy().run(_run, stack_name, config, keys, addresses)
+
+
+def stack_config_map(name: str) -> dict[str, str]:
+    document = yaml.safe_load((ROOT / "stacks" / f"Pulumi.{name}.yaml").read_text())
+    return pulumi_config(document)
+
+
+def is_secret(value: Any) -> bool:
+    return isinstance(value, dict) and value.get(_special_sig_key) == _special_secret_sig
+
+
+def plain_strings(value: Any) -> list[str]:
+    """Every string in a recorded value outside secret wrappers: what would be stored or shown in clear."""
+    if is_secret(value):
+        return []
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [str(k), *plain_strings(v)]]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in plain_strings(v)]
+    return [value] if isinstance(value, str) else []
