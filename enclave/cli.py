@@ -15,7 +15,7 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from config.schema import StackError
+from config.schema import StackError, StackIssue
 from config.stackfile import Stack, load_stack, load_stack_file
 
 from .plan import Plan, build_plan, droplet_name, example_addresses, load_addresses
@@ -97,6 +97,17 @@ def report_failed_tests(plan: Plan, console: Console) -> int:
 
 def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> int:
     """`plan --diff-from OLD`: per host, the rule lines and set members the change from OLD would touch."""
+    if not args.diff_from.is_file():
+        raise StackError(
+            [
+                StackIssue(
+                    "--diff-from",
+                    f"{args.diff_from} does not exist; give the stack file as deployed, e.g. "
+                    f"`git show HEAD:stacks/Pulumi.{stack.name}.yaml > /tmp/old.yaml` then --diff-from /tmp/old.yaml",
+                )
+            ],
+            str(args.diff_from),
+        )
     old = load_stack_file(args.diff_from, stack.name)
     old_addresses = load_addresses(args.addresses, compile_policy(old.config)) if args.addresses else None
     plan, diff = compare_stacks(stack, old.config, old_addresses)
@@ -235,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         return func(args, console)
     except StackError as exc:
         err = Console(stderr=True)
-        err.print(f"[red bold]error:[/] {exc.source}: {len(exc.issues)} problem(s); nothing was created or changed")
+        # soft_wrap: a path or a key is never cut in two, whatever the terminal width
+        err.print(
+            f"[red bold]error:[/] {exc.source}: {len(exc.issues)} problem(s); nothing was created or changed",
+            highlight=False, soft_wrap=True,
+        )
         for issue in exc.issues:
-            err.print(f"  [bold]{issue.path}[/]: {issue.message}", highlight=False)
+            err.print(f"  [bold]{issue.path}[/]: {issue.message}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
 
 
