@@ -131,7 +131,8 @@ class DropletMocks(mocks.Mocks):
 
     def new_resource(self, args: mocks.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         state = dict(args.inputs)
-        if args.typ == "digitalocean:index/droplet:Droplet":
+        if args.typ == "digitalocean:index/droplet:Droplet" and args.inputs["name"] in self.addresses:
+            # (in a preview, a droplet left out of `addresses` is one still to be created: its addresses unknown)
             a = self.addresses[args.inputs["name"]]
             state.update(ipv4Address=a.public, ipv4AddressPrivate=a.private)
             if args.inputs.get("ipv6"):
@@ -174,7 +175,9 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _run(stack_name: str, config: dict[str, str], secret_keys: list[str], addresses: dict[str, Addresses]) -> ProgramRun:
+def _run(
+    stack_name: str, config: dict[str, str], secret_keys: list[str], addresses: dict[str, Addresses], preview: bool
+) -> ProgramRun:
     reset_options(project=PROJECT, stack=stack_name)
     pulumi.runtime.set_all_config(config, secret_keys)
     monitor = RecordingMonitor(DropletMocks(addresses))
@@ -183,7 +186,7 @@ def _run(stack_name: str, config: dict[str, str], secret_keys: list[str], addres
     logger.addHandler(_Capture(run.log))
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    mocks.set_mocks(DropletMocks(addresses), project=PROJECT, stack=stack_name, preview=False, logger=logger, monitor=monitor)
+    mocks.set_mocks(monitor.mocks, project=PROJECT, stack=stack_name, preview=preview, logger=logger, monitor=monitor)
 
     def program() -> None:
         runpy.run_path(str(PROGRAM), run_name="__main__")
@@ -208,20 +211,32 @@ def run_program(
     config: dict[str, str],
     secret_keys: list[str] | None = None,
     addresses: dict[str, Addresses] | None = None,
+    preview_creating: set[str] | None = None,
 ) -> ProgramRun:
-    """Run `__main__.py` for one stack under mocks, in a fresh copy of the pristine runtime context."""
+    """Run `__main__.py` for one stack under mocks, in a fresh copy of the pristine runtime context.
+
+    `preview_creating` makes it a `pulumi preview` in which these droplets are still to be created, so their
+    addresses are unknown (every other droplet exists, with its addresses known from the state).
+    """
     if addresses is None:
         try:
             addresses = mocked_addresses(stack_name, enclave_config(config))
         except StackError:
             addresses = {}  # a stack the program must refuse: no droplet should ever ask for an address
+    if preview_creating is not None:
+        addresses = {name: a for name, a in addresses.items() if name not in preview_creating}
     keys = SECRET_KEYS if secret_keys is None else secret_keys
-    return PRISTINE.copy().run(_run, stack_name, config, keys, addresses)
+    return PRISTINE.copy().run(_run, stack_name, config, keys, addresses, preview_creating is not None)
 
 
 def stack_config_map(name: str) -> dict[str, str]:
     document = yaml.safe_load((ROOT / "stacks" / f"Pulumi.{name}.yaml").read_text())
     return pulumi_config(document)
+
+
+def is_unknown(value: Any) -> bool:
+    """A value the engine will only know after `pulumi up` (shown as a change by `pulumi preview`)."""
+    return isinstance(value, pulumi.output.Unknown)
 
 
 def is_secret(value: Any) -> bool:

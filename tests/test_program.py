@@ -28,6 +28,7 @@ from .pulumi_harness import (
     Registration,
     enclave_config,
     is_secret,
+    is_unknown,
     mocked_addresses,
     plain_strings,
     pulumi_config,
@@ -319,6 +320,17 @@ def test_scaling_2_to_3_is_additive_and_re_pushes_only_hosts_whose_peers_changed
     for name, command in new_push.items():
         host = name.removeprefix("prod-").removesuffix("-apply")
         assert (new_droplet in command.dependencies) == (host in changed or host == f"{role}-3"), name
+
+
+def test_preview_of_scaling_shows_only_the_pushes_that_will_change() -> None:
+    """In `pulumi preview` the new droplet's addresses are unknown: only pushes that need them are unknown."""
+    applied = run_ok("prod", _wordpress(2)).by_name(COMMAND)
+    preview = run_program("prod", _wordpress(3), preview_creating={"prod-wordpress-3"})
+    assert preview.error is None, preview.error
+    commands = preview.by_name(COMMAND)
+    unknown = {n.removeprefix("prod-").removesuffix("-apply") for n, c in commands.items() if is_unknown(c.inputs["stdin"])}
+    assert unknown == {"haproxy-www-1", "wordpress-1", "wordpress-2", "mysql-1", "mysql-2", "wordpress-3"}
+    assert commands["prod-tunnel-1-apply"].inputs == applied["prod-tunnel-1-apply"].inputs  # shown unchanged
 
 
 # ------------------------------------------------------------------------------------------ bad stacks
