@@ -1,10 +1,123 @@
-"""`enclave lab …` subcommands (filled in by the lab issue)."""
+"""`enclave lab check | up | down`: prove a stack's rules on real netfilter, on this machine, as root."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any, Callable
 
+from rich.console import Console
+from rich.text import Text
+
+from config.stackfile import Stack, load_stack, load_stack_file
+
+from .lab import Lab, LabError, LabUnavailable, destroy_run, lab_records, preflight
+from .probe import LabReport
+from .report import print_report
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _stack(args: argparse.Namespace) -> Stack:
+    if args.stack_file is not None:
+        return load_stack_file(args.stack_file)
+    return load_stack(args.stack or "dev")
+
+
+def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
+    """Lab failures become a message and an exit code; the Lab context manager has already cleaned up."""
+
+    def command(args: argparse.Namespace, console: Console) -> int:
+        err = Console(stderr=True)
+        try:
+            return run(args, console)
+        except LabUnavailable as exc:
+            err.print(Text(f"error: {exc}", style="red bold"))
+            return EXIT_BAD_INPUT
+        except LabError as exc:
+            err.print(Text(f"lab failed: {exc}", style="red bold"))
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted: the lab was removed[/]")
+            return EXIT_INTERRUPTED
+
+    return command
+
+
+def _run_lab(stack: Stack, console: Console, keep: bool) -> tuple[Lab, LabReport]:
+    with console.status(f"building the {stack.name} lab: namespaces, sshd, probe agents…") as status:
+        with Lab(stack) as lab:
+            status.update(f"lab {lab.run_id}: pushing {len(lab.hosts)} hosts over SSH from the operator…")
+            lab.push_all()
+            status.update(f"lab {lab.run_id}: probing…")
+            report = lab.probe()
+            if keep:
+                lab.keep()
+            else:
+                status.update(f"lab {lab.run_id}: tearing down…")
+    return lab, report
+
+
+def cmd_check(args: argparse.Namespace, console: Console) -> int:
+    lab, report = _run_lab(_stack(args), console, keep=False)
+    print_report(report, console)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_up(args: argparse.Namespace, console: Console) -> int:
+    lab, report = _run_lab(_stack(args), console, keep=True)
+    print_report(report, console)
+    console.print(f"\n[bold]lab {lab.run_id} is up[/] (stack {lab.stack.name}). Explore it:")
+    for line in lab.explore_help():
+        console.print(f"  {line}", markup=False, highlight=False)
+    console.print(f"ssh config: {lab.ssh_config_path}; lab directory: {lab.dir}", markup=False, highlight=False)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_down(args: argparse.Namespace, console: Console) -> int:
+    preflight()
+    records = lab_records()
+    if args.run_id:
+        targets = [args.run_id]
+    elif args.all:
+        # kept labs, and labs whose controller died; a running `lab check` (or test) cleans up after itself
+        targets = [r.run_id for r in records if r.kept or not r.owner_alive]
+    else:
+        kept = [r for r in records if r.kept]
+        if len(kept) > 1:
+            console.print("several labs are up; name one (enclave lab down RUN_ID) or use --all:")
+            for r in kept:
+                console.print(f"  {r.run_id}  stack {r.stack}", markup=False)
+            return EXIT_BAD_INPUT
+        targets = [r.run_id for r in kept]
+    if not targets:
+        console.print("no enclave lab is up")
+        return EXIT_OK
+    for run_id in targets:
+        removed = destroy_run(run_id)
+        if not removed and not any(r.run_id == run_id for r in records):
+            console.print(f"[red]no lab {run_id}[/]; labs: {', '.join(r.run_id for r in records) or 'none'}")
+            return EXIT_BAD_INPUT
+        console.print(f"lab {run_id}: removed {len(removed)} namespaces", markup=False)
+    return EXIT_OK
+
 
 def register(sub: Any, add_stack_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add the lab's subcommands to the `enclave` parser."""
+    lab = sub.add_parser("lab", help="prove a stack's rules with real packets in network namespaces (root)")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
+
+    check = lab_sub.add_parser(
+        "check", help="build the lab, push every host over SSH, probe every flow, print the matrix, tear down"
+    )
+    add_stack_arguments(check)
+    check.set_defaults(func=_guarded(cmd_check))
+
+    up = lab_sub.add_parser("up", help="like check, but keep the lab running to explore it")
+    add_stack_arguments(up)
+    up.set_defaults(func=_guarded(cmd_up))
+
+    down = lab_sub.add_parser("down", help="remove a kept lab (the only one, RUN_ID, or --all)")
+    down.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run id `enclave lab up` printed")
+    down.add_argument("--all", action="store_true", help="every kept lab, and any whose controller died")
+    down.set_defaults(func=_guarded(cmd_down))
+
