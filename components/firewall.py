@@ -68,29 +68,61 @@ class _AddressReads(dict[str, Addresses]):
         return super().values()
 
 
-def rule_peers(policy: Policy, host: Host) -> list[str]:
+def rule_peers(policy: Policy, host: Host, stand_ins: dict[str, Addresses] | None = None) -> list[str]:
     """The hosts whose addresses appear in `host`'s rules: the only addresses its push may depend on.
 
     Found by rendering the host once with stand-in addresses and noting which the renderer looked up, so this
     can never disagree with the renderer (the rule logic lives in enclave.render alone).
     """
-    reads = _AddressReads(example_addresses(policy))
+    reads = _AddressReads(stand_ins if stand_ins is not None else example_addresses(policy))
     Renderer(policy, reads, "peers").render(host)
     return sorted(reads.read)
 
 
-def rules_script(
-    policy: Policy, host: Host, addresses: dict[str, pulumi.Output[Addresses]], stack_name: str
-) -> pulumi.Output[str]:
-    """The push script for `host`, rendered once the addresses of its rule peers (and only those) are known."""
-    peers = rule_peers(policy, host)
+class RuleScripts:
+    """The push script of every host of one stack, each rendered once the addresses of its rule peers (and
+    only those) are known.
 
-    def render(known: dict[str, Addresses]) -> str:
-        return push_script(Renderer(policy, known, stack_name).render(host), stack_name)
+    Peers usually come as whole roles (an ipset per source role), so the addresses of a role are joined once
+    and shared: a large fleet costs one join per role and host, not one per peer and host.
+    """
 
-    if not peers:
-        return pulumi.Output.from_input(render({}))
-    return pulumi.Output.all(**{name: addresses[name] for name in peers}).apply(render)
+    def __init__(self, policy: Policy, addresses: dict[str, pulumi.Output[Addresses]], stack_name: str) -> None:
+        self.policy = policy
+        self.addresses = addresses
+        self.stack_name = stack_name
+        self._stand_ins = example_addresses(policy)
+        self._role_addresses: dict[str, pulumi.Output[dict[str, Any]]] = {}
+
+    def _role(self, role: str) -> pulumi.Output[dict[str, Any]]:
+        if role not in self._role_addresses:
+            hosts = [h.name for h in self.policy.hosts if h.role == role]
+            self._role_addresses[role] = pulumi.Output.all(**{name: self.addresses[name] for name in hosts})
+        return self._role_addresses[role]
+
+    def script(self, host: Host) -> pulumi.Output[str]:
+        policy, stack_name = self.policy, self.stack_name
+
+        def render(parts: list[dict[str, Addresses]]) -> str:
+            known = {name: address for part in parts for name, address in part.items()}
+            return push_script(Renderer(policy, known, stack_name).render(host), stack_name)
+
+        peers = rule_peers(policy, host, self._stand_ins)
+        by_role: dict[str, list[str]] = {}
+        for name in peers:
+            by_role.setdefault(policy.host_by_name[name].role, []).append(name)
+        parts: list[pulumi.Output[dict[str, Any]]] = []
+        single: list[str] = []
+        for role, names in by_role.items():
+            if len(names) == policy.stack.roles[role].count:
+                parts.append(self._role(role))
+            else:
+                single += names
+        if single:
+            parts.append(pulumi.Output.all(**{name: self.addresses[name] for name in single}))
+        if not parts:
+            return pulumi.Output.from_input(render([]))
+        return pulumi.Output.all(*parts).apply(render)
 
 
 # -------------------------------------------------------------------------------------- connection

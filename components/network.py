@@ -32,7 +32,7 @@ from enclave.plan import droplet_name
 from enclave.sshconfig import jump_host, ssh_config
 
 from .cloud_firewall import role_firewalls
-from .firewall import FirewallPush, SshLogin, bastion_hop, rules_script, ssh_connection
+from .firewall import FirewallPush, RuleScripts, SshLogin, bastion_hop, ssh_connection
 from .stack_config import StackSettings
 
 TAG = "enclave"
@@ -131,12 +131,13 @@ class EnclaveNetwork(pulumi.ComponentResource):
         bastions = policy.bastion_hosts()
         others = [h for h in policy.hosts if h not in bastions]
         pushes: dict[str, FirewallPush] = {}
+        scripts = RuleScripts(policy, addresses, settings.name)
 
         def push(host: Host, connection: remote.ConnectionArgs, after: list[pulumi.Resource]) -> None:
             pushes[host.name] = FirewallPush(
                 droplet_name(settings.name, host),
                 connection=connection,
-                script=rules_script(policy, host, addresses, settings.name),
+                script=scripts.script(host),
                 user=login.user,
                 after=after,
                 opts=pulumi.ResourceOptions(parent=self),
