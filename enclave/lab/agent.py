@@ -26,7 +26,7 @@ import resource
 import socket
 import struct
 import sys
-from typing import Any
+from typing import Any, cast
 
 PAYLOAD = b"enclave-lab-probe"
 MAX_CONCURRENT_PROBES = 512
@@ -37,8 +37,7 @@ MAX_CONCURRENT_PROBES = 512
 
 class _Echo(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.transport.sendto(data, addr)
@@ -105,7 +104,7 @@ async def _exchange(sock: socket.socket, address: str, port: int, packet: bytes,
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, (address, port))
+        sock.connect((address, port))  # a datagram socket's connect only sets the peer: it never blocks
         await loop.sock_sendall(sock, packet)
         await asyncio.wait_for(loop.sock_recv(sock, 2048), timeout)
     except asyncio.TimeoutError:
@@ -165,9 +164,25 @@ def _prepare_namespace() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
 
+async def self_check(tcp_ports: list[int], udp_ports: list[int]) -> None:
+    """Every kind of probe must be able to pass: over loopback (always open) to this agent's own listeners.
+
+    Without this, a broken probe would look exactly like a firewall that drops it.
+    """
+    limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+    checks = [("icmp", address, 0) for address in ("127.0.0.1", "::1")]
+    checks += [(proto, address, port) for proto, ports in (("tcp", tcp_ports), ("udp", udp_ports))
+               for port in ports for address in ("127.0.0.1", "::1")]
+    verdicts = await asyncio.gather(*(run_probe(limit, proto, address, port, 2.0) for proto, address, port in checks))
+    failed = [f"{proto}/{port} to {address}: {detail}" for (proto, address, port), (ok, detail) in zip(checks, verdicts) if not ok]
+    if failed:
+        raise SystemExit(f"enclave lab agent: probes fail over loopback, so they would prove nothing: {failed}")
+
+
 async def main_async(args: argparse.Namespace) -> None:
     _prepare_namespace()
     keep = await listen(_ports(args.tcp), _ports(args.udp))
+    await self_check(_ports(args.tcp), _ports(args.udp))
     if os.path.exists(args.control):
         os.unlink(args.control)
     control = await asyncio.start_unix_server(answer, path=args.control, limit=1 << 24)

@@ -359,9 +359,10 @@ class Lab:
         _run_all([(self.in_ns(h.name, ["sh", "-s"], self.session_env(h.name)), self._boot_script(h)) for h in self.hosts])
         for h in self.hosts:
             self._start_sshd(h.name)
-        for name in [*(h.name for h in self.hosts), *OUTSIDERS]:
+        names = [*(h.name for h in self.hosts), *OUTSIDERS]
+        for name in names:
             self._start_agent(name)
-        self._wait_until_ready()
+        self._wait_until_ready(names)
         self.timings["boot"] = time.monotonic() - started
 
     def down(self) -> None:
@@ -548,9 +549,11 @@ SetEnv {env}
         )
         log.close()
 
-    def _wait_until_ready(self, timeout: float = 30) -> None:
+    def _wait_until_ready(self, names: Sequence[str], timeout: float = 30) -> None:
+        """Until the agents of `names` said "ready" and the sshd of every host among them wrote its pid file."""
         end = time.monotonic() + timeout
-        for name, proc in self._agents.items():
+        for name in names:
+            proc = self._agents[name]
             assert proc.stdout is not None
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
             line = proc.stdout.readline() if ready else b""
@@ -558,12 +561,12 @@ SetEnv {env}
             if line.strip() != b"ready":
                 log = (self.dir / "agents" / f"{name}.log").read_text(errors="replace").strip()[-1500:]
                 raise LabError(f"the probe agent in {self.namespace(name)} did not start: {log or 'no output'}")
-        for h in self.hosts:
-            pid_file = self.host_dir(h.name) / "sshd.pid"
+        for host in (n for n in names if n in self.policy.host_by_name):
+            pid_file = self.host_dir(host) / "sshd.pid"
             while not pid_file.exists():
                 if time.monotonic() > end:
-                    log = (self.host_dir(h.name) / "sshd.log").read_text(errors="replace").strip()[-1500:]
-                    raise LabError(f"sshd in {self.namespace(h.name)} did not start: {log or 'no output'}")
+                    log = (self.host_dir(host) / "sshd.log").read_text(errors="replace").strip()[-1500:]
+                    raise LabError(f"sshd in {self.namespace(host)} did not start: {log or 'no output'}")
                 time.sleep(0.01)
 
     def reboot(self, host: str) -> None:
@@ -579,7 +582,7 @@ SetEnv {env}
         self.console(host, self._boot_script(self.policy.host_by_name[host]))
         self._start_sshd(host)
         self._start_agent(host)
-        self._wait_until_ready()
+        self._wait_until_ready([host])
 
     # ------------------------------------------------------------------------------------------ ssh
 

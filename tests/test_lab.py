@@ -1,0 +1,256 @@
+"""The lab on real netfilter: dev and prod pass, a wrong rule or a wrong expectation fails naming the flow, and
+nothing of any lab (namespace, process, interface) is left behind, also when a lab is interrupted.
+
+Needs root and the lab's tools (`make setup` as root installs them). One prod lab is shared by the tests that
+can take turns on it; dev labs are cheaper for the tests that need a lab of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from config.stackfile import load_stack
+from enclave.cli import main
+from enclave.lab.lab import LAB_DIR_ENV, Lab, LabUnavailable, lab_records, preflight, run_namespaces
+from enclave.lab.probe import LabReport
+from enclave.lab.report import print_report
+from enclave.plan import build_plan
+from enclave.push import digest
+from enclave.render import RuleFiles
+
+from .conftest import ROOT, stack_document
+
+
+def _unavailable() -> str | None:
+    try:
+        preflight()
+    except LabUnavailable as exc:
+        return str(exc)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
+
+
+def leftovers(run_id: str) -> list[str]:
+    """Anything of one lab run still on the machine: namespaces, processes, interfaces in the root namespace."""
+    found = [f"namespace {n}" for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+             .stdout.split() if n.startswith(f"enc-{run_id}-")]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    found += [f"root-namespace link {line.split(':')[1].strip()}" for line in links.splitlines() if run_id in line]
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.isdigit() and f"/{run_id}/" in cmdline:
+            found.append(f"process {entry}: {cmdline}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_ids() -> Iterator[list[str]]:
+    """Every lab this module starts registers here; when the module is done, none may have left anything."""
+    ids: list[str] = []
+    yield ids
+    left = [item for run_id in ids for item in leftovers(run_id)]
+    assert not left, f"labs left things behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def prod_lab(run_ids: list[str]) -> Iterator[Lab]:
+    with Lab(load_stack("prod")) as lab:
+        run_ids.append(lab.run_id)
+        failures = lab.push_all()
+        assert not failures, [str(f) for f in failures.values()]
+        yield lab
+
+
+def open_to_everyone(files: RuleFiles, *matches: str) -> RuleFiles:
+    """The host's IPv4 file with ACCEPT rules for anyone inserted before its default drop."""
+    lines = files.ipv4.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if '"default drop"' in line)
+    extra = [f"-A ENCLAVE-INPUT {match} -j ACCEPT\n" for match in matches]
+    return dataclasses.replace(files, ipv4="".join(lines[:at] + extra + lines[at:]))
+
+
+def without_rule(files: RuleFiles, comment: str) -> RuleFiles:
+    lines = files.ipv4.splitlines(keepends=True)
+    kept = [line for line in lines if comment not in line]
+    assert len(kept) == len(lines) - 1, f"expected exactly one rule with {comment!r}"
+    return dataclasses.replace(files, ipv4="".join(kept))
+
+
+def rendered(report: LabReport) -> str:
+    """The report as `enclave lab check` prints it."""
+    console = Console(record=True, width=200, file=io.StringIO())
+    print_report(report, console)
+    return console.export_text()
+
+
+# ---------------------------------------------------------------------------------------------- prod
+
+
+def test_prod_lab_matches_its_compiled_policy(prod_lab: Lab) -> None:
+    report = prod_lab.probe()
+    assert report.ok, "\n".join(o.describe() for o in report.mismatches)
+    assert len(report.outcomes) > 1000
+    passed = {(o.probe.source.name, o.probe.target.host, o.probe.target.kind, str(o.probe.port))
+              for o in report.outcomes if o.passed}
+    # real packets got through where the policy admits them: the lab does not just drop everything
+    assert ("operator", "tunnel-1", "public", "tcp/22") in passed
+    assert ("tunnel-1", "mysql-2", "private", "tcp/22") in passed
+    assert ("wordpress-1", "mysql-2", "private", "tcp/3306") in passed
+    assert ("internet", "haproxy-www-1", "public", "tcp/80") in passed
+    assert ("wordpress-2", "wordpress-1", "private", "tcp/49251") in passed
+    assert any(o.probe.target.kind == "public6" for o in report.outcomes)
+    assert [t.passed for t in report.tests] == [True] * len(prod_lab.stack.config.tests)
+    assert "matches its policy" in rendered(report)
+
+
+def test_prod_pushes_went_over_ssh_through_the_bastion(prod_lab: Lab) -> None:
+    tunnel = prod_lab.addresses["tunnel-1"]
+    log = (prod_lab.host_dir("mysql-1") / "sshd.log").read_text()
+    assert f"Accepted publickey for root from {tunnel.private}" in log  # ProxyJump: the bastion dialed it
+    assert f"Accepted publickey for root from {prod_lab.others.operator.address}" in (
+        prod_lab.host_dir("tunnel-1") / "sshd.log"
+    ).read_text()
+    for host in ("tunnel-1", "mysql-1"):
+        confirmed = prod_lab.state_dir(host) / "confirmed" / "digest"
+        assert confirmed.read_text().strip() == digest(prod_lab.files[host])
+
+
+def test_opening_3306_to_everyone_fails_naming_the_flows(prod_lab: Lab) -> None:
+    original = prod_lab.files["mysql-1"]
+    wide_open = open_to_everyone(
+        original, "-p tcp -m tcp --dport 3306", "-p udp -m udp --dport 3306", "-p icmp -m icmp --icmp-type 8"
+    )
+    try:
+        prod_lab.push("mysql-1", wide_open)  # over SSH through the bastion, as the program pushes
+        report = prod_lab.probe()
+    finally:
+        prod_lab.push("mysql-1", original)
+    assert not report.ok
+    mysql_1 = prod_lab.addresses["mysql-1"]
+    text = rendered(report)
+    for flow in (
+        f"neighbor -> mysql-1 {mysql_1.private} (private) tcp/3306: expected deny, seen allow (connected)",
+        f"internet -> mysql-1 {mysql_1.public} (public) tcp/3306: expected deny, seen allow (connected)",
+        f"neighbor -> mysql-1 {mysql_1.private} (private) udp/3306: expected deny, seen allow (reply)",
+        f"tunnel-1 -> mysql-1 {mysql_1.private} (private) icmp: expected deny, seen allow (reply)",
+    ):
+        assert f"{flow}; nothing in the stack admits it, so no rule should" in text
+    assert all(o.probe.target.host == "mysql-1" and o.passed for o in report.mismatches)
+    # haproxy-www's restricted egress still keeps it from mysql-1's private address: dropped at the source
+    flow = f"haproxy-www-1 -> mysql-1 {mysql_1.private} (private) tcp/3306"
+    (haproxy,) = [o for o in report.outcomes if o.probe.describe() == flow]
+    assert not haproxy.passed
+    (neighbor_test,) = report.failed_tests
+    assert neighbor_test.describe() == "tests[2]: neighbor -> mysql-1 tcp/3306 expect deny"
+    assert prod_lab.probe().ok  # the original rules, pushed back, are right again
+
+
+def test_a_rebooted_host_comes_back_with_its_confirmed_rules(prod_lab: Lab) -> None:
+    prod_lab.reboot("mysql-2")
+    # a NEW connection through the bastion reaches it, and its kernel has the confirmed rules again
+    result = prod_lab.ssh("mysql-2", 'cat "$ENCLAVE_STATE_DIR/confirmed/digest"; iptables -S ENCLAVE-INPUT')
+    assert result.returncode == 0, result.stderr
+    assert digest(prod_lab.files["mysql-2"]) in result.stdout
+    assert "ssh through bastion tunnel" in result.stdout
+    assert prod_lab.probe().ok
+
+
+# ----------------------------------------------------------------------------------------------- dev
+
+
+def test_dropping_ssh_from_the_bastion_fails_the_push_and_names_the_flow(run_ids: list[str]) -> None:
+    stack = load_stack("dev")
+    broken = without_rule(build_plan(stack).files["mysql-1"], "ssh through bastion tunnel")
+    with Lab(stack, files_override={"mysql-1": broken}) as lab:
+        run_ids.append(lab.run_id)
+        failures = lab.push_all()
+        report = lab.probe()
+    # the push applied, then the confirmation over a new connection could not get in
+    assert list(failures) == ["mysql-1"] and failures["mysql-1"].step == "confirm"
+    (mismatch,) = report.mismatches
+    private = lab.addresses["mysql-1"].private
+    assert mismatch.describe().startswith(f"tunnel-1 -> mysql-1 {private} (private) tcp/22: expected allow, seen deny")
+    assert "the rule that should admit it: ssh through bastion tunnel" in mismatch.describe()
+    text = rendered(report)
+    assert "push failed: confirm to mysql-1 failed" in text and "FAILS" in text
+
+
+def test_lab_up_keeps_a_lab_to_explore_and_down_removes_it(
+    run_ids: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    assert main(["lab", "up", "--stack", "dev"]) == 0
+    out = capsys.readouterr().out
+    (record,) = lab_records(tmp_path)
+    run_ids.append(record.run_id)
+    assert "matches its policy" in out and f"enclave lab down {record.run_id}" in out
+    assert len(run_namespaces(record.run_id)) == 1 + 4 + 3  # fabric, dev's four hosts, three outsiders
+    # the printed ssh config works from the operator namespace, through the bastion, after the CLI exited
+    ssh = ["ip", "netns", "exec", f"enc-{record.run_id}-operator", "ssh", "-F", record.ssh_config, "dev-mysql-1"]
+    shown = subprocess.run([*ssh, "iptables -S ENCLAVE-INPUT"], capture_output=True, text=True, timeout=30)
+    assert "ssh through bastion tunnel" in shown.stdout, shown.stderr
+    assert main(["lab", "down"]) == 0
+    assert f"lab {record.run_id}: removed 8 namespaces" in capsys.readouterr().out
+    assert run_namespaces(record.run_id) == [] and not (tmp_path / record.run_id).exists()
+    assert main(["lab", "down", "ffffff"]) == 2  # an unknown run id is named, not ignored
+
+
+def test_a_wrong_expectation_fails_lab_check(
+    run_ids: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    doc = stack_document("dev")
+    doc["config"]["enclave:tests"].append({"from": "internet", "to": "wordpress", "port": "tcp/80", "expect": "allow"})
+    path = tmp_path / "Pulumi.wrong.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code = main(["lab", "check", "--stack-file", str(path)])
+    out = capsys.readouterr().out
+    run_ids.extend(re.findall(r"^lab ([0-9a-f]{6}):", out, re.M))
+    assert code == 1
+    assert "tests[4]: internet -> wordpress tcp/80 expect allow, but real packets say deny" in out
+    assert "the compiled policy says deny too" in out
+    assert "0 of " in out  # every probe agrees with the policy: it is the expectation that is wrong
+    assert list(tmp_path.iterdir()) == [path]  # the lab was removed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_lab_removes_everything(sig: signal.Signals, run_ids: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, LAB_DIR_ENV: str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enclave.cli", "lab", "check", "--stack", "dev"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        # interrupt once processes run inside the lab's namespaces (the agents have their sockets)
+        while not list(tmp_path.glob("*/agents/*.sock")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        (state,) = tmp_path.glob("*/lab.json")
+        run_ids.append(state.parent.name)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: the lab was removed" in err
+    assert run_namespaces(state.parent.name) == [] and not state.parent.exists()
