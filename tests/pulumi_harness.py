@@ -11,6 +11,7 @@ new root stack, so runs in one process cannot see each other's config, resources
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import ipaddress
@@ -206,6 +207,17 @@ def _run(
     return run
 
 
+def _run_in_own_loop(*args: Any) -> ProgramRun:
+    # Each run gets a new event loop (another test's asyncio.run() may have left none), closed afterwards.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return _run(*args)
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
 def run_program(
     stack_name: str,
     config: dict[str, str],
@@ -226,7 +238,7 @@ def run_program(
     if preview_creating is not None:
         addresses = {name: a for name, a in addresses.items() if name not in preview_creating}
     keys = SECRET_KEYS if secret_keys is None else secret_keys
-    return PRISTINE.copy().run(_run, stack_name, config, keys, addresses, preview_creating is not None)
+    return PRISTINE.copy().run(_run_in_own_loop, stack_name, config, keys, addresses, preview_creating is not None)
 
 
 def stack_config_map(name: str) -> dict[str, str]:
