@@ -25,9 +25,9 @@ from enclave.plan import example_addresses
 from enclave.push import push_script
 from enclave.render import Renderer
 
-# A droplet is "active" in the API a while before its sshd answers (first boot, cloud-init, host keys).
-# pulumi-command redials with a growing pause between attempts; 30 dials of at most 20 s each wait out a
-# slow first boot (several minutes) yet still fail a push to a host that will never answer.
+# A droplet is "active" in the API a while before its sshd answers (first boot, cloud-init, host keys), and
+# pulumi-command gives up after dial_error_limit failed dials (default 10 of 15 s). 30 dials of at most 20 s
+# each wait out a slow first boot (several minutes) yet still fail a push to a host that will never answer.
 SSH_DIAL_ATTEMPTS = 30
 SSH_DIAL_TIMEOUT_SECONDS = 20
 
