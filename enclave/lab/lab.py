@@ -92,7 +92,11 @@ class PushFailed(LabError):
     def __init__(self, host: str, step: str, result: subprocess.CompletedProcess[str]) -> None:
         self.host, self.step, self.result = host, step, result
         output = (result.stderr.strip() or result.stdout.strip() or "no output")[-2000:]
-        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}")
+        hint = ""
+        if step == "confirm" and result.returncode == 255:  # ssh itself failed, not the confirm script
+            hint = (" (the push applied, then a new SSH connection could not get in: do the new rules still admit"
+                    " SSH from the bastion? Unconfirmed, the host rolls back by itself)")
+        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}{hint}")
 
 
 def lab_root() -> Path:
@@ -109,12 +113,22 @@ def preflight() -> None:
     missing = sorted({f"{name} (apt package {package})" for name, package in REQUIRED_TOOLS.items() if not tool(name)})
     if missing:
         raise LabUnavailable(f"missing tools: {', '.join(missing)}; `make setup` as root installs them")
+    # The lab's sshd runs without PAM (this machine's login policy is not the droplets'), and without PAM
+    # sshd refuses any login to an account whose password field is locked ("!…"), keys included.
+    try:
+        shadow = Path("/etc/shadow").read_text().splitlines()
+    except OSError:
+        shadow = []
+    if any(line.startswith(f"{SSH_USER}:!") for line in shadow):
+        raise LabUnavailable(
+            f"{SSH_USER}'s password is locked in /etc/shadow, so the lab's sshd would refuse key logins too; "
+            f"`usermod -p '*' {SSH_USER}` allows key logins without allowing any password"
+        )
 
 
-def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True, timeout: float = 60,
-         env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), input=input, text=True, capture_output=True, timeout=timeout,
-                            env=dict(env) if env is not None else None)
+def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True,
+         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(list(argv), input=input, text=True, capture_output=True, timeout=timeout)
     if check and result.returncode != 0:
         raise LabError(f"{' '.join(argv[:6])}… failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
     return result
@@ -645,12 +659,15 @@ SetEnv {env}
         )
 
     def explore_help(self) -> list[str]:
-        """Commands an operator can paste to look around a kept lab."""
+        """Commands an operator can paste to look around a kept lab, each with what it shows."""
         first = next((h.name for h in self.hosts if not self.stack.config.roles[h.role].bastion), self.hosts[0].name)
-        return [
-            f"ip netns exec {self.namespace(first)} bash                     # a shell on {first}",
-            f"ip netns exec {self.namespace(first)} iptables -vL ENCLAVE-INPUT  # its rules and counters",
-            f"ip netns exec {self.namespace('operator')} ssh -F {self.ssh_config_path} {self.alias(first)}",
-            f"ip netns exec {self.namespace('internet')} bash                # the Internet's view",
-            f"enclave lab down {self.run_id}                                 # remove it",
+        commands = [
+            (f"ip netns exec {self.namespace(first)} bash", f"a shell on {first}"),
+            (f"ip netns exec {self.namespace(first)} iptables -vL ENCLAVE-INPUT", "its rules and their counters"),
+            (f"ip netns exec {self.namespace('operator')} ssh -F {self.ssh_config_path} {self.alias(first)}",
+             "ssh through the bastion, as the operator"),
+            (f"ip netns exec {self.namespace('internet')} bash", "the Internet's view"),
+            (f"enclave lab down {self.run_id}", "remove the lab"),
         ]
+        width = max(len(command) for command, _ in commands)
+        return [f"{command.ljust(width)}  # {why}" for command, why in commands]
