@@ -7,10 +7,14 @@ UV := $(VENV)/bin/uv
 ENCLAVE := $(VENV)/bin/enclave
 STACK ?= prod
 APT_PACKAGES := python3 python3-venv iproute2 iptables ipset openssh-server openssh-client graphviz librsvg2-bin procps
+# Only `make bench` needs these (a load generator and a small web server for the data-plane figures); RUNLEVEL=1
+# keeps the package from starting nginx on the machine itself: the benchmark runs its own inside namespaces.
+BENCH_APT_PACKAGES := wrk nginx-light
+BENCH_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup apt test typecheck unit plan lab clean
+.PHONY: setup apt test typecheck unit plan lab bench bench-setup clean
 
 setup: apt $(VENV)/.synced
 
@@ -44,6 +48,20 @@ plan: setup
 
 lab: setup
 	$(ENCLAVE) lab check --stack $(STACK)
+
+bench-setup: setup
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing: $$missing"; \
+	    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  fi; \
+	else echo "not root: skipping apt packages ($(BENCH_APT_PACKAGES)); the data-plane benchmark needs them"; fi
+
+# Measures plan cost, the data plane, apply cost and the mocked program (root, a few minutes) and rewrites
+# docs/benchmarks.md. `make bench BENCH_ARGS=--quick` for a short run; BENCH_ARGS="plan program" for parts.
+bench: bench-setup
+	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache
