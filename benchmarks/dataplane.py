@@ -1,0 +1,256 @@
+"""Data plane: new TCP connections/s and UDP packets/s into a host whose ruleset admits N peers.
+
+A client namespace joined by veth pairs to one server namespace per variant (`netns.py`); the client's
+address is the last of the N peers. Each server loads its ruleset once and runs nginx (one worker) on
+tcp/8080 and a UDP sink on udp/8080. Each round measures every variant in turn (the order rotates between
+rounds), so load from other work on the machine falls on all variants alike:
+  - TCP: wrk with `Connection: close`, so every request is a new connection and its SYN walks the INPUT
+    chain in state NEW; the rest of each connection is ESTABLISHED. That per-SYN walk is where a
+    rule-per-peer list costs and an ipset does not.
+  - UDP: one socket sending 64-byte datagrams that are never answered, so conntrack keeps every packet in
+    state NEW and each one walks the chain; counted on arrival (the server namespace's Udp counters).
+Figures are medians over the rounds and ratios to the floor measured in the same rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .fleet import MAX_PER_ROLE, VPC
+from .netns import BenchError, Pair, star
+from .report import Table, median
+from .rulesets import PORT, PeerFleet, Pusher, enclave_files, floor_table, reset, seed_table
+
+CLIENT_IP = "10.0.200.2"
+SERVER_IP = "10.0.200.1"
+SERVER_IF = "eth1"
+CONNECTIONS = 16  # wrk's concurrent connections: enough to keep one nginx worker busy on this machine
+
+NGINX_CONF = """worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; multi_accept on; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{ listen {ip}:{port} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
+}}
+"""
+
+# Runs in the client namespace: sends unanswered datagrams for a fixed time, prints how many and how long.
+UDP_SENDER = """
+import socket, sys, time
+ip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((ip, port))
+payload = b"x" * 64
+sent, start = 0, time.perf_counter()
+end = start + seconds
+while True:
+    for _ in range(2000):
+        try:
+            s.send(payload)
+        except OSError:
+            pass
+    sent += 2000
+    now = time.perf_counter()
+    if now >= end:
+        break
+print(sent, now - start)
+"""
+
+# Runs in the server namespace: holds udp/8080 open (a small buffer it never reads; arrivals are counted
+# by the kernel either way) until killed.
+UDP_SINK = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+@dataclass
+class Variant:
+    name: str
+    load: Callable[[Pair], None]
+    tcp: list[float] = field(default_factory=list)
+    udp: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _udp_arrivals(pair: Pair) -> int:
+    """Datagrams that got past the firewall to UDP (delivered, or dropped for a full socket buffer)."""
+    lines = [line.split() for line in pair.in_server("cat", "/proc/net/snmp").splitlines() if line.startswith("Udp:")]
+    fields = dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    return fields["InDatagrams"] + fields["RcvbufErrors"]
+
+
+def measure_tcp(pair: Pair, seconds: int) -> tuple[float, str | None]:
+    out = pair.in_client(
+        "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "2s", "-H", "Connection: close",
+        f"http://{pair.server_ip}:{PORT}/", timeout=seconds + 30,
+    )
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not rate:
+        raise BenchError(f"wrk printed no rate:\n{out}")
+    problem = None
+    errors = re.search(r"Socket errors:.*", out)
+    if errors or "Non-2xx" in out:
+        problem = (errors.group(0) if errors else "") + (" non-2xx responses" if "Non-2xx" in out else "")
+    return float(rate.group(1)), problem
+
+
+def measure_udp(pair: Pair, seconds: float) -> float:
+    before = _udp_arrivals(pair)
+    out = pair.in_client(sys.executable, "-c", UDP_SENDER, pair.server_ip, str(PORT), str(seconds), timeout=seconds + 30)
+    after = _udp_arrivals(pair)
+    _, elapsed = out.split()
+    return (after - before) / float(elapsed)
+
+
+def check_tools(*tools: str) -> None:
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        raise BenchError(f"missing {', '.join(missing)}: run `make bench-setup` (as root) to install them")
+
+
+def _variants(fleets: dict[int, PeerFleet], single: dict[int, PeerFleet], pushers: list[Pusher]) -> list[Variant]:
+    def none(pair: Pair) -> None:
+        reset(pair)
+
+    def floor(pair: Pair) -> None:
+        pair.in_server("iptables-restore", "-w", input=floor_table(CLIENT_IP, SERVER_IF))
+
+    def seed(fleet: PeerFleet) -> Callable[[Pair], None]:
+        def load(pair: Pair) -> None:
+            pair.in_server("iptables-restore", "-w", input=seed_table(fleet.peer_ips))
+        return load
+
+    def enclave(fleet: PeerFleet) -> Callable[[Pair], None]:
+        def load(pair: Pair) -> None:
+            pusher = Pusher(pair)
+            pushers.append(pusher)
+            pusher.push(fleet.files)
+        return load
+
+    out = [Variant("no firewall", none), Variant("floor", floor)]
+    for n, fleet in fleets.items():
+        roles = len(fleet.files.set_names) - 1  # the bastion's set is the other one
+        out.append(Variant(f"enclave, {n:,} peers" + (f" ({roles} roles)" if roles > 1 else ""), enclave(fleet)))
+        if n in single:
+            out.append(Variant(f"enclave, {n:,} peers in 1 role (beyond the count limit)", enclave(single[n])))
+        out.append(Variant(f"seed form, {n:,} peers", seed(fleet)))
+    return out
+
+
+def _start_servers(pair: Pair, tmp: str, budget: str) -> list[subprocess.Popen[str]]:
+    """nginx on tcp/PORT and a UDP sink on udp/PORT in the server namespace; both end by themselves."""
+    conf_dir = f"{tmp}/{pair.server}"
+    os.makedirs(conf_dir)
+    with open(f"{conf_dir}/nginx.conf", "w") as f:
+        f.write(NGINX_CONF.format(d=conf_dir, ip=pair.server_ip, port=PORT))
+    nginx = subprocess.Popen(
+        pair.exec(pair.server, "timeout", budget, "nginx", "-c", f"{conf_dir}/nginx.conf", "-p", conf_dir),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )
+    sink = subprocess.Popen(
+        pair.exec(pair.server, sys.executable, "-c", UDP_SINK, pair.server_ip, str(PORT), budget),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert sink.stdout is not None
+    sink.stdout.readline()
+    return [nginx, sink]
+
+
+def _admits_client(pair: Pair) -> None:
+    """One request before measuring: a ruleset that refused the client would measure timeouts."""
+    out = pair.in_client("wrk", "-t1", "-c1", "-d1s", "--timeout", "1s", "-H", "Connection: close",
+                         f"http://{pair.server_ip}:{PORT}/", timeout=30)
+    if "Socket errors" in out or not re.search(r"Requests/sec:\s+[1-9]", out):
+        raise BenchError(f"the ruleset in {pair.server} does not admit the client:\n{out}")
+
+
+def run(peer_counts: tuple[int, ...] = (1000, 10000), rounds: int = 9, seconds: int = 1, echo: bool = True) -> list[Table]:
+    """Every variant in its own server namespace, loaded once; rounds alternate between them."""
+    check_tools("wrk", "nginx", "ipset", "iptables-restore")
+    fleets = {n: enclave_files(n, CLIENT_IP, SERVER_IP, SERVER_IF) for n in peer_counts}
+    # The same peers in one role, beyond the schema's count limit: shows what the split into roles costs.
+    single = {n: enclave_files(n, CLIENT_IP, SERVER_IP, SERVER_IF, per_role=n) for n in peer_counts if n > MAX_PER_ROLE}
+    pushers: list[Pusher] = []
+    variants = _variants(fleets, single, pushers)
+    # Servers at 10.0.201.1, .2, ...: the rulesets name the client by address and the server only by interface.
+    servers = [f"10.0.201.{i + 1}" for i in range(len(variants))]
+    prefix = int(VPC.rsplit("/", 1)[1])
+    budget = str(int(rounds * len(variants) * (seconds * 1.5 + 3) + 120))
+    procs: list[subprocess.Popen[str]] = []
+    with star(CLIENT_IP, servers, prefix, SERVER_IF) as pairs, tempfile.TemporaryDirectory() as tmp:
+        try:
+            for v, pair in zip(variants, pairs):
+                v.load(pair)
+                procs += _start_servers(pair, tmp, budget)
+            time.sleep(0.3)
+            for pair in pairs:
+                _admits_client(pair)
+            for r in range(rounds):
+                order = list(zip(variants, pairs))
+                k = r % len(order)
+                for v, pair in order[k:] + order[:k]:
+                    rate, problem = measure_tcp(pair, seconds)
+                    v.tcp.append(rate)
+                    if problem:
+                        v.errors.append(problem)
+                    v.udp.append(measure_udp(pair, seconds / 2))
+                if echo:
+                    print(f"dataplane round {r + 1}/{rounds}: " + ", ".join(
+                        f"{v.name} {v.tcp[-1]:,.0f}/s" for v in variants), flush=True)
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+            for pusher in pushers:
+                pusher.close()
+    return [_table(variants, rounds, seconds)]
+
+
+def _table(variants: list[Variant], rounds: int, seconds: int) -> Table:
+    floor = next(v for v in variants if v.name == "floor")
+    floor_tcp, floor_udp = median(floor.tcp), median(floor.udp)
+    table = Table(
+        "Data plane: new connections and packets into one host",
+        f"A server namespace whose INPUT admits N peers, the client being the last of them. TCP: wrk, "
+        f"{CONNECTIONS} connections, `Connection: close` (every request a new connection) against nginx; UDP: "
+        f"unanswered 64-byte datagrams from one Python socket, counted on arrival. Medians of {rounds} "
+        f"interleaved rounds of {seconds:g} s (TCP) and {seconds / 2:g} s (UDP) per variant; ratios are to the "
+        "floor (default drop, conntrack, one accept rule) of the same rounds. enclave's ruleset is `server-1` of "
+        "`benchmarks/fleet.py:peers_stack`, pushed with the real push script; its peers are split in roles of at "
+        "most the schema's count limit, one ipset rule per role.",
+        ["ruleset", "new TCP connections/s", "vs floor", "UDP packets/s", "vs floor", "spread (TCP min–max)"],
+    )
+    for v in variants:
+        tcp, udp = median(v.tcp), median(v.udp)
+        table.rows.append([
+            v.name, f"{tcp:,.0f}", f"{tcp / floor_tcp:.0%}", f"{udp:,.0f}", f"{udp / floor_udp:.0%}",
+            f"{min(v.tcp):,.0f}–{max(v.tcp):,.0f}",
+        ])
+        if v.errors:
+            table.notes.append(f"{v.name}: wrk reported {v.errors[0]} ({len(v.errors)} of {rounds} rounds)")
+    for v in variants:
+        if v.name.startswith("enclave") and "beyond" not in v.name:
+            ratio = median(v.tcp) / floor_tcp
+            table.notes.append(
+                f"{v.name}: {ratio:.0%} of the floor's new-connection rate (target ≥ 95%: "
+                f"**{'met' if ratio >= 0.95 else 'MISSED'}**)."
+            )
+    return table

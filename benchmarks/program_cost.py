@@ -1,0 +1,236 @@
+"""The whole Pulumi program under the SDK's mocks: time and peak memory by fleet size, and what scaling re-runs.
+
+Uses the program's own test harness (tests/pulumi_harness.py: the real `__main__.py`, the engine replaced by
+`pulumi.runtime.set_mocks`, every registration recorded). Each size runs in a fresh Python process, so its
+peak resident memory (ru_maxrss) is its own.
+
+Scaling change: prod, then prod with one more instance of a role, for each role in turn and for all roles at
+once. A push re-runs when its `command:remote:Command` inputs change (its stdin is the push script), so the
+hosts whose inputs differ between the two runs are the pushes `pulumi up` would re-run. They are compared
+with what the policy says must change: the hosts that accept traffic from the grown role (their ipsets list
+its addresses) and the hosts whose restricted egress may send to it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from config.schema import StackConfig
+from enclave.compiler import Addresses, Host, Policy, compile_policy
+from enclave.plan import droplet_name, example_addresses
+
+from .fleet import prod_shaped, prod_values
+from .report import Table, mib, ms
+
+COMMAND = "command:remote:Command"
+DROPLET = "digitalocean:index/droplet:Droplet"
+DEFAULT_SIZES = (10, 100, 1000)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _harness() -> Any:
+    """tests/pulumi_harness.py, the Pulumi engineer's mock runner (imported late: it pulls in the Pulumi SDK)."""
+    sys.path.insert(0, str(ROOT))
+    from tests import pulumi_harness
+
+    return pulumi_harness
+
+
+def _document(values: dict[str, Any]) -> dict[str, Any]:
+    return {"config": {f"enclave:{key}": value for key, value in values.items()}}
+
+
+def _addresses(stack_name: str, policy: Policy) -> dict[str, Addresses]:
+    """Every droplet's mocked addresses: the plan's example addresses, keyed by droplet name."""
+    example = example_addresses(policy)
+    return {droplet_name(stack_name, h): example[h.name] for h in policy.hosts}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent
+    across fork and exec, so a child of a big benchmark process would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_once(hosts: int) -> dict[str, Any]:
+    """One mocked `pulumi up` of a `hosts`-host prod-shaped stack (call in a fresh process for the memory)."""
+    h = _harness()
+    values = prod_shaped(hosts)
+    config = h.pulumi_config(_document(values))
+    policy = compile_policy(h.enclave_config(config))
+    addresses = _addresses("bench", policy)
+    start = time.perf_counter()
+    run = h.run_program("bench", config, addresses=addresses)
+    seconds = time.perf_counter() - start
+    if run.error is not None:
+        raise RuntimeError(f"the program failed under mocks: {run.error}")
+    pushes = _push_inputs(run)
+    stdin_bytes = sum(len(str(r.inputs.get("stdin", ""))) for r in run.of_type(COMMAND))
+    return {
+        "hosts": hosts,
+        "seconds": seconds,
+        "maxrss_bytes": peak_rss_bytes(),
+        "resources": len(run.registrations),
+        "pushes": len(pushes),
+        "stdin_bytes": stdin_bytes,
+    }
+
+
+def _in_subprocess(hosts: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.program_cost", "--one", str(hosts)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"mocked program at {hosts} hosts failed:\n{out.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# ------------------------------------------------------------------------------------------- scaling
+
+
+def _push_inputs(run: Any) -> dict[str, str]:
+    """FirewallPush name (the droplet's) -> the inputs of its commands as text (what the engine diffs)."""
+    commands: dict[str, list[str]] = {}
+    for r in run.of_type(COMMAND):
+        push = r.parent.rpartition("::")[2]  # the URN of the FirewallPush the command belongs to
+        commands.setdefault(push, []).append(r.name + json.dumps(r.inputs, sort_keys=True, default=str))
+    return {push: "\n".join(sorted(texts)) for push, texts in commands.items()}
+
+
+def _droplet_inputs(run: Any) -> dict[str, str]:
+    return {r.name: json.dumps(r.inputs, sort_keys=True, default=str) for r in run.of_type(DROPLET)}
+
+
+def expected_repushes(policy: Policy, role: str) -> set[str]:
+    """Hosts whose rules name `role`'s addresses: they accept from it, or their restricted egress sends to it."""
+    out = set()
+    for host in policy.hosts:
+        accepts = any(f.source.kind == "role" and f.source.name == role for f in policy.flows_to_role[host.role])
+        sends = policy.stack.roles[host.role].egress == "restricted" and any(
+            f.role == role for f in policy.flows_from_host(host)
+        )
+        if accepts or sends:
+            out.add(host.name)
+    return out
+
+
+def _grown(values: dict[str, Any], roles: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(json.dumps(values))
+    for role in roles:
+        out["roles"][role]["count"] += 1
+    return out
+
+
+def scaling_change() -> Table:
+    h = _harness()
+    base_values = prod_values()
+    base_config = h.pulumi_config(_document(base_values))
+    base_stack: StackConfig = h.enclave_config(base_config)
+    base_policy = compile_policy(base_stack)
+    roles = list(base_stack.roles)
+    table = Table(
+        "Scaling change: which pushes re-run when prod grows",
+        "prod under mocks, then prod with one more instance of the role(s) in the first column. A push re-runs "
+        "when its command's inputs change (the push script is its stdin). *expected* are the existing hosts "
+        "whose rules name the grown role's addresses (they accept from it, or their restricted egress sends to "
+        "it); every host accepts SSH from the bastion role, so growing the bastion re-pushes everyone.",
+        ["grown role(s)", "new hosts", "pushes re-run (existing hosts)", "expected", "droplets changed", "match"],
+    )
+    def addresses_for(config: dict[str, str]) -> dict[str, Addresses]:
+        stack = h.enclave_config(config)
+        policy = compile_policy(stack)
+        # Addresses by host name that do not move when another role grows: the harness's fixed slots.
+        fixed: dict[str, Addresses] = h.mocked_addresses("prod", stack)
+        return {droplet_name("prod", host): fixed[droplet_name("prod", host)] for host in policy.hosts}
+
+    before = h.run_program("prod", base_config, addresses=addresses_for(base_config))
+    if before.error is not None:
+        raise RuntimeError(f"the program failed under mocks: {before.error}")
+    pushes_before, droplets_before = _push_inputs(before), _droplet_inputs(before)
+    for grown_roles in [[r] for r in roles] + [roles]:
+        config = h.pulumi_config(_document(_grown(base_values, grown_roles)))
+        after = h.run_program("prod", config, addresses=addresses_for(config))
+        if after.error is not None:
+            raise RuntimeError(f"the program failed under mocks: {after.error}")
+        pushes_after = _push_inputs(after)
+        new = sorted(set(pushes_after) - set(pushes_before))
+        rerun = sorted(n for n in pushes_before if pushes_after.get(n) != pushes_before[n])
+        expected: set[str] = set()
+        for role in grown_roles:
+            expected |= {droplet_name("prod", x) for x in _hosts(base_policy, expected_repushes(base_policy, role))}
+        droplets_after = _droplet_inputs(after)
+        changed = [n for n in droplets_before if droplets_after.get(n) != droplets_before[n]]
+        label = "all roles" if len(grown_roles) > 1 else grown_roles[0]
+        table.rows.append([
+            label,
+            ", ".join(_short(n) for n in new),
+            f"{len(rerun)} of {len(pushes_before)}: " + (", ".join(_short(n) for n in rerun) or "none"),
+            ", ".join(_short(n) for n in sorted(expected)) or "none",
+            str(len(changed)),
+            "yes" if set(rerun) == expected else "**NO**",
+        ])
+    return table
+
+
+def _hosts(policy: Policy, names: set[str]) -> list[Host]:
+    return [h for h in policy.hosts if h.name in names]
+
+
+def _short(droplet: str) -> str:
+    return droplet.removeprefix("prod-")
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(sizes: tuple[int, ...] = DEFAULT_SIZES, echo: bool = True) -> list[Table]:
+    cost = Table(
+        "The Pulumi program under mocks, by fleet size",
+        "The real `__main__.py` on prod-shaped stacks (as in the plan table), engine and providers replaced by "
+        "the SDK's mocks (tests/pulumi_harness.py), each size in a fresh process: wall time of the program run "
+        "(everything registered and every output resolved) and the process's peak resident memory.",
+        ["hosts", "time", "peak memory (RSS)", "resources registered", "command scripts, all hosts"],
+    )
+    results = []
+    for hosts in sizes:
+        r = _in_subprocess(hosts)
+        results.append(r)
+        if echo:
+            print(f"program: {hosts:>6,} hosts  {ms(r['seconds'])}  rss {mib(r['maxrss_bytes'])}", flush=True)
+        cost.rows.append([
+            f"{hosts:,}", f"**{ms(r['seconds'])}**", mib(r["maxrss_bytes"]), f"{r['resources']:,}", mib(r["stdin_bytes"]),
+        ])
+    big = [r for r in results if r["hosts"] == 1000]
+    if big:
+        cost.notes.append(
+            f"1,000 hosts: {ms(big[0]['seconds'])} (target < 60 s: **{'met' if big[0]['seconds'] < 60 else 'MISSED'}**)."
+        )
+    if len(results) >= 2:
+        a, b = results[-2], results[-1]
+        cost.notes.append(
+            f"{a['hosts']:,} → {b['hosts']:,} hosts: time ×{b['seconds'] / a['seconds']:.1f} for ×{b['hosts'] / a['hosts']:.0f} hosts."
+        )
+    tables = [cost, scaling_change()]
+    if echo:
+        print("program: scaling change measured", flush=True)
+    return tables
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(run_once(int(sys.argv[2]))))
+    else:
+        for t in run():
+            print(t.markdown())
