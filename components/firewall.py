@@ -22,8 +22,8 @@ from pulumi_command import remote
 
 from enclave.compiler import Addresses, Host, Policy
 from enclave.plan import example_addresses
-from enclave.push import push_script
-from enclave.render import Renderer
+from enclave.push import confirm_script, push_script
+from enclave.render import Renderer, RuleFiles
 
 # A droplet is "active" in the API a while before its sshd answers (first boot, cloud-init, host keys), and
 # pulumi-command gives up after dial_error_limit failed dials (default 10 of 15 s). 30 dials of at most 20 s
@@ -79,8 +79,8 @@ def rule_peers(policy: Policy, host: Host, stand_ins: dict[str, Addresses] | Non
     return sorted(reads.read)
 
 
-class RuleScripts:
-    """The push script of every host of one stack, each rendered once the addresses of its rule peers (and
+class HostRuleFiles:
+    """The rule files of every host of one stack, each rendered once the addresses of its rule peers (and
     only those) are known.
 
     Peers usually come as whole roles (an ipset per source role), so the addresses of a role are joined once
@@ -100,12 +100,12 @@ class RuleScripts:
             self._role_addresses[role] = pulumi.Output.all(**{name: self.addresses[name] for name in hosts})
         return self._role_addresses[role]
 
-    def script(self, host: Host) -> pulumi.Output[str]:
+    def files(self, host: Host) -> pulumi.Output[RuleFiles]:
         policy, stack_name = self.policy, self.stack_name
 
-        def render(parts: list[dict[str, Addresses]]) -> str:
+        def render(parts: list[dict[str, Addresses]]) -> RuleFiles:
             known = {name: address for part in parts for name, address in part.items()}
-            return push_script(Renderer(policy, known, stack_name).render(host), stack_name)
+            return Renderer(policy, known, stack_name).render(host)
 
         peers = rule_peers(policy, host, self._stand_ins)
         by_role: dict[str, list[str]] = {}
@@ -166,31 +166,45 @@ def ssh_connection(
 
 
 class FirewallPush(pulumi.ComponentResource):
-    """Installs one host's rules over SSH: `sh -s` with the push script on stdin, as root.
+    """Installs one host's rules over SSH in two commands (enclave/push.py explains the host side):
 
+    `<name>-apply`    validates the rules, arms the host's rollback timer and applies them;
+    `<name>-confirm`  runs after it on a NEW SSH connection (pulumi-command dials one per resource): reaching
+                      the host again through the new rules is the proof that they keep SSH open. Without it
+                      the host rolls back by itself, and this command fails naming the host and the reason.
+    Both are `sh -s` with their script on stdin, as root; both scripts change exactly when the rules do.
     The droplet is never replaced for a firewall change: rules are only ever this resource's input.
     """
 
     apply: remote.Command
+    confirm: remote.Command
 
     def __init__(
         self,
         name: str,
         *,
         connection: remote.ConnectionArgs,
-        script: pulumi.Input[str],
+        files: pulumi.Output[RuleFiles],
+        stack_name: str,
         user: str,
         after: Sequence[pulumi.Resource] = (),
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("enclave:index:FirewallPush", name, None, opts)
-        # The script needs root; a non-root login (set up by the image or cloud-init) must have sudo.
+        # The scripts need root; a non-root login (set up by the image or cloud-init) must have sudo.
         shell = "sh -s" if user == "root" else "sudo -n sh -s"
         self.apply = remote.Command(
             f"{name}-apply",
             connection=connection,
             create=shell,
-            stdin=script,
+            stdin=files.apply(lambda f: push_script(f, stack_name)),
             opts=pulumi.ResourceOptions(parent=self, depends_on=list(after)),
         )
-        self.register_outputs({"applied": self.apply.stdout})
+        self.confirm = remote.Command(
+            f"{name}-confirm",
+            connection=connection,
+            create=shell,
+            stdin=files.apply(lambda f: confirm_script(f, stack_name)),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.apply]),
+        )
+        self.register_outputs({"applied": self.apply.stdout, "confirmed": self.confirm.stdout})

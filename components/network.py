@@ -6,13 +6,15 @@
     ├── digitalocean:Droplet          <stack>-<role>-<n>  one per host, in the VPC, tagged enclave, enclave-<stack>,
     │                                                     enclave-<stack>-<role> and the role's own tags
     ├── enclave:index:FirewallPush    <stack>-<role>-<n>  one per host: its rules, pushed over SSH
-    │   └── command:remote:Command    <stack>-<role>-<n>-apply
+    │   ├── command:remote:Command    <stack>-<role>-<n>-apply    validate, arm rollback, apply
+    │   └── command:remote:Command    <stack>-<role>-<n>-confirm  new SSH connection: keep the rules
     └── digitalocean:Firewall         enclave-<stack>-<role>  only with enclave:cloudFirewall: true, one per role
                                                           (components/cloud_firewall.py)
 
 Scaling is additive: a droplet's inputs come from its role alone (never from its peers), so adding a host
 changes no existing droplet, and removing one removes the highest-numbered. Firewall changes only ever touch
-FirewallPush resources. Bastions are pushed first, on their public address; every other host is pushed on its
+FirewallPush resources. Droplets boot closed: their user data (cloud-init) applies the role's baseline, which
+depends on no peer. Bastions are pushed and confirmed first, on their public address; every other host is pushed on its
 private address through the first bastion (the one `ssh_config` jumps through), or on its public address when
 the stack has no bastion.
 """
@@ -29,10 +31,12 @@ from pulumi_command import remote
 from enclave.cloudfirewall import role_tag
 from enclave.compiler import Addresses, Host
 from enclave.plan import droplet_name
+from enclave.push import cloud_config
+from enclave.render import baseline_files
 from enclave.sshconfig import jump_host, ssh_config
 
 from .cloud_firewall import role_firewalls
-from .firewall import FirewallPush, RuleScripts, SshLogin, bastion_hop, ssh_connection
+from .firewall import FirewallPush, HostRuleFiles, SshLogin, bastion_hop, ssh_connection
 from .stack_config import StackSettings
 
 TAG = "enclave"
@@ -90,6 +94,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
                 ipv6=role.ipv6,
                 ssh_keys=[self.ssh_key.fingerprint],
                 tags=host_tags(name, host.role, role.tags),
+                user_data=cloud_config(baseline_files(stack, host.role)),
                 opts=pulumi.ResourceOptions(
                     parent=self,
                     # user_data: the first-boot baseline (cloud-init) never depends on peers, and a change to it
@@ -131,13 +136,14 @@ class EnclaveNetwork(pulumi.ComponentResource):
         bastions = policy.bastion_hosts()
         others = [h for h in policy.hosts if h not in bastions]
         pushes: dict[str, FirewallPush] = {}
-        scripts = RuleScripts(policy, addresses, settings.name)
+        rules = HostRuleFiles(policy, addresses, settings.name)
 
         def push(host: Host, connection: remote.ConnectionArgs, after: list[pulumi.Resource]) -> None:
             pushes[host.name] = FirewallPush(
                 droplet_name(settings.name, host),
                 connection=connection,
-                script=scripts.script(host),
+                files=rules.files(host),
+                stack_name=settings.name,
                 user=login.user,
                 after=after,
                 opts=pulumi.ResourceOptions(parent=self),

@@ -17,8 +17,8 @@ from config.stackfile import Stack
 from enclave.cloudfirewall import cloud_firewalls, role_tag
 from enclave.compiler import compile_policy
 from enclave.plan import build_plan, droplet_name
-from enclave.push import push_script
-from enclave.render import Renderer
+from enclave.push import cloud_config, confirm_script, push_script
+from enclave.render import Renderer, baseline_files
 from enclave.sshconfig import jump_host, ssh_config
 
 from .conftest import stack_document
@@ -58,6 +58,11 @@ def connection(command: Registration) -> dict[str, Any]:
     return inner
 
 
+def host_of(command_name: str, stack_name: str = "prod") -> str:
+    """`prod-mysql-1-apply` / `prod-mysql-1-confirm` -> `mysql-1`."""
+    return command_name.removeprefix(f"{stack_name}-").removesuffix("-apply").removesuffix("-confirm")
+
+
 def config_with(name: str, edit: Any) -> dict[str, str]:
     document = stack_document(name)
     edit(document["config"])
@@ -80,7 +85,7 @@ def test_resources_for_each_stack(stack_name: str) -> None:
         counts[r.type] = counts.get(r.type, 0) + 1
     n = len(policy.hosts)
     assert n == sum(role.count for role in stack.roles.values())
-    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n, COMMAND: n}
+    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n, COMMAND: 2 * n}  # apply + confirm
 
     network = run.of_type(NETWORK)[0]
     for r in run.registrations:
@@ -88,7 +93,8 @@ def test_resources_for_each_stack(stack_name: str) -> None:
             assert r.parent == network.urn, r.name
     pushes = run.by_name(PUSH)
     for command in run.of_type(COMMAND):
-        assert command.parent == pushes[command.name.removesuffix("-apply")].urn
+        push_name = command.name.removesuffix("-apply").removesuffix("-confirm")
+        assert command.parent == pushes[push_name].urn
 
     vpc = run.of_type(VPC)[0].inputs
     assert vpc["ipRange"] == str(stack.vpc_ip_range) and vpc["region"] == stack.region
@@ -108,6 +114,8 @@ def test_resources_for_each_stack(stack_name: str) -> None:
         assert len(d.inputs["sshKeys"]) == 1 and ":" in d.inputs["sshKeys"][0]  # the SshKey's fingerprint
         assert d.inputs["tags"][:3] == ["enclave", f"enclave-{stack_name}", f"enclave-{stack_name}-{host.role}"]
         assert d.inputs["tags"][3:] == role.tags
+        # droplets boot closed: cloud-init applies the role's baseline, which names no peer
+        assert d.inputs["userData"] == cloud_config(baseline_files(stack, host.role))
         # a new cloud-init baseline (or key) applies to new droplets, never rebuilds running ones
         assert "userData" in d.ignore_changes
 
@@ -131,6 +139,10 @@ def test_each_push_reaches_its_host_through_the_bastion_with_the_compilers_rules
         conn = connection(command)
         assert command.inputs["create"] == "sh -s"  # sshUser root
         assert command.inputs["stdin"] == push_script(renderer.render(host), stack_name)
+        # the confirmation: its own resource (a new SSH connection), same target, only after the apply
+        confirm = commands[f"{droplet_name(stack_name, host)}-confirm"]
+        assert confirm.inputs["stdin"] == confirm_script(renderer.render(host), stack_name)
+        assert connection(confirm) == conn and command.urn in confirm.dependencies
         assert conn["user"] == stack.ssh_user and conn["privateKey"] == TEST_PRIVATE_KEY
         assert conn["dialErrorLimit"] >= 20 and conn["perDialTimeout"] >= 10  # droplets take a while to boot
         if stack.roles[host.role].bastion:
@@ -143,6 +155,9 @@ def test_each_push_reaches_its_host_through_the_bastion_with_the_compilers_rules
             assert proxy["user"] == stack.ssh_user and proxy["privateKey"] == TEST_PRIVATE_KEY
             assert proxy["dialErrorLimit"] >= 20
             assert jump_push.urn in command.dependencies, f"{host.name} is pushed before its bastion"
+            # the bastion's rules are confirmed before anything goes through it
+            jump_confirm = commands[f"{droplet_name(stack_name, jump)}-confirm"]
+            assert jump_confirm.urn in command.dependencies, f"{host.name} is pushed before its bastion is confirmed"
 
 
 def test_without_a_bastion_every_host_is_pushed_on_its_public_address() -> None:
@@ -156,7 +171,7 @@ def test_without_a_bastion_every_host_is_pushed_on_its_public_address() -> None:
     renderer = Renderer(policy, {h.name: addresses[f"dev-{h.name}"] for h in policy.hosts}, "dev")
     run = run_ok("dev", config)
     commands = run.by_name(COMMAND)
-    assert len(commands) == len(policy.hosts)
+    assert len(commands) == 2 * len(policy.hosts)
     for host in policy.hosts:
         command = commands[f"dev-{host.name}-apply"]
         conn = connection(command)
@@ -180,7 +195,8 @@ def test_scalar_settings_and_a_non_root_login() -> None:
     for command in run.of_type(COMMAND):
         assert command.inputs["create"] == "sudo -n sh -s"
         assert connection(command)["user"] == "admin"
-        assert 'LOG --log-prefix "enclave-drop: "' in command.inputs["stdin"]
+        if command.name.endswith("-apply"):  # the rules travel with the apply; confirm names their digest
+            assert 'LOG --log-prefix "enclave-drop: "' in command.inputs["stdin"]
     assert "User admin" in run.outputs["sshConfig"]
 
 
@@ -299,9 +315,12 @@ def test_scaling_2_to_3_is_additive_and_re_pushes_only_hosts_whose_peers_changed
         assert after.of_type(typ)[0].inputs == before.of_type(typ)[0].inputs
 
     old_push, new_push = before.by_name(COMMAND), after.by_name(COMMAND)
-    assert set(new_push) - set(old_push) == {f"prod-{role}-3-apply"}
-    re_pushed = {n.removeprefix("prod-").removesuffix("-apply") for n in old_push if new_push[n].inputs != old_push[n].inputs}
+    assert set(new_push) - set(old_push) == {f"prod-{role}-3-apply", f"prod-{role}-3-confirm"}
+    re_pushed = {host_of(n) for n in old_push if new_push[n].inputs != old_push[n].inputs}
     assert re_pushed == changed
+    for n in old_push:  # apply and confirm of a host change together, or not at all
+        twin = n.replace("-apply", "-confirm") if n.endswith("-apply") else n.replace("-confirm", "-apply")
+        assert (new_push[n].inputs != old_push[n].inputs) == (new_push[twin].inputs != old_push[twin].inputs)
 
     # the same answer from the core: the hosts whose rendered rules differ between the two stacks
     def rules(config: dict[str, str]) -> dict[str, str]:
@@ -318,7 +337,7 @@ def test_scaling_2_to_3_is_additive_and_re_pushes_only_hosts_whose_peers_changed
     # still unknown) shows them unchanged too.
     new_droplet = new[f"prod-{role}-3"].urn
     for name, command in new_push.items():
-        host = name.removeprefix("prod-").removesuffix("-apply")
+        host = host_of(name)
         assert (new_droplet in command.dependencies) == (host in changed or host == f"{role}-3"), name
 
 
@@ -328,7 +347,7 @@ def test_preview_of_scaling_shows_only_the_pushes_that_will_change() -> None:
     preview = run_program("prod", _wordpress(3), preview_creating={"prod-wordpress-3"})
     assert preview.error is None, preview.error
     commands = preview.by_name(COMMAND)
-    unknown = {n.removeprefix("prod-").removesuffix("-apply") for n, c in commands.items() if is_unknown(c.inputs["stdin"])}
+    unknown = {host_of(n) for n, c in commands.items() if is_unknown(c.inputs["stdin"])}
     assert unknown == {"haproxy-www-1", "wordpress-1", "wordpress-2", "mysql-1", "mysql-2", "wordpress-3"}
     assert commands["prod-tunnel-1-apply"].inputs == applied["prod-tunnel-1-apply"].inputs  # shown unchanged
 
