@@ -12,7 +12,8 @@ Control protocol, one JSON object per line:
 A probe that passed the firewall is `passed`; a dropped packet just times out; a REJECT shows as refused.
 
 Run as: ip netns exec NS python -m enclave.lab.agent --control SOCK [--tcp PORTS] [--udp PORTS]
-It prints "ready" on stdout once every socket is bound, and fails loudly if one cannot be.
+It prints "ready" on stdout once every socket is bound and every kind of probe has passed over loopback, and
+exits with the reason otherwise.
 """
 
 from __future__ import annotations
