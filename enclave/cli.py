@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ssh = sub.add_parser("ssh-config", help="an OpenSSH client config: every host by name, private ones via the bastion")
     add_stack_arguments(ssh)
     ssh.add_argument("--addresses", type=Path, help="JSON file of real addresses {host: {public, private, public6}}")
-    ssh.add_argument("--identity-file", help="private key for every host (default: ~/.ssh/enclave)")
+    ssh.add_argument("--identity-file", help="private key for every host (default: ~/.ssh/enclave-<stack>)")
     ssh.set_defaults(func=cmd_ssh_config)
 
     from .lab import cli as lab_cli  # the lab registers its own subcommands

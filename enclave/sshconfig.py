@@ -19,11 +19,12 @@ def ssh_config(
     policy: Policy,
     addresses: dict[str, Addresses],
     user: str,
-    identity_file: str = "~/.ssh/enclave",
+    identity_file: str | None = None,
     extra_options: tuple[str, ...] = (),
 ) -> str:
     """`Host <stack>-<host>` blocks: bastions and bastion-less stacks on public addresses, the rest via ProxyJump."""
-    jump = jump_host(policy)
+    identity_file = identity_file or f"~/.ssh/enclave-{stack_name}"  # one key per stack (DigitalOcean refuses
+    jump = jump_host(policy)  # the same public key twice in one account)
     lines = [
         f"# enclave stack {stack_name}: add to ~/.ssh/config (or `Include` it), then `ssh {stack_name}-<host>`.",
         "",

@@ -47,7 +47,7 @@ def test_prod_private_hosts_jump_through_the_bastion(tmp_path: Path, capsys: pyt
     for host in policy.hosts:
         ssh = resolved(config, f"prod-{host.name}")
         assert ssh["user"] == "root"
-        assert ssh["identityfile"] == "~/.ssh/enclave" and ssh["identitiesonly"] == "yes"
+        assert ssh["identityfile"] == "~/.ssh/enclave-prod" and ssh["identitiesonly"] == "yes"
         if host.role == "tunnel":
             assert ssh["hostname"] == addresses[host.name].public  # the bastion: straight to its public address
             assert "proxyjump" not in ssh
