@@ -28,6 +28,7 @@ run `apply.sh --restore`: the last confirmed rules, else the baseline. No iptabl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import yaml
@@ -208,5 +209,12 @@ def cloud_config(baseline: RuleFiles) -> str:
     On the first boot that applies the baseline; after a push it restores the last confirmed rules (as the
     systemd unit already did, earlier still). Built from the role's baseline only, never from peers.
     """
+    return _cloud_config(baseline)
+
+
+# Every droplet of a role boots with the same baseline, and YAML-quoting its script costs about 9 ms: render
+# each distinct baseline once (1 000 hosts under mocks spent 9 s here).
+@functools.lru_cache(maxsize=256)
+def _cloud_config(baseline: RuleFiles) -> str:
     document = {"bootcmd": [["sh", "-c", baseline_script(baseline)]]}
     return "#cloud-config\n" + yaml.safe_dump(document, default_flow_style=False, width=1 << 16)
