@@ -13,6 +13,7 @@ its addresses) and the hosts whose restricted egress may send to it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import resource
 import subprocess
@@ -25,7 +26,7 @@ from config.schema import StackConfig
 from enclave.compiler import Addresses, Host, Policy, compile_policy
 from enclave.plan import droplet_name, example_addresses
 
-from .fleet import prod_shaped, prod_values
+from .fleet import MAX_PER_ROLE, prod_shaped, prod_values
 from .report import Table, mib, ms
 
 COMMAND = "command:remote:Command"
@@ -133,63 +134,78 @@ def _grown(values: dict[str, Any], roles: list[str]) -> dict[str, Any]:
     return out
 
 
-def scaling_change() -> Table:
-    h = _harness()
-    base_values = prod_values()
-    base_config = h.pulumi_config(_document(base_values))
-    base_stack: StackConfig = h.enclave_config(base_config)
-    base_policy = compile_policy(base_stack)
-    roles = list(base_stack.roles)
-    table = Table(
-        "Scaling change: which pushes re-run when prod grows",
-        "prod under mocks, then prod with one more instance of the role(s) in the first column. A push re-runs "
-        "when its command's inputs change (the push script is its stdin). *expected* are the existing hosts "
-        "whose rules name the grown role's addresses (they accept from it, or their restricted egress sends to "
-        "it); every host accepts SSH from the bastion role, so growing the bastion re-pushes everyone.",
-        ["grown role(s)", "new hosts", "pushes re-run (existing hosts)", "expected", "droplets changed", "match"],
-    )
-    def addresses_for(config: dict[str, str]) -> dict[str, Addresses]:
-        stack = h.enclave_config(config)
-        policy = compile_policy(stack)
-        # Addresses by host name that do not move when another role grows: the harness's fixed slots.
-        fixed: dict[str, Addresses] = h.mocked_addresses("prod", stack)
-        return {droplet_name("prod", host): fixed[droplet_name("prod", host)] for host in policy.hosts}
+def stable_addresses(stack_name: str, stack: StackConfig) -> dict[str, Addresses]:
+    """Droplet addresses fixed by (role position, index): growing one role moves no other host's address."""
+    public = ipaddress.ip_address("198.18.0.0")  # RFC 2544 benchmark range
+    out = {}
+    for position, (role_name, role) in enumerate(stack.roles.items()):
+        for n in range(1, role.count + 1):
+            slot = position * MAX_PER_ROLE + n + 1
+            out[droplet_name(stack_name, Host(role_name, n))] = Addresses(
+                str(public + slot), str(stack.vpc_ip_range.network_address + slot)
+            )
+    return out
 
-    before = h.run_program("prod", base_config, addresses=addresses_for(base_config))
-    if before.error is not None:
-        raise RuntimeError(f"the program failed under mocks: {before.error}")
+
+def _growth_rows(stack_name: str, base_values: dict[str, Any], growths: list[list[str]], names: bool) -> list[list[str]]:
+    """Run the program on the stack, then on it with one more host in each role of each growth; compare."""
+    h = _harness()
+
+    def program(values: dict[str, Any]) -> Any:
+        config = h.pulumi_config(_document(values))
+        run = h.run_program(stack_name, config, addresses=stable_addresses(stack_name, h.enclave_config(config)))
+        if run.error is not None:
+            raise RuntimeError(f"the program failed under mocks: {run.error}")
+        return run
+
+    def show(droplets: list[str]) -> str:
+        return ", ".join(d.removeprefix(f"{stack_name}-") for d in droplets) if names else ""
+
+    base_policy = compile_policy(h.enclave_config(h.pulumi_config(_document(base_values))))
+    before = program(base_values)
     pushes_before, droplets_before = _push_inputs(before), _droplet_inputs(before)
-    for grown_roles in [[r] for r in roles] + [roles]:
-        config = h.pulumi_config(_document(_grown(base_values, grown_roles)))
-        after = h.run_program("prod", config, addresses=addresses_for(config))
-        if after.error is not None:
-            raise RuntimeError(f"the program failed under mocks: {after.error}")
-        pushes_after = _push_inputs(after)
+    rows = []
+    for grown in growths:
+        after = program(_grown(base_values, grown))
+        pushes_after, droplets_after = _push_inputs(after), _droplet_inputs(after)
         new = sorted(set(pushes_after) - set(pushes_before))
         rerun = sorted(n for n in pushes_before if pushes_after.get(n) != pushes_before[n])
-        expected: set[str] = set()
-        for role in grown_roles:
-            expected |= {droplet_name("prod", x) for x in _hosts(base_policy, expected_repushes(base_policy, role))}
-        droplets_after = _droplet_inputs(after)
+        expected = sorted(
+            {droplet_name(stack_name, x) for role in grown for x in _hosts(base_policy, expected_repushes(base_policy, role))}
+        )
         changed = [n for n in droplets_before if droplets_after.get(n) != droplets_before[n]]
-        label = "all roles" if len(grown_roles) > 1 else grown_roles[0]
-        table.rows.append([
-            label,
-            ", ".join(_short(n) for n in new),
-            f"{len(rerun)} of {len(pushes_before)}: " + (", ".join(_short(n) for n in rerun) or "none"),
-            ", ".join(_short(n) for n in sorted(expected)) or "none",
+        label = "all roles" if len(grown) > 1 and len(grown) == len(base_values["roles"]) else ", ".join(grown)
+        rows.append([
+            f"{stack_name} ({len(base_policy.hosts)} hosts): {label}",
+            f"{len(new)}" + (f": {show(new)}" if names else ""),
+            f"{len(rerun)} of {len(pushes_before)}" + (f": {show(rerun)}" if names and rerun else ""),
+            f"{len(expected)}" + (f": {show(expected)}" if names and expected else ""),
             str(len(changed)),
-            "yes" if set(rerun) == expected else "**NO**",
+            "yes" if rerun == expected else "**NO**",
         ])
+    return rows
+
+
+def scaling_change(generated_hosts: int = 100) -> Table:
+    table = Table(
+        "Scaling change: which pushes re-run when a role grows",
+        "The program under mocks, then again with one more instance of the role(s) in the first column (prod, "
+        f"and a {generated_hosts}-host prod-shaped stack). A push re-runs when its commands' inputs change (the push "
+        "script is their stdin). *expected* are the existing hosts whose rules name the grown role's addresses "
+        "(they accept from it, or their restricted egress sends to it); every host accepts SSH from the bastion "
+        "role, so growing the bastion re-pushes everyone. Existing droplets must not change at all.",
+        ["stack: grown role(s)", "new hosts", "pushes re-run (existing hosts)", "expected", "droplets changed", "match"],
+    )
+    prod = prod_values()
+    roles = list(prod["roles"])
+    table.rows += _growth_rows("prod", prod, [[r] for r in roles] + [roles], names=True)
+    generated = prod_shaped(generated_hosts)
+    table.rows += _growth_rows("bench", generated, [["wordpress-a"], ["mysql-a"], ["haproxy-www"]], names=False)
     return table
 
 
 def _hosts(policy: Policy, names: set[str]) -> list[Host]:
     return [h for h in policy.hosts if h.name in names]
-
-
-def _short(droplet: str) -> str:
-    return droplet.removeprefix("prod-")
 
 
 # ---------------------------------------------------------------------------------------------- run
