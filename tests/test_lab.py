@@ -164,7 +164,9 @@ def test_opening_3306_to_everyone_fails_naming_the_flows(prod_lab: Lab) -> None:
 
 
 def test_a_rebooted_host_comes_back_with_its_confirmed_rules(prod_lab: Lab) -> None:
+    confirmed = prod_lab.firewall_state("mysql-2")
     prod_lab.reboot("mysql-2")
+    assert prod_lab.firewall_state("mysql-2") == confirmed  # exactly: iptables-save, ip6tables-save, ipsets
     # a NEW connection through the bastion reaches it, and its kernel has the confirmed rules again
     result = prod_lab.ssh("mysql-2", 'cat "$ENCLAVE_STATE_DIR/confirmed/digest"; iptables -S ENCLAVE-INPUT')
     assert result.returncode == 0, result.stderr
@@ -222,13 +224,16 @@ def test_a_wrong_expectation_fails_lab_check(
     path = tmp_path / "Pulumi.wrong.yaml"
     path.write_text(yaml.safe_dump(doc))
     code = main(["lab", "check", "--stack-file", str(path)])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     run_ids.extend(re.findall(r"^lab ([0-9a-f]{6}):", out, re.M))
     assert code == 1
     assert "tests[4]: internet -> wordpress tcp/80 expect allow, but real packets say deny" in out
     assert "the compiled policy says deny too" in out
     assert "0 of " in out  # every probe agrees with the policy: it is the expectation that is wrong
     assert list(tmp_path.iterdir()) == [path]  # the lab was removed
+    # stderr is no terminal here (as in CI): one plain line per phase, the report alone on stdout
+    assert [line.split()[1] for line in err.splitlines() if line.startswith("lab: ")] == ["network", "boot", "push", "probe"]
+    assert "4 of 4 hosts pushed and confirmed over SSH" in err and "lab: " not in out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -12,6 +12,7 @@ from config.stackfile import Stack, load_stack, load_stack_file
 
 from .lab import Lab, LabError, LabUnavailable, destroy_run, lab_records, preflight
 from .probe import LabReport
+from .progress import lab_progress
 from .report import print_report
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -43,28 +44,25 @@ def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[arg
     return command
 
 
-def _run_lab(stack: Stack, console: Console, keep: bool) -> tuple[Lab, LabReport]:
-    with console.status(f"building the {stack.name} lab: namespaces, sshd, probe agents…") as status:
-        with Lab(stack) as lab:
-            status.update(f"lab {lab.run_id}: pushing {len(lab.hosts)} hosts over SSH from the operator…")
+def _run_lab(stack: Stack, keep: bool) -> tuple[Lab, LabReport]:
+    # Progress goes to stderr: stdout stays the report alone.
+    with lab_progress(Console(stderr=True)) as progress:
+        with Lab(stack, progress=progress) as lab:
             lab.push_all()
-            status.update(f"lab {lab.run_id}: probing…")
             report = lab.probe()
             if keep:
                 lab.keep()
-            else:
-                status.update(f"lab {lab.run_id}: tearing down…")
     return lab, report
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
-    lab, report = _run_lab(_stack(args), console, keep=False)
+    lab, report = _run_lab(_stack(args), keep=False)
     print_report(report, console)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
-    lab, report = _run_lab(_stack(args), console, keep=True)
+    lab, report = _run_lab(_stack(args), keep=True)
     print_report(report, console)
     console.print(f"\n[bold]lab {lab.run_id} is up[/] (stack {lab.stack.name}). Explore it:")
     for line in lab.explore_help():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -50,6 +51,7 @@ from ..push import baseline_script, confirm_script, push_script
 from ..render import RuleFiles, baseline_files
 from ..sshconfig import ssh_config
 from .probe import LabReport, plan_probes, probe_ports, send_probes, listen_ports, tests_with_packets
+from .progress import LabProgress
 
 NS_PREFIX = "enc-"
 LAB_DIR_ENV = "ENCLAVE_LAB_DIR"
@@ -96,7 +98,18 @@ class PushFailed(LabError):
         if step == "confirm" and result.returncode == 255:  # ssh itself failed, not the confirm script
             hint = (" (the push applied, then a new SSH connection could not get in: do the new rules still admit"
                     " SSH from the bastion? Unconfirmed, the host rolls back by itself)")
+        elif step == "push" and result.returncode == 255:
+            hint = f" (SSH could not reach {host}: is it up, its sshd running, and does it admit SSH from the bastion?)"
         super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}{hint}")
+
+
+def normalized_firewall(tables: str, sets: str) -> str:
+    """iptables-save/ip6tables-save and `ipset save` output as an operator compares them before and after:
+    without comment lines (timestamps) and counters, ipset's random `initval` stripped, set lines sorted
+    (a hash set has no member order)."""
+    rules = [re.sub(r" \[\d+:\d+\]$", "", line) for line in tables.splitlines() if not line.startswith("#")]
+    members = sorted(re.sub(r" initval 0x[0-9a-f]+", "", line) for line in sets.splitlines() if line.strip())
+    return "\n".join(rules + members) + "\n"
 
 
 def lab_root() -> Path:
@@ -263,6 +276,7 @@ class Lab:
       the compiled policy's, so a wrong file shows up as mismatches).
     host_env: extra environment for every SSH session and console command on the hosts (e.g.
       ENCLAVE_ROLLBACK_SECONDS for a short rollback window in tests).
+    progress: told about each phase (network, boot, push per host, probes answered); shows nothing by default.
     """
 
     def __init__(
@@ -273,6 +287,7 @@ class Lab:
         host_env: Mapping[str, str] | None = None,
         run_id: str | None = None,
         root: Path | None = None,
+        progress: LabProgress | None = None,
     ) -> None:
         self.stack = stack
         self.plan = build_plan(stack)
@@ -290,6 +305,7 @@ class Lab:
         self.ports, _ = probe_ports(self.policy)
         self.timings: dict[str, float] = {}
         self.push_failures: dict[str, PushFailed] = {}
+        self.progress = progress or LabProgress()
         self.kept = False
         self._agents: dict[str, subprocess.Popen[bytes]] = {}
         self._previous_handlers: dict[int, Any] = {}
@@ -363,21 +379,28 @@ class Lab:
         """Build the network, boot every host (baseline, sshd) and start the probe agents. Pushes nothing."""
         preflight()
         started = time.monotonic()
+        self.progress.begin("network", None, f"lab {self.run_id}: {len(self.namespaces)} namespaces, two bridges")
         (self.dir / "agents").mkdir(parents=True, mode=0o700)
         self._write_state()
         self._make_keys()
         self._build_network()
         self.timings["network"] = time.monotonic() - started
+        self.progress.end(
+            "network",
+            f"lab {self.run_id} (stack {self.stack.name}): {len(self.namespaces)} namespaces, public and private bridges",
+        )
         started = time.monotonic()
+        names = [*(h.name for h in self.hosts), *OUTSIDERS]
+        self.progress.begin("boot", len(names), "baseline, sshd and probe agent per host")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         _run_all([(self.in_ns(h.name, ["sh", "-s"], self.session_env(h.name)), self._boot_script(h)) for h in self.hosts])
         for h in self.hosts:
             self._start_sshd(h.name)
-        names = [*(h.name for h in self.hosts), *OUTSIDERS]
         for name in names:
             self._start_agent(name)
         self._wait_until_ready(names)
         self.timings["boot"] = time.monotonic() - started
+        self.progress.end("boot", f"{len(self.hosts)} hosts on their baseline with sshd, {len(names)} probe agents ready")
 
     def down(self) -> None:
         """Remove everything of this run. Ctrl-C and SIGTERM wait until it is done."""
@@ -416,7 +439,13 @@ class Lab:
     def _build_network(self) -> None:
         rid = self.run_id
         pub, priv = self.interfaces.public, self.interfaces.private
-        _run(["ip", "-batch", "-"], input="".join(f"netns add {ns}\n" for ns in self.namespaces))
+        try:
+            _run(["ip", "-batch", "-"], input="".join(f"netns add {ns}\n" for ns in self.namespaces))
+        except LabError as exc:
+            raise LabUnavailable(
+                f"{exc}; this machine does not let root create network namespaces (a container without "
+                "CAP_SYS_ADMIN?): run the lab on a VM or a full host, or in a container started with --privileged"
+            ) from None
         # Before any interface exists: no duplicate address detection (addresses usable at once).
         dad = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
         _run_all([(["ip", "netns", "exec", ns, "sysctl", "-qw", *dad], None) for ns in self.namespaces[1:]])
@@ -575,6 +604,7 @@ SetEnv {env}
             if line.strip() != b"ready":
                 log = (self.dir / "agents" / f"{name}.log").read_text(errors="replace").strip()[-1500:]
                 raise LabError(f"the probe agent in {self.namespace(name)} did not start: {log or 'no output'}")
+            self.progress.advance("boot", detail=f"{name} ready")
         for host in (n for n in names if n in self.policy.host_by_name):
             pid_file = self.host_dir(host) / "sshd.pid"
             while not pid_file.exists():
@@ -607,14 +637,30 @@ SetEnv {env}
         argv = self.in_ns("operator", ["ssh", "-F", str(self.ssh_config_path), self.alias(host), command])
         return _run(argv, input=input, check=False, timeout=timeout)
 
-    def push(self, host: str, files: RuleFiles | None = None) -> str:
+    def firewall_state(self, host: str) -> str:
+        """What an operator compares before and after a change, read on the host's console: iptables-save,
+        ip6tables-save and `ipset save`, normalized (normalized_firewall)."""
+        tables = self.console(host, "iptables-save; ip6tables-save").stdout
+        return normalized_firewall(tables, self.console(host, "ipset save").stdout)
+
+    def push(self, host: str, files: RuleFiles | None = None, *, redial_s: float = 0.0) -> str:
         """Install a host's rules as the Pulumi program does: the push script over SSH, then the
-        confirmation over a new connection. Returns both outputs; raises PushFailed naming the step."""
+        confirmation over a new connection. Returns both outputs; raises PushFailed naming the step.
+
+        redial_s: keep dialing the confirmation this long while SSH cannot get in, as pulumi-command does
+        (30 dials of 20 s): after a push that cut SSH, the host rolls back and the late confirmation then
+        reports it. 0 (`lab check`): one dial, so the probes see the rules that were pushed.
+        """
         files = files or self.files[host]
         pushed = self.ssh(host, input=push_script(files, self.stack.name))
         if pushed.returncode != 0:
             raise PushFailed(host, "push", pushed)
-        confirmed = self.ssh(host, input=confirm_script(files, self.stack.name))
+        deadline = time.monotonic() + redial_s
+        while True:
+            confirmed = self.ssh(host, input=confirm_script(files, self.stack.name))
+            if confirmed.returncode != 255 or time.monotonic() >= deadline:  # 255: ssh itself could not get in
+                break
+            time.sleep(0.2)
         if confirmed.returncode != 0:
             raise PushFailed(host, "confirm", confirmed)
         return pushed.stdout + confirmed.stdout
@@ -629,18 +675,26 @@ SetEnv {env}
         bastions = [h.name for h in self.policy.bastion_hosts()]
         others = [h.name for h in self.hosts if h.name not in bastions]
         failures: dict[str, PushFailed] = {}
+        self.progress.begin("push", len(self.hosts), f"bastions first ({', '.join(bastions) or 'none'}), over SSH")
 
         def push(host: str) -> None:
             try:
                 self.push(host)
             except PushFailed as failure:
                 failures[host] = failure
+                self.progress.advance("push", detail=f"{host}: {failure.step} FAILED")
+            else:
+                self.progress.advance("push", detail=f"{host} confirmed")
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             for wave in (bastions, others):
                 list(pool.map(push, wave))
         self.push_failures = failures
         self.timings["push"] = time.monotonic() - started
+        summary = f"{len(self.hosts) - len(failures)} of {len(self.hosts)} hosts pushed and confirmed over SSH"
+        if failures:
+            summary += "; FAILED: " + ", ".join(f"{h} ({f.step})" for h, f in sorted(failures.items()))
+        self.progress.end("push", summary)
         return failures
 
     # --------------------------------------------------------------------------------------- probe
@@ -650,9 +704,17 @@ SetEnv {env}
         started = time.monotonic()
         probe_set = plan_probes(self.policy, self.addresses, self.others)
         agents = {name: str(self.agent_socket(name)) for name in [*(h.name for h in self.hosts), *OUTSIDERS]}
-        outcomes = send_probes(agents, probe_set.probes)
+        self.progress.begin("probe", len(probe_set.probes), f"from {len(probe_set.sources)} sources at once")
+        outcomes = send_probes(agents, probe_set.probes, lambda n: self.progress.advance("probe", n))
         tests = tests_with_packets(self.policy, self.addresses, self.others, outcomes)
         self.timings["probe"] = time.monotonic() - started
+        passed = sum(o.passed for o in outcomes)
+        wrong = sum(not o.matches for o in outcomes)
+        self.progress.end(
+            "probe",
+            f"{len(outcomes)} probes: {passed} got through, {len(outcomes) - passed} dropped, "
+            + (f"{wrong} disagree with the policy" if wrong else "all as the policy says"),
+        )
         failures = [str(f) for f in self.push_failures.values()]
         return LabReport(
             self.stack.name, self.run_id, probe_set, outcomes, tests, self.plan.tests, failures, self.timings

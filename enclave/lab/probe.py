@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from config.schema import PortSpec
 
@@ -180,21 +180,31 @@ async def _ask_agent(socket_path: str, batch: list[tuple[int, Probe]], timeout: 
     return {int(i): (bool(passed), str(detail)) for i, passed, detail in json.loads(line)["results"]}
 
 
-async def _send(agents: dict[str, str], probes: list[Probe], timeout: float) -> list[tuple[bool, str]]:
+async def _send(agents: dict[str, str], probes: list[Probe], timeout: float,
+                on_answer: Callable[[int], None] | None = None) -> list[tuple[bool, str]]:
     batches: dict[str, list[tuple[int, Probe]]] = {}
     for i, probe in enumerate(probes):
         batches.setdefault(probe.source.name, []).append((i, probe))
-    answers = await asyncio.gather(*(_ask_agent(agents[name], batch, timeout) for name, batch in batches.items()))
+
+    async def ask(name: str, batch: list[tuple[int, Probe]]) -> dict[int, tuple[bool, str]]:
+        answer = await _ask_agent(agents[name], batch, timeout)
+        if on_answer is not None:
+            on_answer(len(batch))
+        return answer
+
+    answers = await asyncio.gather(*(ask(name, batch) for name, batch in batches.items()))
     merged = {i: verdict for answer in answers for i, verdict in answer.items()}
     return [merged[i] for i in range(len(probes))]
 
 
-def send_probes(agents: dict[str, str], probes: list[Probe]) -> list[Outcome]:
+def send_probes(agents: dict[str, str], probes: list[Probe],
+                on_answer: Callable[[int], None] | None = None) -> list[Outcome]:
     """Every probe at once, each from its source's agent; admitted probes that timed out get a second, longer try.
 
-    `agents` maps a source name (host or outsider) to its agent's control socket.
+    `agents` maps a source name (host or outsider) to its agent's control socket; `on_answer(n)` hears when a
+    source's n probes have their first verdict (the lab's progress display).
     """
-    verdicts = asyncio.run(_send(agents, probes, PROBE_TIMEOUT))
+    verdicts = asyncio.run(_send(agents, probes, PROBE_TIMEOUT, on_answer))
     outcomes = [Outcome(p, passed, detail) for p, (passed, detail) in zip(probes, verdicts)]
     again = [i for i, o in enumerate(outcomes) if not o.passed and o.probe.expected is not None and o.detail == "timeout"]
     if again:
