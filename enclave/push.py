@@ -23,7 +23,9 @@ apply.sh DIR applies a directory of rule files:
 Applying the same files twice leaves `iptables-save` unchanged.
 
 Reboots: a systemd unit (enclave-firewall.service, before the network comes up) and cloud-init's bootcmd both
-run `apply.sh --restore`: the last confirmed rules, else the baseline. No iptables-persistent needed.
+run `apply.sh --restore`: the last confirmed rules, else the baseline. No iptables-persistent needed. A push
+still awaiting its confirmation when the host restarts is void: a late confirm then fails instead of making
+rules that were never proven the ones every later boot restores.
 """
 
 from __future__ import annotations
@@ -68,6 +70,12 @@ set -u
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 say() {{ echo "enclave: $*" >&2; }}
 if [ "${{1:-}}" = "--restore" ]; then
+  # Restoring (a reboot) voids a push still awaiting its confirmation: a late confirm must not promote rules
+  # that are no longer in force, or the next boot would restore rules that never proved SSH gets in.
+  if p=$(cat "$STATE/pending" 2>/dev/null) && mv "$STATE/pending" "$STATE/pending.restore" 2>/dev/null; then
+    echo "rules ${{p%% *}} were dropped unconfirmed when the host restarted on its confirmed rules" > "$STATE/rolled-back"
+    rm -f "$STATE/pending.restore"
+  fi
   for d in "$STATE/confirmed" "$STATE/baseline"; do
     if [ -f "$d/rules.v4" ]; then exec sh "$0" "$d"; fi
   done
@@ -156,13 +164,16 @@ sh "$STATE/apply.sh" --test "$STATE/incoming" || {{ echo "enclave push {files.ho
 # Arm the rollback before touching anything: unless `confirm` (a new SSH connection) promotes these rules
 # within $WINDOW seconds, the host goes back to its last confirmed rules by itself.
 # Timer and confirm each claim "pending" with an atomic mv, so exactly one of them acts on these rules.
-echo {d} > "$STATE/pending"
+# "pending" is the digest and this push's own token: the timer of an earlier push of the same rules must not
+# roll this one back before its own window is over.
+token="{d} $(date +%s).$$"
+echo "$token" > "$STATE/pending"
 setsid sh -c 'sleep "$1"
   if [ "$(cat "$2/pending" 2>/dev/null)" = "$3" ] && mv "$2/pending" "$2/pending.rollback" 2>/dev/null; then
     sh "$2/apply.sh" --restore
-    echo "rules $3 were rolled back after $1 s without confirmation" > "$2/rolled-back"
+    echo "rules $4 were rolled back after $1 s without confirmation" > "$2/rolled-back"
     rm -f "$2/pending.rollback"
-  fi' enclave-rollback "$WINDOW" "$STATE" {d} </dev/null >/dev/null 2>&1 &
+  fi' enclave-rollback "$WINDOW" "$STATE" "$token" {d} </dev/null >/dev/null 2>&1 &
 rm -f "$STATE/rolled-back"
 sh "$STATE/apply.sh" "$STATE/incoming" || {{ rm -f "$STATE/pending"; sh "$STATE/apply.sh" --restore; echo "enclave push {files.host}: rules {d} failed to apply; previous rules restored" >&2; exit 1; }}
 echo "enclave push {files.host}: applied rules {d}; confirm within $WINDOW s over a new connection or they roll back"
@@ -176,7 +187,8 @@ def confirm_script(files: RuleFiles, stack_name: str) -> str:
 # enclave confirm: stack {stack_name}, host {files.host}, rules {d}
 set -eu
 {STATE}
-if [ "$(cat "$STATE/pending" 2>/dev/null)" = "{d}" ] && mv "$STATE/pending" "$STATE/pending.confirm" 2>/dev/null; then
+pending=$(cat "$STATE/pending" 2>/dev/null || true)
+if [ "${{pending%% *}}" = "{d}" ] && mv "$STATE/pending" "$STATE/pending.confirm" 2>/dev/null; then
   rm -rf "$STATE/confirmed.new" && cp -R "$STATE/incoming" "$STATE/confirmed.new"
   rm -rf "$STATE/confirmed" && mv "$STATE/confirmed.new" "$STATE/confirmed"
   rm -f "$STATE/pending.confirm"
