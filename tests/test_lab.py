@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import signal
@@ -234,6 +235,32 @@ def test_a_wrong_expectation_fails_lab_check(
     # stderr is no terminal here (as in CI): one plain line per phase, the report alone on stdout
     assert [line.split()[1] for line in err.splitlines() if line.startswith("lab: ")] == ["network", "boot", "push", "probe"]
     assert "4 of 4 hosts pushed and confirmed over SSH" in err and "lab: " not in out
+
+
+def test_lab_check_json_lists_every_probe_with_both_verdicts_and_why(
+    run_ids: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    assert main(["lab", "check", "--stack", "dev", "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # stdout is the JSON alone; progress went to stderr
+    run_ids.append(report["run"])
+    assert "lab: probe" in err
+    assert report["ok"] is True and report["stack"] == "dev"
+    probes = report["probes"]
+    summary = report["summary"]
+    assert summary["probes"] == len(probes) and summary["mismatches"] == 0 and summary["pushFailures"] == 0
+    assert summary["gotThrough"] == sum(p["seen"] == "allow" for p in probes) > 0
+    haproxy = build_plan(load_stack("dev")).addresses["haproxy-www-1"].public
+    (web,) = [p for p in probes if (p["src"], p["dst"], p["kind"], p["port"]) == ("internet", "haproxy-www-1", "public", "tcp/80")]
+    assert web == {
+        "src": "internet", "dst": "haproxy-www-1", "address": haproxy, "kind": "public", "port": "tcp/80",
+        "expected": "allow", "seen": "allow", "matches": True, "detail": "connected",
+        "why": "roles.haproxy-www.ingress[0]", "flow": "internet -> haproxy-www",
+    }
+    refused = [p for p in probes if p["src"] == "neighbor" and p["port"] == "tcp/3306"]
+    assert refused and all(p["expected"] == p["seen"] == "deny" and p["why"] is None for p in refused)
+    assert [t["passed"] for t in report["tests"]] == [True] * 4
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any, Callable
 
 from rich.console import Console
@@ -45,7 +46,7 @@ def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[arg
 
 
 def _run_lab(stack: Stack, keep: bool) -> tuple[Lab, LabReport]:
-    # Progress goes to stderr: stdout stays the report alone.
+    # Progress goes to stderr: stdout stays the report alone (and the JSON with --format json).
     with lab_progress(Console(stderr=True)) as progress:
         with Lab(stack, progress=progress) as lab:
             lab.push_all()
@@ -57,7 +58,10 @@ def _run_lab(stack: Stack, keep: bool) -> tuple[Lab, LabReport]:
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
     lab, report = _run_lab(_stack(args), keep=False)
-    print_report(report, console)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print_report(report, console)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -108,6 +112,8 @@ def register(sub: Any, add_stack_arguments: Callable[[argparse.ArgumentParser], 
         "check", help="build the lab, push every host over SSH, probe every flow, print the matrix, tear down"
     )
     add_stack_arguments(check)
+    check.add_argument("--format", choices=("text", "json"), default="text",
+                       help="json: every probe (src, dst, address, port, expected, seen, why) and a summary")
     check.set_defaults(func=_guarded(cmd_check))
 
     up = lab_sub.add_parser("up", help="like check, but keep the lab running to explore it")

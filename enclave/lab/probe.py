@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from config.schema import PortSpec
 
@@ -269,3 +269,52 @@ class LabReport:
     @property
     def ok(self) -> bool:
         return not self.mismatches and not self.failed_tests and not self.push_failures
+
+    def to_json(self) -> dict[str, Any]:
+        """`enclave lab check --format json`: every probe with both verdicts and the flow behind the expected
+        one, the stack's tests judged by packets and by the policy, the failed pushes, and a summary."""
+        by_policy = {t.index: t for t in self.policy_tests}
+        passed = sum(o.passed for o in self.outcomes)
+        return {
+            "stack": self.stack_name,
+            "run": self.run_id,
+            "ok": self.ok,
+            "summary": {
+                "probes": len(self.outcomes),
+                "gotThrough": passed,
+                "dropped": len(self.outcomes) - passed,
+                "mismatches": len(self.mismatches),
+                "tests": len(self.tests),
+                "testsFailed": len(self.failed_tests),
+                "pushFailures": len(self.push_failures),
+                "seconds": {phase: round(seconds, 3) for phase, seconds in self.timings.items()},
+            },
+            "pushFailures": self.push_failures,
+            "tests": [
+                {
+                    "test": t.describe(),
+                    "expect": t.test.expect,
+                    "packets": t.seen,
+                    "policy": by_policy[t.index].seen if t.index in by_policy else None,
+                    "passed": t.passed,
+                    "detail": t.detail,
+                }
+                for t in self.tests
+            ],
+            "probes": [
+                {
+                    "src": o.probe.source.name,
+                    "dst": o.probe.target.host,
+                    "address": o.probe.target.address,
+                    "kind": o.probe.target.kind,
+                    "port": str(o.probe.port),
+                    "expected": "allow" if o.probe.expected else "deny",
+                    "seen": "allow" if o.passed else "deny",
+                    "matches": o.matches,
+                    "detail": o.detail,
+                    "why": o.probe.expected.why if o.probe.expected else None,
+                    "flow": f"{o.probe.expected.source} -> {o.probe.expected.role}" if o.probe.expected else None,
+                }
+                for o in self.outcomes
+            ],
+        }
