@@ -147,8 +147,15 @@ class Ingress(_Strict):
     ports: Ports
 
 
+# A role's private addresses are one ipset on each host that admits the role, and an ipset holds at most
+# 65 536 members by default; the VPC range (a /16 at most) bounds the whole fleet below that anyway. No lower
+# cap: a role that had to be split to grow would cost every host admitting it one more set per new connection
+# (docs/benchmarks.md: 10 000 peers in one role keep 98% of the floor's new-connection rate, in 10 roles 88%).
+MAX_COUNT = 65_536
+
+
 class Role(_Strict):
-    count: int = Field(ge=0, le=1000)
+    count: int = Field(ge=0, le=MAX_COUNT)
     size: str = Field(min_length=1)
     image: str | None = None
     ipv6: bool = False
