@@ -54,7 +54,9 @@ def digest(files: RuleFiles) -> str:
 
 
 def _heredoc(path: str, text: str) -> str:
-    if any(line == HEREDOC for line in text.splitlines()):
+    # The substring test first: it is C-fast, and a line equal to the delimiter contains it (a Python loop over
+    # every line cost 3.9 s of 4.2 s when planning 5 000 prod-shaped hosts).
+    if HEREDOC in text and HEREDOC in text.splitlines():
         raise ValueError(f"rule text contains the here-document delimiter {HEREDOC}")
     return f"cat > {path} <<'{HEREDOC}'\n{text}{HEREDOC}\n"
 
