@@ -6,14 +6,15 @@ command over a new connection, say) is a change to `FirewallPush` alone.
 Why a push re-runs exactly when its host's rules change: the push is a `command:remote:Command` with no
 `update` command, so Pulumi runs `create` again whenever one of its inputs changes, and its inputs are the
 connection (stable: the host's own address, the bastion's address) and `stdin`, the push script, which is
-rendered only from the addresses that host's rules actually contain (`rule_peers`). Adding a WordPress server
+rendered only from the addresses that host's rules actually contain (`RuleFiles.peers`, which the renderer
+reports itself, so this can never disagree with the rule logic in enclave.render). Adding a WordPress server
 therefore touches the pushes of the hosts that accept from WordPress or send to it, and no other, even in
 `pulumi preview`, where a new droplet's addresses are still unknown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,50 +36,6 @@ SSH_DIAL_TIMEOUT_SECONDS = 20
 # ------------------------------------------------------------------------------------------- rules
 
 
-class _AddressReads(dict[str, Addresses]):
-    """Addresses that remember which hosts were looked up (all of them, if anything iterated the map)."""
-
-    def __init__(self, addresses: dict[str, Addresses]) -> None:
-        super().__init__(addresses)
-        self.read: set[str] = set()
-
-    def __getitem__(self, name: str) -> Addresses:
-        self.read.add(name)
-        return super().__getitem__(name)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        self.read.add(name)
-        return super().get(name, default)
-
-    def __contains__(self, name: object) -> bool:
-        if isinstance(name, str):
-            self.read.add(name)
-        return super().__contains__(name)
-
-    def __iter__(self) -> Iterator[str]:
-        self.read.update(self.keys())
-        return super().__iter__()
-
-    def items(self) -> Any:
-        self.read.update(self.keys())
-        return super().items()
-
-    def values(self) -> Any:
-        self.read.update(self.keys())
-        return super().values()
-
-
-def rule_peers(policy: Policy, host: Host, stand_ins: dict[str, Addresses] | None = None) -> list[str]:
-    """The hosts whose addresses appear in `host`'s rules: the only addresses its push may depend on.
-
-    Found by rendering the host once with stand-in addresses and noting which the renderer looked up, so this
-    can never disagree with the renderer (the rule logic lives in enclave.render alone).
-    """
-    reads = _AddressReads(stand_ins if stand_ins is not None else example_addresses(policy))
-    Renderer(policy, reads, "peers").render(host)
-    return sorted(reads.read)
-
-
 class HostRuleFiles:
     """The rule files of every host of one stack, each rendered once the addresses of its rule peers (and
     only those) are known.
@@ -91,7 +48,10 @@ class HostRuleFiles:
         self.policy = policy
         self.addresses = addresses
         self.stack_name = stack_name
-        self._stand_ins = example_addresses(policy)
+        # Which hosts' addresses each host's rules contain does not depend on the addresses themselves: one
+        # render with stand-ins answers it for every host before any droplet exists.
+        stand_ins = Renderer(policy, example_addresses(policy), stack_name).render_all()
+        self._peers = {name: files.peers for name, files in stand_ins.items()}
         self._role_addresses: dict[str, pulumi.Output[dict[str, Any]]] = {}
 
     def _role(self, role: str) -> pulumi.Output[dict[str, Any]]:
@@ -107,9 +67,8 @@ class HostRuleFiles:
             known = {name: address for part in parts for name, address in part.items()}
             return Renderer(policy, known, stack_name).render(host)
 
-        peers = rule_peers(policy, host, self._stand_ins)
         by_role: dict[str, list[str]] = {}
-        for name in peers:
+        for name in self._peers[host.name]:
             by_role.setdefault(policy.host_by_name[name].role, []).append(name)
         parts: list[pulumi.Output[dict[str, Any]]] = []
         single: list[str] = []

@@ -50,6 +50,9 @@ class RuleFiles:
     ipv6: str
     ipsets: str
     set_names: tuple[str, ...]
+    # The hosts whose addresses these files contain: the only addresses a host's push depends on, so the
+    # Pulumi program re-pushes a host exactly when one of these changes.
+    peers: tuple[str, ...] = ()
 
     @property
     def rule_count(self) -> int:
@@ -91,12 +94,17 @@ class Renderer:
         # A set's staging text is the same in every host that uses it; render it once (a 5 000-host fleet
         # would otherwise rebuild millions of `add` lines).
         self._set_texts: dict[str, str] = {}  # by set name: one content per name within a Renderer
+        self._hosts_of_role: dict[str, list[str]] = {role: [] for role in policy.stack.roles}
+        for h in policy.hosts:
+            self._hosts_of_role[h.role].append(h.name)
+        self._peers: set[str] = set()  # hosts whose addresses the host being rendered uses
 
     # ------------------------------------------------------------------------------------------- sets
 
     def role_set(self, role: str) -> IpSet:
+        self._peers.update(self._hosts_of_role[role])
         if role not in self._role_sets:
-            members = tuple(self.addresses[h.name].private for h in self.policy.hosts if h.role == role)
+            members = tuple(self.addresses[name].private for name in self._hosts_of_role[role])
             self._role_sets[role] = IpSet(set_name(role), "hash:ip", "inet", members, f"private addresses of role {role}")
         return self._role_sets[role]
 
@@ -116,7 +124,10 @@ class Renderer:
             sets[s.name] = s
             return f"-m set --match-set {s.name} src"
         if source.kind == "host":
-            return f"-s {self.addresses[source.name].private}/32" if family == 4 else None
+            if family == 6:
+                return None
+            self._peers.add(source.name)
+            return f"-s {self.addresses[source.name].private}/32"
         if source.kind == "internet":
             return ""
         if source.kind == "operators":
@@ -177,11 +188,12 @@ class Renderer:
 
     def render(self, host: Host) -> RuleFiles:
         sets: dict[str, IpSet] = {}
+        self._peers = set()
         ipv4 = self._table(host, 4, sets)
         ipv6 = self._table(host, 6, sets)
         ordered = [sets[k] for k in sorted(sets)]
         ipsets = "".join(self._set_text(s) for s in ordered)
-        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.name for s in ordered))
+        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.name for s in ordered), tuple(sorted(self._peers)))
 
     def _set_text(self, s: IpSet) -> str:
         if s.name not in self._set_texts:

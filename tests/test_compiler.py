@@ -216,3 +216,20 @@ def test_a_failing_stack_test_fails_plan(tmp_path: Path, capsys: pytest.CaptureF
 def test_unknown_host_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--stack", "prod", "--host", "mysql-9"]) == 2
     assert "--host mysql-9" in capsys.readouterr().out
+
+
+def test_rule_files_name_the_hosts_whose_addresses_they_contain() -> None:
+    """The Pulumi program re-pushes a host exactly when one of these hosts' addresses changes."""
+    doc = stack_document("prod")
+    doc["config"]["enclave:roles"]["wordpress"]["ingress"].append({"from": "mysql-2", "ports": ["tcp/8080"]})
+    plan = build_plan(stack_from(doc))
+    peers = {host: files.peers for host, files in plan.files.items()}
+    assert peers["tunnel-1"] == ("tunnel-1",)  # ssh from the bastion role, itself included
+    assert peers["mysql-1"] == ("mysql-1", "mysql-2", "tunnel-1", "wordpress-1", "wordpress-2")
+    assert peers["wordpress-1"] == ("haproxy-www-1", "mysql-2", "tunnel-1", "wordpress-1", "wordpress-2")
+    # restricted egress: haproxy-www names the wordpress hosts it may send to
+    assert peers["haproxy-www-1"] == ("tunnel-1", "wordpress-1", "wordpress-2")
+    for host, files in plan.files.items():
+        text = files.ipv4 + files.ipsets
+        used = {h for h, a in plan.addresses.items() if a.private in text.split() or f"{a.private}/32" in text}
+        assert used == set(files.peers), host
