@@ -1,10 +1,9 @@
 """Generated stacks of any size, shaped like prod, for the benchmarks.
 
 prod has a bastion, a public load balancer and two private tiers (wordpress, mysql) that admit each other.
-A role holds at most `MAX_PER_ROLE` hosts (the schema's limit), so a large fleet keeps prod's tiers but in
-`CELLS` cells (wordpress-a + mysql-a, wordpress-b + mysql-b, ...), each cell admitting only itself, exactly
-as prod's two tiers do. The shape is the same at every size: only counts change, which is what an operator
-scaling by `count` does, so rules per host must not change with size.
+A generated stack has exactly prod's roles and declarations; only counts change, which is what an operator
+scaling by `count` does: one bastion, one load balancer per 100 hosts, the rest shared between the other roles
+in prod's proportions. Rules per host must therefore not change with size.
 """
 
 from __future__ import annotations
@@ -16,11 +15,8 @@ from typing import Any
 from config.schema import Role, StackConfig, load_config
 from config.stackfile import Stack, parse_stack_yaml, stack_path
 
-CELLS = 4
-CELL_NAMES = "abcdefghijklmnopqrstuvwxyz"
-# Private tiers of prod that get one copy per cell; the other roles (bastion, load balancer) are shared.
-TIERS = ("wordpress", "mysql")
 VPC = "10.0.0.0/16"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def max_per_role() -> int:
@@ -41,50 +37,28 @@ def prod_values() -> dict[str, Any]:
     return parse_stack_yaml(path.read_text(), str(path))
 
 
-def _rename(source: str, cell: str) -> str:
-    return f"{source}-{cell}" if source in TIERS else source
+def _admits_internet(spec: dict[str, Any]) -> bool:
+    return any("internet" in (r["from"] if isinstance(r["from"], list) else [r["from"]]) for r in spec.get("ingress", []))
 
 
-def prod_shaped(hosts: int, cells: int = CELLS) -> dict[str, Any]:
+def prod_shaped(hosts: int) -> dict[str, Any]:
     """`enclave:` keys of a stack with `hosts` hosts in prod's shape (see the module docstring)."""
-    base = prod_values()
-    roles: dict[str, Any] = base["roles"]
-    shared = [name for name in roles if name not in TIERS]
-    slots = len(shared) + cells * len(TIERS)
-    if hosts < slots:
-        raise ValueError(f"a prod-shaped stack with {cells} cells needs at least {slots} hosts, not {hosts}")
-    values = copy.deepcopy(base)
+    values = copy.deepcopy(prod_values())
     values["vpcIpRange"] = VPC
-    out: dict[str, Any] = {}
-    # The load balancer grows with the fleet (1 per 100 hosts), the bastion stays one.
-    balancers = [n for n in shared if not roles[n].get("bastion")]
-    fixed = {n: 1 for n in shared}
-    for name in balancers:
-        fixed[name] = max(1, hosts // 100)
+    roles: dict[str, Any] = values["roles"]
+    fixed = {name: 1 for name, spec in roles.items() if spec.get("bastion")}
+    fixed.update({name: max(1, hosts // 100) for name, spec in roles.items() if _admits_internet(spec)})
+    tiers = {name: spec["count"] for name, spec in roles.items() if name not in fixed}
     rest = hosts - sum(fixed.values())
-    tier_slots = cells * len(TIERS)
-    for name in shared:
-        out[name] = dict(copy.deepcopy(roles[name]), count=fixed[name])
-    for c in range(cells):
-        cell = CELL_NAMES[c]
-        for t, tier in enumerate(TIERS):
-            slot = c * len(TIERS) + t
-            count = rest // tier_slots + (1 if slot < rest % tier_slots else 0)
-            spec = copy.deepcopy(roles[tier])
-            spec["count"] = count
-            for rule in spec.get("ingress", []):
-                sources = rule["from"] if isinstance(rule["from"], list) else [rule["from"]]
-                rule["from"] = [_rename(s, cell) for s in sources]
-            out[f"{tier}-{cell}"] = spec
-    values["roles"] = out
-    # prod's tests, pointed at cell a; tests naming single hosts are left out (they need counts >= 2).
-    tests = []
-    for test in base.get("tests", []):
-        ends = (test["from"], test["to"])
-        if any(e not in roles and e not in ("internet", "operators", "neighbor") for e in ends):
-            continue
-        tests.append(dict(test, **{"from": _rename(test["from"], "a"), "to": _rename(test["to"], "a")}))
-    values["tests"] = tests
+    if rest < 2 * len(tiers):
+        raise ValueError(f"a prod-shaped stack needs more than {hosts} hosts")
+    counts = dict(fixed)
+    weight = sum(tiers.values())
+    for name, prod_count in tiers.items():
+        counts[name] = rest * prod_count // weight
+    counts[next(iter(tiers))] += hosts - sum(counts.values())  # rounding
+    for name, spec in roles.items():
+        spec["count"] = counts[name]
     return values
 
 
@@ -95,20 +69,19 @@ def prod_shaped_stack(hosts: int, name: str = "bench") -> Stack:
 def peers_stack(
     peers: int, port: int, private_interface: str, public_interface: str = "pub0", per_role: int = MAX_PER_ROLE
 ) -> StackConfig:
-    """A stack whose role `server` admits `peers` hosts on tcp/<port> and udp/<port>.
+    """A stack whose role `server` admits `peers` hosts on tcp/<port> and udp/<port>, in one `from`.
 
-    Peers are split in roles of `per_role` hosts (`peer-a`, `peer-b`, ...), at most the schema's limit as a
-    real stack must. A larger `per_role` gives a stack no stack file can express (the counts are raised
-    after validation): the benchmarks use it only to show what the split costs.
+    Peers are in roles of `per_role` hosts (`peer-a`, `peer-b`, ...): one role unless `per_role` is smaller.
     The ruleset of `server-1` is what the data-plane and apply benchmarks load.
     """
+    if not 1 <= per_role <= MAX_PER_ROLE:
+        raise ValueError(f"per_role must be 1 to {MAX_PER_ROLE}, the schema's limit")
     groups = math.ceil(peers / per_role)
     base = prod_values()
-    names = [f"peer-{CELL_NAMES[g // 26 - 1] if g >= 26 else ''}{CELL_NAMES[g % 26]}" for g in range(groups)]
-    counts = {name: min(per_role, peers - g * per_role) for g, name in enumerate(names)}
+    names = [f"peer-{LETTERS[g // 26 - 1] if g >= 26 else ''}{LETTERS[g % 26]}" for g in range(groups)]
     roles: dict[str, Any] = {"tunnel": {"count": 1, "size": "s-1vcpu-1gb", "bastion": True}}
-    for name, count in counts.items():
-        roles[name] = {"count": min(count, MAX_PER_ROLE), "size": "s-1vcpu-1gb"}
+    for g, name in enumerate(names):
+        roles[name] = {"count": min(per_role, peers - g * per_role), "size": "s-1vcpu-1gb"}
     roles["server"] = {
         "count": 1,
         "size": "s-1vcpu-1gb",
@@ -123,11 +96,7 @@ def peers_stack(
         "interfaces": {"public": public_interface, "private": private_interface},
         "roles": roles,
     }
-    stack = load_config(values, f"generated stack admitting {peers} peers")
-    if per_role <= MAX_PER_ROLE:
-        return stack
-    raised = {n: r.model_copy(update={"count": counts[n]}) if n in counts else r for n, r in stack.roles.items()}
-    return stack.model_copy(update={"roles": raised})
+    return load_config(values, f"generated stack admitting {peers} peers")
 
 
-__all__ = ["CELLS", "MAX_PER_ROLE", "peers_stack", "prod_shaped", "prod_shaped_stack"]
+__all__ = ["MAX_PER_ROLE", "VPC", "peers_stack", "prod_shaped", "prod_shaped_stack", "prod_values"]

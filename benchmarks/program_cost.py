@@ -200,7 +200,7 @@ def scaling_change(generated_hosts: int = 100) -> Table:
     roles = list(prod["roles"])
     table.rows += _growth_rows("prod", prod, [[r] for r in roles] + [roles], names=True)
     generated = prod_shaped(generated_hosts)
-    table.rows += _growth_rows("bench", generated, [["wordpress-a"], ["mysql-a"], ["haproxy-www"]], names=False)
+    table.rows += _growth_rows("bench", generated, [["wordpress"], ["mysql"], ["haproxy-www"]], names=False)
     return table
 
 

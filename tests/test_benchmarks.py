@@ -8,26 +8,27 @@ import pytest
 
 from benchmarks import plan_cost
 from benchmarks.__main__ import main, write_report
-from benchmarks.fleet import CELLS, MAX_PER_ROLE, peers_stack, prod_shaped_stack
+from benchmarks.fleet import peers_stack, prod_shaped_stack
+from config.stackfile import load_stack
 from enclave.compiler import compile_policy
 
 
 @pytest.mark.parametrize("hosts", [10, 37, 1000])
-def test_generated_stacks_have_the_size_asked_and_prods_shape(hosts: int) -> None:
+def test_generated_stacks_have_the_size_asked_and_prods_roles(hosts: int) -> None:
     stack = prod_shaped_stack(hosts).config
+    prod = load_stack("prod").config
     assert sum(role.count for role in stack.roles.values()) == hosts
-    assert all(role.count <= MAX_PER_ROLE for role in stack.roles.values())
-    tiers = [name for name in stack.roles if name.startswith(("wordpress-", "mysql-"))]
-    assert len(tiers) == 2 * CELLS
-    # each cell's mysql admits its own wordpress and mysql, as prod's mysql does
-    assert [r.sources for r in stack.roles["mysql-b"].ingress] == [["wordpress-b", "mysql-b"]]
+    assert list(stack.roles) == list(prod.roles)
+    for name, role in stack.roles.items():  # same declarations, other counts
+        assert role.model_copy(update={"count": 0}) == prod.roles[name].model_copy(update={"count": 0})
 
 
-def test_peers_stack_splits_peers_into_roles_within_the_count_limit() -> None:
-    stack = peers_stack(2 * MAX_PER_ROLE + 1, 8080, private_interface="eth1")
-    peers = {name: role.count for name, role in stack.roles.items() if name.startswith("peer-")}
-    assert sum(peers.values()) == 2 * MAX_PER_ROLE + 1 and max(peers.values()) == MAX_PER_ROLE
-    assert len(compile_policy(stack).flows_to_role["server"]) == 1 + len(peers)  # ssh via bastion + one per role
+def test_peers_stack_admits_all_peers_in_one_from() -> None:
+    whole = compile_policy(peers_stack(10_000, 8080, private_interface="eth1"))
+    assert [f.source.name for f in whole.flows_to_role["server"]] == ["tunnel", "peer-a"]
+    split = compile_policy(peers_stack(2_001, 8080, private_interface="eth1", per_role=1_000))
+    assert [f.source.name for f in split.flows_to_role["server"]][1:] == ["peer-a", "peer-b", "peer-c"]
+    assert [h.role for h in split.hosts].count("peer-c") == 1
 
 
 def test_plan_benchmark_reports_flat_rules_per_host(capsys: pytest.CaptureFixture[str]) -> None:
