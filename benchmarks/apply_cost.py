@@ -34,13 +34,12 @@ def _sh(pair: Pair, script: str) -> float:
 
 
 def load_script(files: RuleFiles) -> str:
-    """The live part of an apply, as one shell: stage members, swap them in, restore both tables."""
+    """The live part of an apply, as one shell: stage members, swap them in, restore both tables (whose
+    `:ENCLAVE-INPUT - [0:0]` lines create enclave's chains on a host that has none yet)."""
     swaps = "".join(f"swap {staging_name(s)} {s}\ndestroy {staging_name(s)}\n" for s in files.set_names)
     return (
         "ipset -exist restore <<'EOF'\n" + files.ipsets + "EOF\n"
         + "ipset restore <<'EOF'\n" + swaps + "EOF\n"
-        + "iptables -w -N ENCLAVE-INPUT 2>/dev/null || true\niptables -w -N ENCLAVE-OUTPUT 2>/dev/null || true\n"
-        + "ip6tables -w -N ENCLAVE-INPUT 2>/dev/null || true\nip6tables -w -N ENCLAVE-OUTPUT 2>/dev/null || true\n"
         + "iptables-restore -w --noflush <<'EOF'\n" + files.ipv4 + "EOF\n"
         + "ip6tables-restore -w --noflush <<'EOF'\n" + files.ipv6 + "EOF\n"
     )
