@@ -239,7 +239,8 @@ def _table(variants: list[Variant], rounds: int, seconds: int) -> Table:
         "unanswered 64-byte datagrams from one Python socket, counted on arrival (every one in conntrack state NEW, "
         f"so every one walks the rules). {rounds} interleaved rounds of {seconds:g} s (TCP) and {seconds / 2:g} s "
         "(UDP) per variant; rates are medians, ratios are medians of each round's ratio to the floor (default "
-        "drop, conntrack, one accept rule) measured in the same round. enclave's ruleset is `server-1` of "
+        "drop, conntrack, one accept rule) measured in the same round. The seed form is the floor's conntrack "
+        "rule followed by one `-s <peer>/32 -j ACCEPT` per peer, the client's last. enclave's ruleset is `server-1` of "
         "`benchmarks/fleet.py:peers_stack`, pushed with the real push script: the peers are one role (one ipset "
         f"rule per port), or roles of {SPLIT:,} listed in one `from` (one ipset rule per role and port).",
         ["ruleset", "new TCP connections/s", "vs floor", "UDP packets/s", "vs floor", "spread (TCP min–max)"],

@@ -134,12 +134,3 @@ class Pusher:
 
     def close(self) -> None:
         self._dir.cleanup()
-
-
-def timed(pair: Pair, argv: list[str], input: str | None = None) -> float:
-    start = time.perf_counter()
-    pair.in_server(*argv, input=input)
-    return time.perf_counter() - start
-
-
-__all__ = ["EMPTY_TABLE", "PORT", "PeerFleet", "Pusher", "enclave_files", "floor_table", "reset", "seed_table"]
