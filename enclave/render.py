@@ -98,12 +98,17 @@ class Renderer:
         self._hosts_of_role: dict[str, list[str]] = {role: [] for role in policy.stack.roles}
         for h in policy.hosts:
             self._hosts_of_role[h.role].append(h.name)
-        self._peers: set[str] = set()  # hosts whose addresses the host being rendered uses
+        # Whose addresses the host being rendered uses: whole roles (through their sets) and single hosts.
+        self._peer_roles: set[str] = set()
+        self._peer_hosts: set[str] = set()
+        # Hosts of a role mostly name the same peers: sort each distinct combination once, not once per host
+        # (sorting ~5 000 names for each of 2 500 hosts took 4.5 s of a 5 000-host plan).
+        self._peer_lists: dict[tuple[frozenset[str], frozenset[str]], tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------------------------------- sets
 
     def role_set(self, role: str) -> IpSet:
-        self._peers.update(self._hosts_of_role[role])
+        self._peer_roles.add(role)
         if role not in self._role_sets:
             members = tuple(self.addresses[name].private for name in self._hosts_of_role[role])
             self._role_sets[role] = IpSet(set_name(role), "hash:ip", "inet", members, f"private addresses of role {role}")
@@ -127,7 +132,7 @@ class Renderer:
         if source.kind == "host":
             if family == 6:
                 return None
-            self._peers.add(source.name)
+            self._peer_hosts.add(source.name)
             return f"-s {self.addresses[source.name].private}/32"
         if source.kind == "internet":
             return ""
@@ -189,12 +194,19 @@ class Renderer:
 
     def render(self, host: Host) -> RuleFiles:
         sets: dict[str, IpSet] = {}
-        self._peers = set()
+        self._peer_roles, self._peer_hosts = set(), set()
         ipv4 = self._table(host, 4, sets)
         ipv6 = self._table(host, 6, sets)
         ordered = [sets[k] for k in sorted(sets)]
         ipsets = "".join(self._set_text(s) for s in ordered)
-        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.name for s in ordered), tuple(sorted(self._peers)))
+        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.name for s in ordered), self._peer_list())
+
+    def _peer_list(self) -> tuple[str, ...]:
+        key = (frozenset(self._peer_roles), frozenset(self._peer_hosts))
+        if key not in self._peer_lists:
+            names = set(self._peer_hosts).union(*(self._hosts_of_role[r] for r in self._peer_roles))
+            self._peer_lists[key] = tuple(sorted(names))
+        return self._peer_lists[key]
 
     def _set_text(self, s: IpSet) -> str:
         if s.name not in self._set_texts:
