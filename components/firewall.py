@@ -14,7 +14,8 @@ therefore touches the pushes of the hosts that accept from WordPress or send to 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +53,15 @@ class HostRuleFiles:
         # render with stand-ins answers it for every host before any droplet exists.
         stand_ins = Renderer(policy, example_addresses(policy), stack_name).render_all()
         self._peers = {name: files.peers for name, files in stand_ins.items()}
-        self._role_addresses: dict[str, pulumi.Output[dict[str, Any]]] = {}
+        self._role_addresses: dict[str, pulumi.Output[Mapping[str, Any]]] = {}
 
-    def _role(self, role: str) -> pulumi.Output[dict[str, Any]]:
+    def _role(self, role: str) -> pulumi.Output[Mapping[str, Any]]:
         if role not in self._role_addresses:
             hosts = [h.name for h in self.policy.hosts if h.role == role]
-            self._role_addresses[role] = pulumi.Output.all(**{name: self.addresses[name] for name in hosts})
+            joined = pulumi.Output.all(**{name: self.addresses[name] for name in hosts})
+            # A read-only view, not a dict: the SDK walks every dict inside an Output.all looking for nested
+            # Outputs, which made each push re-walk its peers' whole address map (1 000 hosts: 84 s -> 39 s).
+            self._role_addresses[role] = joined.apply(types.MappingProxyType)
         return self._role_addresses[role]
 
     def files(self, host: Host) -> pulumi.Output[RuleFiles]:
@@ -70,7 +74,7 @@ class HostRuleFiles:
         by_role: dict[str, list[str]] = {}
         for name in self._peers[host.name]:
             by_role.setdefault(policy.host_by_name[name].role, []).append(name)
-        parts: list[pulumi.Output[dict[str, Any]]] = []
+        parts: list[pulumi.Output[Mapping[str, Any]]] = []
         single: list[str] = []
         for role, names in by_role.items():
             if len(names) == policy.stack.roles[role].count:
