@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from config.schema import StackError, StackIssue
@@ -248,11 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         err = Console(stderr=True)
         # soft_wrap: a path or a key is never cut in two, whatever the terminal width
         err.print(
-            f"[red bold]error:[/] {exc.source}: {len(exc.issues)} problem(s); nothing was created or changed",
+            f"[red bold]error:[/] {escape(exc.source)}: {len(exc.issues)} problem(s); nothing was created or changed",
             highlight=False, soft_wrap=True,
         )
         for issue in exc.issues:
-            err.print(f"  [bold]{issue.path}[/]: {issue.message}", highlight=False, soft_wrap=True)
+            # escaped: messages quote the user's text and examples like `[tcp/80, tcp/443]`, which rich would
+            # otherwise read as markup tags and silently drop
+            err.print(f"  [bold]{escape(issue.path)}[/]: {escape(issue.message)}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
 
 

@@ -237,3 +237,11 @@ def test_zero_count_and_bastionless_stacks_are_valid(tmp_path: Path) -> None:
     assert stack.config.roles["wordpress"].count == 0
     roles(doc)["tunnel"]["bastion"] = False
     assert load_stack_file(write_stack(tmp_path, doc)).config.bastion_roles() == []
+
+
+def test_cli_prints_bracketed_text_in_messages_verbatim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A quoted flow list (`ports: "[tcp/80]"`) is quoted back as written, not eaten as a rich markup tag."""
+    doc = stack_document("prod")
+    ingress("haproxy-www", {"from": "internet", "ports": "[tcp/80]"})(doc)
+    assert main(["plan", "--stack-file", str(write_stack(tmp_path, doc))]) == 2
+    assert "'[tcp/80]'" in capsys.readouterr().err
