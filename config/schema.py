@@ -35,6 +35,7 @@ INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
 RESERVED_NAMES = frozenset({"internet", "operators", "neighbor", "all", "any"})
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+RFC1918 = tuple(ipaddress.IPv4Network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,18 @@ class StackConfig(_Strict):
                 net = ipaddress.ip_network(value, strict=True)
             except ValueError as exc:
                 raise ValueError(f"{value!r} is not a network address ({exc}); e.g. 10.110.16.0/24") from None
-            if net.version != 4 or not net.is_private:
-                raise ValueError(f"{value!r} must be a private IPv4 range (RFC 1918), e.g. 10.110.16.0/24")
+            # RFC 1918 exactly: `is_private` also admits 198.18.0.0/15 and the documentation ranges, which
+            # DigitalOcean refuses for a VPC (and the plan and lab use as example public addresses)
+            if net.version != 4 or not any(net.subnet_of(block) for block in RFC1918):
+                raise ValueError(
+                    f"{value!r} must be a private IPv4 range (RFC 1918: inside 10.0.0.0/8, 172.16.0.0/12 or "
+                    "192.168.0.0/16), e.g. 10.110.16.0/24"
+                )
             if net.prefixlen > 28 or net.prefixlen < 16:
                 raise ValueError(f"{value!r}: DigitalOcean VPC ranges are /16 to /28")
+        elif value is not None:
+            # pydantic would read a bare number as an address (167772160 -> 10.0.0.0/32)
+            raise ValueError(f"{value!r} is not a network address; write it as a range, e.g. 10.110.16.0/24")
         return value
 
     @field_validator("operators", mode="before")
