@@ -288,14 +288,13 @@ class StackConfig(_Strict):
         def bad(path: str, message: str) -> None:
             issues.append(StackIssue(prefix + path, message))
 
-        known = ", ".join(self.roles)
         for role_name, role in self.roles.items():
             for i, rule in enumerate(role.ingress):
                 path = f"roles.{role_name}.ingress[{i}].from"
                 for source in rule.sources:
-                    problem = self._source_problem(source, allow_neighbor=False)
+                    problem = self._source_problem(source)
                     if problem:
-                        bad(path, f"{problem}; known roles: {known}")
+                        bad(path, problem)
             for i, tag in enumerate(role.tags):
                 if tag.startswith("enclave"):
                     bad(f"roles.{role_name}.tags[{i}]", f"tag {tag!r}: tags starting with 'enclave' are enclave's own")
@@ -330,42 +329,83 @@ class StackConfig(_Strict):
 
         for i, test in enumerate(self.tests):
             for key, name in (("from", test.sources), ("to", test.to)):
-                problem = self._endpoint_problem(name, allow_outsiders=key == "from")
+                problem = self._endpoint_problem(name, source=key == "from")
                 if problem:
-                    bad(f"tests[{i}].{key}", f"{problem}; known roles: {known}")
+                    bad(f"tests[{i}].{key}", problem)
+            ends = self._hosts_named(test.sources)
+            if len(ends) == 1 and ends == self._hosts_named(test.to):
+                bad(
+                    f"tests[{i}]",
+                    f"from and to are the same single host ({ends.pop()}): a host reaches itself over loopback, "
+                    "which enclave always leaves open; name another source",
+                )
             if test.port.proto != "icmp" and test.port.low != test.port.high:
                 bad(f"tests[{i}].port", f"a test probes one port, not the range {test.port}")
         return issues
 
-    def _source_problem(self, source: str, allow_neighbor: bool) -> str | None:
+    def _hosts_named(self, name: str) -> set[str]:
+        if name in self.roles:
+            return {f"{name}-{n}" for n in range(1, self.roles[name].count + 1)}
+        return {name} if self.role_of_host(name) else set()
+
+    def _host_problem(self, name: str) -> str | None:
+        """Why `name`, shaped like a host of an existing role (`mysql-3`, `mysql-01`), is not one of its hosts."""
+        role, dash, number = name.rpartition("-")
+        if not dash or role not in self.roles or not number.isdigit() or self.role_of_host(name):
+            return None
+        count = self.roles[role].count
+        if count == 0:
+            return f"{name!r}: role {role} has count 0, so it has no hosts"
+        hosts = f"{role}-1" if count == 1 else f"{role}-1 … {role}-{count}"
+        if 1 <= int(number) <= count:
+            return f"{name!r}: host numbers have no leading zeros; write {role}-{int(number)}"
+        return f"{name!r}: role {role} has only {count} host(s), {hosts}"
+
+    def _source_problem(self, source: str) -> str | None:
+        """Why an ingress `from` entry names nothing enclave can match, or None."""
         if source in ("internet", "operators") or source in self.roles or self.role_of_host(source):
             return None
-        if source == "neighbor" and allow_neighbor:
-            return None
-        if "/" in source or ":" in source or source[:1].isdigit():
+        if "/" in source or ":" in source or re.fullmatch(r"[\d.]+", source):
             try:
                 net = ipaddress.ip_network(source, strict=True)
             except ValueError as exc:
                 return f"{source!r} is not a valid CIDR ({exc})"
+            # CIDR sources are matched on the public interface: VPC addresses never arrive there.
+            if net.version == 4 and self.vpc_ip_range.subnet_of(net):
+                return (
+                    f"{source!r} also covers vpcIpRange {self.vpc_ip_range}, but a CIDR is matched on the public "
+                    "interface only; write `internet` for anyone on the Internet, or a range outside the VPC"
+                )
             if net.version == 4 and net.overlaps(self.vpc_ip_range):
-                # CIDR sources are matched on the public interface: inside the VPC they would match nothing.
                 return f"{source!r} lies inside vpcIpRange {self.vpc_ip_range}; name the role or host instead"
             return None
-        role = self.role_of_host(source.rpartition("-")[0] + "-1") if "-" in source else None
-        if role:
-            return f"{source!r}: role {role} has only {self.roles[role].count} host(s)"
-        return f"{source!r} is not a role, a host (<role>-<n>), internet, operators or a CIDR"
+        if source == "neighbor":
+            return (
+                "'neighbor' is only for tests (another tenant on the private network, which nothing admits); "
+                "ingress admits roles, hosts, internet, operators or CIDRs"
+            )
+        return self._host_problem(source) or (
+            f"{source!r} is not a role, a host (<role>-<n>), internet, operators or a CIDR; "
+            f"known roles: {', '.join(self.roles)}"
+        )
 
-    def _endpoint_problem(self, name: str, allow_outsiders: bool) -> str | None:
+    def _endpoint_problem(self, name: str, source: bool) -> str | None:
+        """Why a test's `from` (source=True) or `to` names nothing the test could probe, or None."""
         if name in ("internet", "operators", "neighbor"):
-            return None if allow_outsiders else f"{name!r} cannot be a destination; name a role or a host"
+            return None if source else f"{name!r} cannot be a destination; name a role or a host"
         if name in self.roles:
             if self.roles[name].count == 0:
-                return f"role {name!r} has count 0, so the test could never run"
+                return f"role {name!r} has count 0, so the test could never run; remove the test or raise the count"
             return None
         if self.role_of_host(name):
             return None
-        return self._source_problem(name, allow_neighbor=False) or f"{name!r} is not a role or host"
+        if source and ("/" in name or ":" in name or re.fullmatch(r"[\d.]+", name)):
+            return (
+                f"{name!r}: a test starts from a role, a host, internet, operators or neighbor, not an address "
+                "range (operators and internet stand for the addresses outside)"
+            )
+        kinds = "a role, a host (<role>-<n>), internet, operators or neighbor" if source else "a role or a host (<role>-<n>)"
+        return self._host_problem(name) or f"{name!r} is not {kinds}; known roles: {', '.join(self.roles)}"
 
 
 # -------------------------------------------------------------------------------------------- loading

@@ -69,6 +69,11 @@ def small_vpc_many_hosts(doc: Doc) -> None:
     roles(doc)["wordpress"]["count"] = 12
 
 
+def mysql_gone_but_tested(doc: Doc) -> None:
+    roles(doc)["mysql"]["count"] = 0
+    doc["config"]["enclave:tests"] = [{"from": "neighbor", "to": "mysql-1", "port": 3306, "expect": "deny"}]
+
+
 def no_bastion_no_operators(doc: Doc) -> None:
     roles(doc)["tunnel"]["bastion"] = False
     del doc["config"]["enclave:operators"]
@@ -164,6 +169,22 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "enclave:roles", "at least 1"),
     ("key-without-namespace", set_key("region", "ams3"),
      "region", "enclave:region"),
+    ("from-everywhere-cidr", ingress("haproxy-www", {"from": "0.0.0.0/0", "ports": [80]}),
+     "enclave:roles.haproxy-www.ingress[0].from", "write `internet` for anyone on the Internet"),
+    ("from-neighbor", ingress("mysql", {"from": "neighbor", "ports": [3306]}),
+     "enclave:roles.mysql.ingress[0].from", "'neighbor' is only for tests"),
+    ("from-host-leading-zero", ingress("mysql", {"from": "wordpress-01", "ports": [3306]}),
+     "enclave:roles.mysql.ingress[0].from", "no leading zeros; write wordpress-1"),
+    ("test-host-of-role-with-count-0", mysql_gone_but_tested,
+     "enclave:tests[0].to", "role mysql has count 0, so it has no hosts"),
+    ("test-to-outside-range", policy_test({"from": "internet", "to": "203.0.113.0/24", "port": 80, "expect": "deny"}),
+     "enclave:tests[0].to", "is not a role or a host (<role>-<n>)"),
+    ("test-from-cidr", policy_test({"from": "203.0.113.0/24", "to": "mysql", "port": 3306, "expect": "deny"}),
+     "enclave:tests[0].from", "not an address range"),
+    ("test-from-unknown", policy_test({"from": "wordpres", "to": "mysql", "port": 3306, "expect": "allow"}),
+     "enclave:tests[0].from", "internet, operators or neighbor; known roles"),
+    ("test-host-to-itself", policy_test({"from": "tunnel", "to": "tunnel-1", "port": 22, "expect": "allow"}),
+     "enclave:tests[0]", "same single host (tunnel-1)"),
 ]
 
 
