@@ -199,7 +199,7 @@ class StackConfig(_Strict):
     region: str = Field(min_length=1)
     vpc_ip_range: ipaddress.IPv4Network
     image: str = Field(min_length=1)
-    ssh_user: str = Field(default="root", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    ssh_user: str = "root"
     ssh_public_key: str
     operators: list[IPNetwork] = Field(default_factory=list)
     interfaces: Interfaces = Field(default_factory=Interfaces)
@@ -243,6 +243,16 @@ class StackConfig(_Strict):
                     raise ValueError(f"{item!r} is not an address range ({exc}); e.g. 198.51.100.7/32") from None
             return out
         return value
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _is_user_name(cls, user: str) -> str:
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
+            raise ValueError(
+                f"{user!r} is not a Linux user name: up to 32 lower-case letters, digits, '_' and '-', "
+                "starting with a letter or '_' (e.g. root, or a sudo user like deploy)"
+            )
+        return user
 
     @field_validator("ssh_public_key")
     @classmethod
@@ -415,13 +425,45 @@ class StackConfig(_Strict):
 SECRET_KEYS = frozenset({"sshPrivateKey"})
 
 
+def _what(value: object) -> str:
+    """How a YAML value reads back to its author: `ingress:` left empty is nothing, not 'None'."""
+    if value is None:
+        return "nothing (the key is left empty)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _looks_like_port(key: object) -> bool:
+    try:
+        PortSpec.parse(key)
+    except ValueError:
+        return False
+    return True
+
+
 def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
     kind = error["type"]
+    value = error.get("input")
     if kind == "extra_forbidden":
         key = error["loc"][-1]
+        if _looks_like_port(key):
+            # `{from: wordpress, ports: tcp/3306, tcp/33060}`: YAML reads the second port as a key
+            return f"unknown key {key!r}: a port? several ports are one list, e.g. ports: [tcp/3306, tcp/33060]"
         return f"unknown key {key!r}; check its spelling"
     if kind == "missing":
         return "required key is missing"
+    # pydantic's wording names Python types; say it in the stack file's terms, with the shape to write
+    if kind == "list_type":
+        return f"should be a list ([a, b], or one `- item` per line), not {_what(value)}"
+    if kind in ("dict_type", "model_type"):
+        return f"should be a mapping ({{key: value, …}}, or one `key: value` per line), not {_what(value)}"
+    if kind == "too_short" and not value:
+        return "is empty; give at least 1 item"
+    if kind == "string_type":
+        return f"should be text, not {_what(value)}"
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
 
