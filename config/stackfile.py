@@ -40,11 +40,46 @@ def stack_name_of(path: Path) -> str:
     return path.stem
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (PyYAML keeps the last one silently, so a
+    role pasted twice under one name would vanish); Pulumi's own YAML reader refuses duplicates too."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then `count: 2` overrides on purpose
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} appears twice in one mapping (first on line {seen[key] + 1}); "
+                    "keep one, or rename the second", key_node.start_mark,
+                )
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where and what, plus the usual cause of the common mistakes."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f"not valid YAML: {exc}"
+    mark = exc.problem_mark
+    problem = exc.problem or "syntax error"
+    hint = ""
+    if "'\\t'" in problem:
+        hint = "; indent with spaces, not tabs"
+    elif "found ':'" in problem or "mapping values are not allowed" in problem:
+        hint = "; quote a value that starts with or contains ': ', e.g. from: '::/0'"
+    context = f" ({exc.context})" if exc.context else ""
+    return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}{context}{hint}"
+
+
 def parse_stack_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        raise StackError([StackIssue("(file)", f"not valid YAML: {exc}")], source) from None
+        raise StackError([StackIssue("(file)", _yaml_problem(exc))], source) from None
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
         raise StackError([StackIssue("config", "a stack file is a mapping with a `config:` mapping inside")], source)
     return enclave_keys(document["config"], source)

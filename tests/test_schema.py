@@ -12,9 +12,10 @@ from config.schema import StackError
 from config.stackfile import load_stack_file
 from enclave.cli import main
 
-from .conftest import stack_document
+from .conftest import STACKS, stack_document
 
 Doc = dict[str, Any]
+ROOT_PROD = STACKS / "Pulumi.prod.yaml"
 
 
 def roles(doc: Doc) -> Doc:
@@ -278,3 +279,37 @@ def test_cli_prints_bracketed_text_in_messages_verbatim(tmp_path: Path, capsys: 
     ingress("haproxy-www", {"from": "internet", "ports": "[tcp/80]"})(doc)
     assert main(["plan", "--stack-file", str(write_stack(tmp_path, doc))]) == 2
     assert "'[tcp/80]'" in capsys.readouterr().err
+
+
+def test_a_role_written_twice_is_refused_not_silently_dropped(tmp_path: Path) -> None:
+    text = (ROOT_PROD.read_text()).replace("    mysql:\n", "    wordpress:\n", 1)
+    path = tmp_path / "Pulumi.dup.yaml"
+    path.write_text(text)
+    with pytest.raises(StackError) as caught:
+        load_stack_file(path)
+    assert "'wordpress' appears twice in one mapping" in str(caught.value)
+
+
+def test_yaml_merge_keys_may_override(tmp_path: Path) -> None:
+    path = tmp_path / "Pulumi.merge.yaml"
+    mysql = "    mysql:\n      count: 2\n      size: s-2vcpu-4gb\n"
+    merged = "    mysql:\n      <<: {count: 1, size: s-2vcpu-4gb}\n      count: 2\n"
+    assert mysql in ROOT_PROD.read_text()
+    path.write_text(ROOT_PROD.read_text().replace(mysql, merged, 1))
+    assert load_stack_file(path).config.roles["mysql"].count == 2
+
+
+@pytest.mark.parametrize(
+    "before,after,words",
+    [
+        ("{from: internet, ports: [tcp/80]}", "{from: ::/0, ports: [tcp/80]}", "quote a value"),
+        ("  enclave:region: ams3", "\tenclave:region: ams3", "indent with spaces, not tabs"),
+    ],
+)
+def test_yaml_mistakes_name_the_line_and_the_fix(tmp_path: Path, before: str, after: str, words: str) -> None:
+    path = tmp_path / "Pulumi.bad.yaml"
+    path.write_text(ROOT_PROD.read_text().replace(before, after, 1))
+    with pytest.raises(StackError) as caught:
+        load_stack_file(path)
+    message = caught.value.issues[0].message
+    assert message.startswith("not valid YAML at line ") and words in message
