@@ -238,9 +238,16 @@ class StackConfig(_Strict):
             out = []
             for item in value:
                 try:
-                    out.append(ipaddress.ip_network(str(item), strict=True))
+                    net = ipaddress.ip_network(str(item), strict=True)
                 except ValueError as exc:
                     raise ValueError(f"{item!r} is not an address range ({exc}); e.g. 198.51.100.7/32") from None
+                if net.prefixlen == 0:
+                    # operators are an ipset (hash:net), which holds /1 to /32 (/128): a push with /0 is rejected
+                    raise ValueError(
+                        f"{item!r}: operators are the addresses you SSH from (an ipset, which cannot hold a /0); "
+                        "to let anyone try SSH, add {from: internet, ports: [tcp/22]} to the bastion's ingress"
+                    )
+                out.append(net)
             return out
         return value
 

@@ -138,6 +138,8 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "enclave:operators", "accept SSH only from `operators`"),
     ("operators-bad-address", set_key("enclave:operators", ["198.51.100.300/32"]),
      "enclave:operators", "not an address range"),
+    ("operators-everyone", set_key("enclave:operators", ["0.0.0.0/0"]),
+     "enclave:operators", "to let anyone try SSH, add {from: internet, ports: [tcp/22]}"),
     ("no-bastion-no-operators", no_bastion_no_operators,
      "enclave:operators", "nobody could SSH"),
     ("bastion-count-zero", role_key("tunnel", "count", 0),
