@@ -62,6 +62,10 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
         if not isinstance(entry, dict):
             issues.append(StackIssue(f"--addresses {host.name}", "missing; give public and private addresses"))
             continue
+        missing = [key for key in ("public", "private") if entry.get(key) is None]
+        if missing:
+            issues.append(StackIssue(f"--addresses {host.name}", f"{' and '.join(missing)} missing; give both"))
+            continue
         try:
             for key, family in (("public", 4), ("private", 4), ("public6", 6)):
                 if entry.get(key) is not None and ipaddress.ip_address(entry[key]).version != family:
@@ -69,7 +73,7 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
             if ipaddress.ip_address(entry["private"]) not in policy.stack.vpc_ip_range:
                 raise ValueError(f"private {entry['private']} is outside vpcIpRange {policy.stack.vpc_ip_range}")
             out[host.name] = Addresses(entry["public"], entry["private"], entry.get("public6"))
-        except (KeyError, ValueError) as exc:
+        except ValueError as exc:
             issues.append(StackIssue(f"--addresses {host.name}", str(exc)))
     if issues:
         raise StackError(issues, source)
@@ -90,8 +94,13 @@ def outsiders(stack: StackConfig, addresses: dict[str, Addresses]) -> Outsiders:
     """Concrete stand-ins for `internet`, `operators` and `neighbor` (the lab gives them these addresses)."""
     ops4 = [n for n in stack.operators if n.version == 4]
     ops6 = [n for n in stack.operators if n.version == 6]
-    internet = next(a for a in OUTSIDER_CANDIDATES if not any(a in n for n in ops4))
     op4 = str(next(ops4[0].hosts()) if ops4[0].num_addresses > 1 else ops4[0].network_address) if ops4 else None
+    # The Internet's stand-in is outside `operators` when it can be; operators as wide as 0.0.0.0/0 make the
+    # whole Internet operators, and then one of them (any address but the operator's own) stands for it.
+    internet = next(
+        (a for a in OUTSIDER_CANDIDATES if not any(a in n for n in ops4)),
+        next(a for a in OUTSIDER_CANDIDATES if str(a) != op4),
+    )
     op6 = str(ops6[0].network_address + (1 if ops6[0].num_addresses > 1 else 0)) if ops6 else None
     used = {a.private for a in addresses.values()}
     vpc = stack.vpc_ip_range

@@ -203,6 +203,25 @@ def test_addresses_file_missing_a_host_is_bad_input(tmp_path: Path, capsys: pyte
     assert "--addresses mysql-1" in capsys.readouterr().err
 
 
+def test_addresses_file_entry_without_public_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    real = {h: dict(vars(a)) for h, a in example_addresses(compile_policy(load_stack("prod").config)).items()}
+    del real["mysql-1"]["public"]
+    path = tmp_path / "addresses.json"
+    path.write_text(json.dumps(real))
+    assert main(["plan", "--stack", "prod", "--addresses", str(path)]) == 2
+    assert "--addresses mysql-1: public missing; give both" in capsys.readouterr().err
+
+
+def test_operators_wider_than_every_internet_stand_in_still_plan() -> None:
+    """With operators that cover every example Internet address, the Internet is operators: it may SSH to the
+    bastion, as the lab's packets then show (and the plan does not fail looking for an address outside)."""
+    doc = stack_document("prod")
+    doc["config"]["enclave:operators"] = ["192.0.0.0/2"]
+    doc["config"]["enclave:tests"].append({"from": "internet", "to": "tunnel", "port": 22, "expect": "allow"})
+    plan = build_plan(stack_from(doc))
+    assert plan.ok, [t.detail for t in plan.tests if not t.passed]
+
+
 def test_a_failing_stack_test_fails_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc = stack_document("prod")
     doc["config"]["enclave:tests"].append({"from": "haproxy-www", "to": "mysql-1", "port": 3306, "expect": "allow"})
