@@ -330,6 +330,13 @@ class StackConfig(_Strict):
                 )
         elif not self.operators:
             bad("operators", "no bastion role and no `operators`: nobody could SSH to any host; add your address")
+        if self.operators and not any(net.version == 4 for net in self.operators):
+            # the pushes (and `enclave ssh-config`) dial the bastion's, or each host's, public IPv4 address
+            bad(
+                "operators",
+                "has no IPv4 range, but `pulumi up` pushes over SSH to public IPv4 addresses; add the IPv4 "
+                "address you run `pulumi up` from (e.g. 198.51.100.7/32)",
+            )
 
         hosts = sum(role.count for role in self.roles.values())
         # DigitalOcean reserves the network and broadcast addresses and a gateway; keep 3 spare.

@@ -140,6 +140,8 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "enclave:operators", "not an address range"),
     ("operators-everyone", set_key("enclave:operators", ["0.0.0.0/0"]),
      "enclave:operators", "to let anyone try SSH, add {from: internet, ports: [tcp/22]}"),
+    ("operators-ipv6-only", set_key("enclave:operators", ["2001:db8:42::/48"]),
+     "enclave:operators", "has no IPv4 range"),
     ("no-bastion-no-operators", no_bastion_no_operators,
      "enclave:operators", "nobody could SSH"),
     ("bastion-count-zero", role_key("tunnel", "count", 0),
