@@ -27,6 +27,10 @@ from .diff import compare_stacks, diff_lines
 from .sshconfig import ssh_config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+ADDRESSES_HELP = (
+    "JSON file of real addresses {host: {public, private, public6}}, e.g. from "
+    "`pulumi stack output hosts --json > addrs.json`"
+)
 
 Command = Callable[[argparse.Namespace, Console], int]
 
@@ -205,14 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclave",
         description="Isolate DigitalOcean droplets in a private network: plan, prove in a lab, then `pulumi up`.",
+        epilog="exit codes: 0 fine, 1 a check failed (a stack test, a lab probe), 2 bad input (the message names "
+        "the key or flag). `enclave COMMAND --help` for each command.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    plan = sub.add_parser("plan", help="hosts, flows, test verdicts and rule files, offline")
+    plan = sub.add_parser(
+        "plan", help="hosts, flows, test verdicts and rule files, offline",
+        description="The stack's hosts, flows and test verdicts, or one host's exact rule files, or what a change "
+        "does to each host; offline, with example addresses unless --addresses gives real ones.",
+    )
     add_stack_arguments(plan)
     plan.add_argument("--host", help="print this host's exact rule files (e.g. mysql-1)")
-    plan.add_argument("--addresses", type=Path, help="JSON file of real addresses {host: {public, private, public6}}")
-    plan.add_argument("--format", choices=("text", "json"), default="text")
+    plan.add_argument("--addresses", type=Path, help=ADDRESSES_HELP)
+    plan.add_argument("--format", choices=("text", "json"), default="text", help="json: the same, for scripts")
     plan.add_argument(
         "--diff-from", type=Path, metavar="OLD.yaml",
         help="show what changing from this stack file (the deployed one) would change on each host; "
@@ -220,14 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.set_defaults(func=cmd_plan)
 
-    diagram = sub.add_parser("diagram", help="draw the network: <output>.svg (Graphviz) and <output>.mmd (Mermaid)")
+    diagram = sub.add_parser(
+        "diagram", help="draw the network: <output>.svg (Graphviz) and <output>.mmd (Mermaid)",
+        description="Draw the stack's compiled flows: <output>.svg (Graphviz) and <output>.mmd (Mermaid).",
+    )
     add_stack_arguments(diagram)
     diagram.add_argument("--output", "-o", type=Path, help="path without extension (default: ./<stack>), e.g. docs/prod")
     diagram.set_defaults(func=cmd_diagram)
 
-    ssh = sub.add_parser("ssh-config", help="an OpenSSH client config: every host by name, private ones via the bastion")
+    ssh = sub.add_parser(
+        "ssh-config", help="an OpenSSH client config: every host by name, private ones via the bastion",
+        description="Print an OpenSSH client config (Host <stack>-<host>; private hosts through the bastion), "
+        "the same text `pulumi stack output sshConfig` gives after `pulumi up`.",
+    )
     add_stack_arguments(ssh)
-    ssh.add_argument("--addresses", type=Path, help="JSON file of real addresses {host: {public, private, public6}}")
+    ssh.add_argument("--addresses", type=Path, help=ADDRESSES_HELP)
     ssh.add_argument("--identity-file", help="private key for every host (default: ~/.ssh/enclave-<stack>)")
     ssh.set_defaults(func=cmd_ssh_config)
 
