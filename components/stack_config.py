@@ -24,14 +24,21 @@ from typing import Any
 import pulumi
 from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
 
-from config.schema import HOSTNAME_LABEL, NAMESPACE, StackConfig, StackError, StackIssue, enclave_keys, load_config
+from config.schema import (
+    HOSTNAME_LABEL,
+    NAMESPACE,
+    StackConfig,
+    StackError,
+    StackIssue,
+    droplet_name_issues,
+    enclave_keys,
+    load_config,
+)
 from config.stackfile import Stack
 from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
 from enclave.plan import Plan, build_plan
 
 PRIVATE_KEY = "sshPrivateKey"
-# The longest DigitalOcean droplet name; droplets are named <stack>-<role>-<n>, which is also their hostname.
-DROPLET_NAME_MAX = 63
 
 
 class InvalidStack(pulumi.RunError):
@@ -82,18 +89,7 @@ def _stack_name_issues(stack_name: str, config: StackConfig | None) -> list[Stac
                 "'-' (e.g. `pulumi stack rename prod`)",
             )
         ]
-    issues = []
-    for role_name, role in (config.roles if config else {}).items():
-        longest = f"{stack_name}-{role_name}-{role.count}"
-        if len(longest) > DROPLET_NAME_MAX:
-            issues.append(
-                StackIssue(
-                    f"{NAMESPACE}:roles.{role_name}",
-                    f"droplet name {longest!r} is longer than {DROPLET_NAME_MAX} characters; shorten the role "
-                    "or the stack name",
-                )
-            )
-    return issues
+    return droplet_name_issues(stack_name, config) if config else []
 
 
 def _private_key_issues(values: dict[str, Any]) -> list[StackIssue]:

@@ -512,6 +512,27 @@ def load_config(values: dict[str, Any], source: str = "stack") -> StackConfig:
     return stack
 
 
+# The longest DigitalOcean droplet name; droplets are named <stack>-<role>-<n>, which is also their hostname.
+DROPLET_NAME_MAX = 63
+
+
+def droplet_name_issues(stack_name: str, stack: StackConfig) -> list[StackIssue]:
+    """Roles whose last droplet, `<stack>-<role>-<count>`, would have a name DigitalOcean refuses. It depends on
+    the stack's name, so the program and `enclave plan --stack` check it after `load_config`."""
+    issues = []
+    for role_name, role in stack.roles.items():
+        longest = f"{stack_name}-{role_name}-{role.count}"
+        if len(longest) > DROPLET_NAME_MAX:
+            issues.append(
+                StackIssue(
+                    f"{NAMESPACE}:roles.{role_name}",
+                    f"droplet name {longest!r} is longer than {DROPLET_NAME_MAX} characters; shorten the role "
+                    "or the stack name",
+                )
+            )
+    return issues
+
+
 def enclave_keys(pulumi_config: dict[str, Any], source: str = "stack") -> dict[str, Any]:
     """The `enclave:*` entries of a stack file's `config:` map, prefix removed.
 

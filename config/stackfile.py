@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from .schema import StackConfig, StackError, StackIssue, enclave_keys, load_config
+from .schema import StackConfig, StackError, StackIssue, droplet_name_issues, enclave_keys, load_config
 
 PROJECT_FILE = "Pulumi.yaml"
 
@@ -89,7 +89,12 @@ def load_stack_file(path: Path, name: str | None = None) -> Stack:
     if not path.is_file():
         raise StackError([StackIssue("(file)", f"{path} does not exist")], str(path))
     values = parse_stack_yaml(path.read_text(), str(path))
-    return Stack(name or stack_name_of(path), load_config(values, str(path)), path)
+    stack_name = name or stack_name_of(path)
+    config = load_config(values, str(path))
+    issues = droplet_name_issues(stack_name, config)  # as `pulumi up` checks them for this stack name
+    if issues:
+        raise StackError(issues, str(path))
+    return Stack(stack_name, config, path)
 
 
 def load_stack(name: str, root: Path | None = None) -> Stack:

@@ -317,3 +317,14 @@ def test_yaml_mistakes_name_the_line_and_the_fix(tmp_path: Path, before: str, af
         load_stack_file(path)
     message = caught.value.issues[0].message
     assert message.startswith("not valid YAML at line ") and words in message
+
+
+def test_plan_refuses_droplet_names_pulumi_up_would_refuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`<stack>-<role>-<n>` longer than 63 characters fails `pulumi up`; `enclave plan` says so for the same stack."""
+    doc = stack_document("prod")
+    add_role("reporting-database-replicas-eu-westa", {"count": 10, "size": "s-1vcpu-1gb"})(doc)
+    path = tmp_path / "Pulumi.customer-acme-production.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["plan", "--stack-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "enclave:roles.reporting-database-replicas-eu-westa" in err and "longer than 63" in err
