@@ -216,6 +216,20 @@ def test_lab_up_keeps_a_lab_to_explore_and_down_removes_it(
     assert main(["lab", "down", "ffffff"]) == 2  # an unknown run id is named, not ignored
 
 
+@pytest.mark.parametrize("run_id", ["..", "x/../.."])  # never "/": without the check that is rmtree("/")
+def test_lab_down_refuses_a_run_id_that_is_a_path(
+    run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lab down RUN_ID` deletes <lab root>/RUN_ID: a path there would have deleted the lab root's parents."""
+    labs = tmp_path / "parent" / "labs"
+    labs.mkdir(parents=True)
+    (tmp_path / "parent" / "precious").write_text("kept")
+    monkeypatch.setenv(LAB_DIR_ENV, str(labs))
+    assert main(["lab", "down", run_id]) == 2
+    assert "is not a lab run id" in capsys.readouterr().err
+    assert (tmp_path / "parent" / "precious").read_text() == "kept" and labs.is_dir()
+
+
 def test_a_wrong_expectation_fails_lab_check(
     run_ids: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

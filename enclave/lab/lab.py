@@ -56,6 +56,9 @@ from .progress import LabProgress
 NS_PREFIX = "enc-"
 LAB_DIR_ENV = "ENCLAVE_LAB_DIR"
 LAB_DIR_DEFAULT = Path("/run/enclave-lab")
+# A run id names namespaces (enc-<run>-<host>) and a directory under the lab root that `lab down` deletes: letters
+# and digits only, so `enclave lab down ..` (or `/`) can never point the deletion outside the lab root.
+RUN_ID_FORMAT = re.compile(r"[0-9A-Za-z]{1,32}")
 STATE_FILE = "lab.json"
 OUTSIDERS = ("internet", "operator", "neighbor")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -212,6 +215,8 @@ def destroy_run(run_id: str, root: Path | None = None) -> list[str]:
 
     Works from the names alone, so it also cleans a lab whose controller died. Returns the namespaces deleted.
     """
+    if not RUN_ID_FORMAT.fullmatch(run_id):
+        raise LabUnavailable(f"{run_id!r} is not a lab run id (letters and digits, as `enclave lab up` prints it)")
     names = run_namespaces(run_id)
     kill_namespace_processes(names)
     if names:
@@ -299,6 +304,8 @@ class Lab:
         self.files: dict[str, RuleFiles] = {**self.plan.files, **(files_override or {})}
         self.others = outsiders(stack.config, self.addresses)
         self.run_id = run_id or secrets.token_hex(3)
+        if not RUN_ID_FORMAT.fullmatch(self.run_id):
+            raise ValueError(f"run_id {self.run_id!r}: letters and digits only")
         self.dir = (root or lab_root()) / self.run_id
         self.host_env = dict(host_env or {})
         self.interfaces = stack.config.interfaces
