@@ -119,7 +119,7 @@ def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> i
     if args.host is not None:
         diff.hosts = [h for h in diff.hosts if h.host == args.host]
         if not diff.hosts:
-            console.print(f"[red]--host {args.host}: in neither stack; hosts are {', '.join(plan.files)}[/]")
+            console.print(f"[red]--host {escape(args.host)}: in neither stack; hosts are {', '.join(plan.files)}[/]")
             return EXIT_BAD_INPUT
     if args.format == "json":
         print(json.dumps(diff.to_json(), indent=2))
@@ -138,7 +138,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     addresses = load_addresses(args.addresses, compile_policy(stack.config)) if args.addresses else None
     plan = build_plan(stack, addresses)
     if args.host is not None and args.host not in plan.files:
-        console.print(f"[red]--host {args.host}: no such host; hosts are {', '.join(plan.files)}[/]")
+        console.print(f"[red]--host {escape(args.host)}: no such host; hosts are {', '.join(plan.files)}[/]")
         return EXIT_BAD_INPUT
     if args.format == "json":
         data = plan.to_json()

@@ -252,3 +252,9 @@ def test_rule_files_name_the_hosts_whose_addresses_they_contain() -> None:
         text = files.ipv4 + files.ipsets
         used = {h for h, a in plan.addresses.items() if a.private in text.split() or f"{a.private}/32" in text}
         assert used == set(files.peers), host
+
+
+def test_unknown_host_flag_is_quoted_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    """A --host with brackets is a bad host name, not a rich markup error with a traceback."""
+    assert main(["plan", "--stack", "prod", "--host", "mysql-[/1]"]) == 2
+    assert "--host mysql-[/1]: no such host" in capsys.readouterr().out
