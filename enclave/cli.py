@@ -124,7 +124,9 @@ def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> i
     if args.format == "json":
         print(json.dumps(diff.to_json(), indent=2))
     else:
-        console.print(f"stack {stack.name}: changes from {args.diff_from} to {stack.path}", highlight=False)
+        console.print(
+            f"stack {stack.name}: changes from {args.diff_from} to {stack.path}", markup=False, highlight=False
+        )
         for style, line in diff_lines(diff):
             # rule lines are shown whole, never wrapped, so they can be searched for and copied
             console.print(line, style=style or None, markup=False, highlight=False, soft_wrap=True)
@@ -168,18 +170,18 @@ def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
     try:
         written = write_diagram(stack, output)
     except DiagramError as exc:
-        Console(stderr=True).print(f"[red bold]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red bold]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
     except OSError as exc:
         Console(stderr=True).print(
-            f"[red bold]error:[/] --output {output}: cannot write there ({exc.strerror}); "
+            f"[red bold]error:[/] --output {escape(str(output))}: cannot write there ({exc.strerror}); "
             "pick a writable directory, e.g. --output docs/prod",
             highlight=False,
             soft_wrap=True,
         )
         return EXIT_BAD_INPUT
     for path in written:
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", markup=False, highlight=False)
     return EXIT_OK
 
 

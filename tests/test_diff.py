@@ -209,3 +209,15 @@ def test_cli_bad_old_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["plan", "--stack", "prod", "--diff-from", str(broken)]) == 2
     err = capsys.readouterr().err
     assert "old.yaml" in err and "enclave:roles.mysql.count" in err
+
+
+def test_paths_with_brackets_print_verbatim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """File names are printed as they are: rich must not read `[/x]` in a path as a closing tag."""
+    folder = tmp_path / "[/x]"
+    folder.mkdir(parents=True)
+    new = folder / "Pulumi.prod.yaml"
+    new.write_text(PROD.read_text())
+    assert main(["plan", "--stack-file", str(new), "--diff-from", str(PROD)]) == 0
+    assert f"to {new}" in capsys.readouterr().out
+    assert main(["diagram", "--stack-file", str(new), "--output", str(folder / "d")]) == 0
+    assert f"wrote {folder / 'd'}.svg" in capsys.readouterr().out

@@ -7,6 +7,7 @@ import json
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from config.stackfile import Stack, load_stack, load_stack_file
@@ -68,7 +69,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> int:
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
     lab, report = _run_lab(_stack(args), keep=True)
     print_report(report, console)
-    console.print(f"\n[bold]lab {lab.run_id} is up[/] (stack {lab.stack.name}). Explore it:")
+    console.print(f"\n[bold]lab {lab.run_id} is up[/] (stack {escape(lab.stack.name)}). Explore it:")
     for line in lab.explore_help():
         console.print(f"  {line}", markup=False, highlight=False)
     console.print(f"ssh config: {lab.ssh_config_path}; lab directory: {lab.dir}", markup=False, highlight=False)
