@@ -68,6 +68,8 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
             continue
         try:
             for key, family in (("public", 4), ("private", 4), ("public6", 6)):
+                if entry.get(key) is not None and not isinstance(entry[key], str):
+                    raise ValueError(f"{key} must be an address as text, e.g. \"203.0.113.5\", not {entry[key]!r}")
                 if entry.get(key) is not None and ipaddress.ip_address(entry[key]).version != family:
                     raise ValueError(f"{key} must be IPv{family}")
             if ipaddress.ip_address(entry["private"]) not in policy.stack.vpc_ip_range:
@@ -75,6 +77,11 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
             out[host.name] = Addresses(entry["public"], entry["private"], entry.get("public6"))
         except ValueError as exc:
             issues.append(StackIssue(f"--addresses {host.name}", str(exc)))
+    owners: dict[str, str] = {}
+    for name, addrs in out.items():
+        if addrs.private in owners:
+            issues.append(StackIssue(f"--addresses {name}", f"private {addrs.private} is {owners[addrs.private]}'s too"))
+        owners.setdefault(addrs.private, name)
     if issues:
         raise StackError(issues, source)
     return out

@@ -212,6 +212,25 @@ def test_addresses_file_entry_without_public_names_the_key(tmp_path: Path, capsy
     assert "--addresses mysql-1: public missing; give both" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda a: a["mysql-1"].update(public=5), "--addresses mysql-1: public must be an address as text"),
+        (lambda a: a["mysql-1"].update(private=a["mysql-2"]["private"]), "private 10.110.16.9 is mysql-1's too"),
+    ],
+    ids=["number", "shared-private"],
+)
+def test_addresses_file_bad_values_are_named(
+    change: Any, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = {h: dict(vars(a)) for h, a in example_addresses(compile_policy(load_stack("prod").config)).items()}
+    change(real)
+    path = tmp_path / "addresses.json"
+    path.write_text(json.dumps(real))
+    assert main(["plan", "--stack", "prod", "--addresses", str(path)]) == 2
+    assert words in capsys.readouterr().err
+
+
 def test_operators_wider_than_every_internet_stand_in_still_plan() -> None:
     """With operators that cover every example Internet address, the Internet is operators: it may SSH to the
     bastion, as the lab's packets then show (and the plan does not fail looking for an address outside)."""
