@@ -312,6 +312,13 @@ class StackConfig(_Strict):
                     problem = self._source_problem(source)
                     if problem:
                         bad(path, problem)
+                    elif ":" in source and not role.ipv6:
+                        # an IPv6 range can only reach a droplet that has a public IPv6 address
+                        bad(
+                            path,
+                            f"{source!r} is an IPv6 range but role {role_name} has no IPv6 (ipv6: false), so it "
+                            "would admit nothing; set ipv6: true on the role or give an IPv4 range",
+                        )
             for i, tag in enumerate(role.tags):
                 if tag.startswith("enclave"):
                     bad(f"roles.{role_name}.tags[{i}]", f"tag {tag!r}: tags starting with 'enclave' are enclave's own")

@@ -176,6 +176,8 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "region", "enclave:region"),
     ("from-everywhere-cidr", ingress("haproxy-www", {"from": "0.0.0.0/0", "ports": [80]}),
      "enclave:roles.haproxy-www.ingress[0].from", "write `internet` for anyone on the Internet"),
+    ("ipv6-range-to-ipv4-only-role", ingress("wordpress", {"from": "2001:db8:1::/48", "ports": [80]}),
+     "enclave:roles.wordpress.ingress[0].from", "set ipv6: true on the role"),
     ("from-neighbor", ingress("mysql", {"from": "neighbor", "ports": [3306]}),
      "enclave:roles.mysql.ingress[0].from", "'neighbor' is only for tests"),
     ("from-host-leading-zero", ingress("mysql", {"from": "wordpress-01", "ports": [3306]}),
