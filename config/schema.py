@@ -89,6 +89,9 @@ class PortSpec:
         text = str(value).strip().lower()
         if text == "icmp":
             return cls("icmp")
+        if "," in text:
+            listed = ", ".join(part.strip() for part in text.split(","))
+            raise ValueError(f"{value!r}: several ports are a list, e.g. ports: [{listed}]")
         proto, sep, rest = text.partition("/")
         if not sep:  # a bare number means tcp
             proto, rest = "tcp", text
@@ -396,6 +399,9 @@ class StackConfig(_Strict):
         """Why an ingress `from` entry names nothing enclave can match, or None."""
         if source in ("internet", "operators") or source in self.roles or self.role_of_host(source):
             return None
+        if "," in source:
+            listed = ", ".join(part.strip() for part in source.split(","))
+            return f"{source!r}: several sources are a list, e.g. from: [{listed}]"
         if "/" in source or ":" in source or re.fullmatch(r"[\d.]+", source):
             try:
                 net = ipaddress.ip_network(source, strict=True)
