@@ -28,21 +28,13 @@ from enclave.push import confirm_script, digest, push_script
 from enclave.render import ICMPV6_ND, RuleFiles
 
 from .conftest import stack_document
-from .test_lab import _unavailable, leftovers, without_rule
+from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
 
 # The rollback window of these labs (the program's is 90 s). Long enough for a confirmation to arrive on a busy
 # machine (it takes ~0.3 s), short enough that waiting out a rollback costs a few seconds.
 WINDOW_S = 4
-
-
-@pytest.fixture(scope="module")
-def run_ids() -> Iterator[list[str]]:
-    ids: list[str] = []
-    yield ids
-    left = [item for run_id in ids for item in leftovers(run_id)]
-    assert not left, f"labs left things behind: {left}"
 
 
 @pytest.fixture(scope="module")
