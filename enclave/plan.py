@@ -141,6 +141,11 @@ class TestResult:
     def passed(self) -> bool:
         return self.seen == self.test.expect
 
+    @staticmethod
+    def verdict(allowed: int, denied: int) -> str:
+        """A test names pairs: `allow` if every pair got through, `deny` if none did (or none exist), else mixed."""
+        return "allow" if allowed and not denied else "mixed" if allowed else "deny"
+
     def describe(self) -> str:
         t = self.test
         return f"tests[{self.index}]: {t.sources} -> {t.to} {t.port} expect {t.expect}"
@@ -175,11 +180,7 @@ def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[Test
                         for dst in hosts
                         if not (src.kind == "host" and src.name == dst.name)
                     ][: 5 - len(shown)]
-        seen = "allow" if allowed and not denied else "deny" if denied and not allowed else "mixed"
-        if not allowed and not denied:
-            seen = "deny"
-        detail = "; ".join(shown)
-        results.append(TestResult(i, test, seen, detail))
+        results.append(TestResult(i, test, TestResult.verdict(allowed, denied), "; ".join(shown)))
     return results
 
 

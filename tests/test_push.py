@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from config.stackfile import load_stack
+from enclave.lab.lab import normalized_firewall
 from enclave.plan import build_plan
 from enclave.push import UNIT_NAME, baseline_script, cloud_config, confirm_script, push_script
 from enclave.render import RuleFiles, baseline_files
@@ -53,11 +54,8 @@ class Host:
         return result
 
     def save(self) -> str:
-        """iptables + ip6tables + ipset members, without timestamps, counters or ipset's random initval."""
-        tables = self.sh("iptables-save; ip6tables-save").stdout
-        sets = re.sub(r" initval 0x[0-9a-f]+", "", self.sh("ipset save").stdout)
-        kept = [line for line in tables.splitlines() if not line.startswith("#")]
-        return "\n".join(kept + sorted(sets.splitlines()))  # a hash set has no member order
+        """The firewall state, normalized exactly as the lab compares it."""
+        return normalized_firewall(self.sh("iptables-save; ip6tables-save").stdout, self.sh("ipset save").stdout)
 
     def reboot(self) -> None:
         """A new network namespace is a host whose kernel state is gone; the files on disk stay."""

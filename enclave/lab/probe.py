@@ -238,9 +238,8 @@ def tests_with_packets(
                     allowed.append(f"{src.name}->{dst.name} {outcome.probe.target.address}")
                 else:
                     denied.append(f"{src.name}->{dst.name} {outcome.probe.target.address} ({outcome.detail})")
-        seen = "allow" if allowed and not denied else "deny" if not allowed else "mixed"
         detail = "; ".join((denied if test.expect == "allow" else allowed)[:5])
-        results.append(TestResult(i, test, seen, detail))
+        results.append(TestResult(i, test, TestResult.verdict(len(allowed), len(denied)), detail))
     return results
 
 
