@@ -92,6 +92,9 @@ class Variant:
     load: Callable[[Pair], None]
     tcp: list[float] = field(default_factory=list)
     udp: list[float] = field(default_factory=list)
+    # each slice's rate over the mean of the floor slices just before and after it
+    tcp_ratios: list[float] = field(default_factory=list)
+    udp_ratios: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -198,7 +201,7 @@ def run(peer_counts: tuple[int, ...] = (1000, 10000), rounds: int = 9, seconds: 
     # Servers at 10.0.201.1, .2, ...: the rulesets name the client by address and the server only by interface.
     servers = [f"10.0.201.{i + 1}" for i in range(len(variants))]
     prefix = int(VPC.rsplit("/", 1)[1])
-    budget = str(int(rounds * len(variants) * (seconds * 1.5 + 3) + 120))
+    budget = str(int(rounds * 2 * len(variants) * (seconds * 1.5 + 3) + 120))  # the floor runs between all others
     procs: list[subprocess.Popen[str]] = []
     with star(CLIENT_IP, servers, prefix, SERVER_IF) as pairs, tempfile.TemporaryDirectory() as tmp:
         try:
@@ -208,15 +211,30 @@ def run(peer_counts: tuple[int, ...] = (1000, 10000), rounds: int = 9, seconds: 
             time.sleep(0.3)
             for pair in pairs:
                 _admits_client(pair)
+            floor_at = next(i for i, v in enumerate(variants) if v.name == "floor")
+            floor, floor_pair = variants[floor_at], pairs[floor_at]
+            others = [(v, pair) for v, pair in zip(variants, pairs) if v is not floor]
+
+            def measure(v: Variant, pair: Pair) -> tuple[float, float]:
+                rate, problem = measure_tcp(pair, seconds)
+                if problem:
+                    v.errors.append(problem)
+                udp = measure_udp(pair, seconds / 2)
+                v.tcp.append(rate)
+                v.udp.append(udp)
+                return rate, udp
+
             for r in range(rounds):
-                order = list(zip(variants, pairs))
-                k = r % len(order)
-                for v, pair in order[k:] + order[:k]:
-                    rate, problem = measure_tcp(pair, seconds)
-                    v.tcp.append(rate)
-                    if problem:
-                        v.errors.append(problem)
-                    v.udp.append(measure_udp(pair, seconds / 2))
+                # Short interleaved slices: the floor before and after every other variant, so each ratio
+                # compares slices a few seconds apart; the order of the others rotates between rounds.
+                k = r % len(others)
+                before = measure(floor, floor_pair)
+                for v, pair in others[k:] + others[:k]:
+                    tcp, udp = measure(v, pair)
+                    after = measure(floor, floor_pair)
+                    v.tcp_ratios.append(tcp / ((before[0] + after[0]) / 2))
+                    v.udp_ratios.append(udp / ((before[1] + after[1]) / 2))
+                    before = after
                 if echo:
                     print(f"dataplane round {r + 1}/{rounds}: " + ", ".join(
                         f"{v.name} {v.tcp[-1]:,.0f}/s" for v in variants), flush=True)
@@ -227,11 +245,6 @@ def run(peer_counts: tuple[int, ...] = (1000, 10000), rounds: int = 9, seconds: 
             for pusher in pushers:
                 pusher.close()
     return [_table(variants, rounds, seconds)]
-
-
-def _paired(values: list[float], floor: list[float]) -> Spread:
-    """Each round's figure over the floor measured in that same round: median and bootstrap interval."""
-    return Spread.bootstrap([v / f for v, f in zip(values, floor)])
 
 
 def _noise(aa: Spread) -> float:
@@ -257,17 +270,18 @@ def _verdict(ratio: Spread) -> str:
 def _table(variants: list[Variant], rounds: int, seconds: int) -> Table:
     floor = next(v for v in variants if v.name == "floor")
     aa = next(v for v in variants if v.name == AA)
-    aa_tcp, aa_udp = _paired(aa.tcp, floor.tcp), _paired(aa.udp, floor.udp)
+    aa_tcp, aa_udp = Spread.bootstrap(aa.tcp_ratios), Spread.bootstrap(aa.udp_ratios)
     noise = {"tcp": _noise(aa_tcp), "udp": _noise(aa_udp)}
     table = Table(
         "Data plane: new connections and packets into one host",
         f"A server namespace whose INPUT admits N peers, the client being the last of them. TCP: wrk, "
         f"{CONNECTIONS} connections, `Connection: close` (every request a new connection) against nginx; UDP: "
         "unanswered 64-byte datagrams from one Python socket, counted on arrival (every one in conntrack state NEW, "
-        f"so every one walks the rules). {rounds} interleaved rounds of {seconds:g} s (TCP) and {seconds / 2:g} s "
-        "(UDP) per variant, the order rotating each round. Rates: median over the rounds (interquartile range). "
-        "Ratios: median of each round's ratio to the floor (default drop, conntrack, one accept rule) measured in "
-        "the same round, with a 95% bootstrap interval. *floor, A/A* is the floor loaded again in a namespace of its "
+        f"so every one walks the rules). {rounds} rounds; in each, every variant gets one slice of {seconds:g} s "
+        f"(TCP) and {seconds / 2:g} s (UDP), with a slice of the floor (default drop, conntrack, one accept rule) "
+        "before and after it, the order rotating between rounds. Rates: median over the slices (interquartile "
+        "range). Ratios: median over the rounds of the slice's rate over the mean of the two floor slices around "
+        "it, with a 95% bootstrap interval. *floor, A/A* is the floor loaded again in a namespace of its "
         "own: its ratio to the floor shows the method's noise, and a ratio within that noise of 100% reads "
         "*≈ floor*. The seed form is the floor's conntrack rule followed by one `-s <peer>/32 -j ACCEPT` per "
         "peer, the client's last. enclave's ruleset is `server-1` of `benchmarks/fleet.py:peers_stack`, pushed "
@@ -277,11 +291,13 @@ def _table(variants: list[Variant], rounds: int, seconds: int) -> Table:
     )
     ratios: dict[str, tuple[Spread, Spread]] = {}
     for v in variants:
-        tcp_ratio, udp_ratio = _paired(v.tcp, floor.tcp), _paired(v.udp, floor.udp)
-        ratios[v.name] = (tcp_ratio, udp_ratio)
         if v is floor:
-            cells = ["100%", "100%"]
-        elif v is aa:
+            table.rows.append([v.name, Spread.iqr(v.tcp).rate(), "100%", Spread.iqr(v.udp).rate(), "100%",
+                               f"{len(v.tcp)} slices"])
+            continue
+        tcp_ratio, udp_ratio = Spread.bootstrap(v.tcp_ratios), Spread.bootstrap(v.udp_ratios)
+        ratios[v.name] = (tcp_ratio, udp_ratio)
+        if v is aa:
             cells = [tcp_ratio.percent(), udp_ratio.percent()]
         else:
             cells = [_ratio(tcp_ratio, noise["tcp"]), _ratio(udp_ratio, noise["udp"])]

@@ -75,18 +75,19 @@ def test_a_figure_carries_its_interval_and_rounds() -> None:
     assert 0.97 <= low <= 0.99 <= high <= 1.01
 
 
-def _variant(name: str, tcp: list[float]) -> dataplane.Variant:
+def _variant(name: str, ratios: list[float]) -> dataplane.Variant:
+    """A variant as measured: each slice's TCP rate over the floor slices around it (UDP left at 100%)."""
     v = dataplane.Variant(name, lambda pair: None)
-    v.tcp, v.udp = tcp, [100_000.0] * len(tcp)
+    v.tcp, v.udp = [10_000 * r for r in ratios], [100_000.0] * len(ratios)
+    v.tcp_ratios, v.udp_ratios = ratios, [1.0] * len(ratios)
     return v
 
 
 def test_a_ratio_within_the_floors_own_noise_is_not_reported_as_better_than_the_floor() -> None:
     """The "102% of the floor" finding: enclave over the floor, by less than the floor differs from itself."""
-    floor = [10_000.0, 10_400.0, 9_600.0, 10_000.0, 10_200.0]
-    aa = [10_300.0, 10_000.0, 9_900.0, 10_400.0, 9_800.0]  # the floor again: up to ±4% from round to round
-    enclave = [10_200.0, 10_600.0, 9_700.0, 10_200.0, 10_400.0]  # about 102%
-    table = dataplane._table([_variant("floor", floor), _variant(dataplane.AA, aa),
+    aa = [1.03, 1.00, 0.99, 1.04, 0.98]  # the floor against itself: up to ±4% from round to round
+    enclave = [1.02, 1.02, 1.01, 1.02, 1.03]  # about 102%
+    table = dataplane._table([_variant("floor", [1.0] * 5), _variant(dataplane.AA, aa),
                               _variant("enclave, 10,000 peers", enclave)], rounds=5, seconds=1)
     row = next(r for r in table.rows if r[0] == "enclave, 10,000 peers")
     assert row[2].startswith("≈ floor") and row[5] == "5"
@@ -96,15 +97,17 @@ def test_a_ratio_within_the_floors_own_noise_is_not_reported_as_better_than_the_
 
 
 def test_a_target_is_met_only_when_the_whole_interval_clears_it() -> None:
-    floor = [10_000.0] * 7
-    aa = [10_000.0, 10_100.0, 9_900.0, 10_050.0, 9_950.0, 10_000.0, 10_000.0]
-    straddles = [9_000.0, 9_800.0, 9_300.0, 9_700.0, 9_400.0, 9_600.0, 9_500.0]  # 90–98%
-    table = dataplane._table([_variant("floor", floor), _variant(dataplane.AA, aa),
+    aa = [1.00, 1.01, 0.99, 1.005, 0.995, 1.00, 1.00]
+    straddles = [0.90, 0.98, 0.93, 0.97, 0.94, 0.96, 0.95]  # 90–98%
+    table = dataplane._table([_variant("floor", [1.0] * 7), _variant(dataplane.AA, aa),
                               _variant("enclave, 1,000 peers", straddles)], rounds=7, seconds=1)
     verdict = next(note for note in table.notes if note.startswith("enclave, 1,000 peers"))
     assert "**not shown at this noise**" in verdict
     row = next(r for r in table.rows if r[0] == "enclave, 1,000 peers")
     assert row[2].startswith("95% (")  # 5% under the floor, outside the A/A noise (±1%): a plain ratio
+    missed = dataplane._table([_variant("floor", [1.0] * 7), _variant(dataplane.AA, aa),
+                               _variant("enclave, 1,000 peers", [r - 0.1 for r in straddles])], rounds=7, seconds=1)
+    assert "**MISSED**" in next(n for n in missed.notes if n.startswith("enclave, 1,000 peers"))
 
 
 def test_the_load_puts_rules_in_force_with_the_jumps() -> None:

@@ -81,13 +81,18 @@ def lab(run_ids: list[str], dev6: Stack) -> Iterator[Lab]:
         run_ids.append(lab.run_id)
         failures = lab.push_all()
         assert not failures, [str(f) for f in failures.values()]
-        for host in lab.files:
-            sysctls = [f"net.ipv6.conf.{i}.{key}" for i in INTERFACES for key in ("accept_ra=2", "autoconf=1",
-                                                                                   "accept_ra_defrtr=1")]
-            lab.run(host, ["sysctl", "-qw", *sysctls], check=True)
-            for iface in INTERFACES:
-                lab.console(host, f"ip6tables -w -t mangle -A PREROUTING -i {iface} {SEEN_RULE}\n")
+        take_ras(lab)
         yield lab
+
+
+def take_ras(lab: Lab) -> None:
+    """Hosts whose kernels act on every RA that reaches them, and count the RAs that reach each interface."""
+    for host in lab.files:
+        sysctls = [f"net.ipv6.conf.{i}.{key}" for i in INTERFACES for key in ("accept_ra=2", "autoconf=1",
+                                                                               "accept_ra_defrtr=1")]
+        lab.run(host, ["sysctl", "-qw", *sysctls], check=True)
+        for iface in INTERFACES:
+            lab.console(host, f"ip6tables -w -t mangle -A PREROUTING -i {iface} {SEEN_RULE}\n")
 
 
 @pytest.fixture
@@ -232,3 +237,19 @@ def test_with_the_old_rule_the_neighbors_ra_takes_over_a_host_without_ipv6(clean
     neighbour = link_local(lab, "neighbor", "eth1")
     assert any(" eth1 inet6 2001:db8:aa:" in line for line in got), got
     assert f"default via {neighbour} dev eth1 " in " ".join(got), got
+
+
+def test_hosts_on_their_first_boot_baseline_take_ras_exactly_as_pushed_hosts_do(run_ids: list[str], dev6: Stack) -> None:
+    """Before the first push a droplet runs its cloud-init baseline: the same ICMPv6 control rules."""
+    with Lab(dev6) as lab:  # booted on the baseline, nothing pushed
+        run_ids.append(lab.run_id)
+        assert "baseline" in lab.console(WITHOUT_IPV6, "iptables -w -S ENCLAVE-INPUT").stdout
+        take_ras(lab)
+        hosts = tuple(lab.files)
+        send_ra(lab, "neighbor", "eth1", reaching=hosts)
+        after_neighbour = {host: learned(lab, host) for host in hosts}
+        send_ra(lab, "internet", "eth0", reaching=hosts)
+        after_gateway = {host: learned(lab, host) for host in hosts}
+    assert after_neighbour == {host: [] for host in hosts}
+    assert any(" eth0 inet6 2001:db8:aa:" in line for line in after_gateway[WITH_IPV6]), after_gateway
+    assert {h: got for h, got in after_gateway.items() if h != WITH_IPV6} == {h: [] for h in hosts if h != WITH_IPV6}
