@@ -118,3 +118,14 @@ def test_the_load_puts_rules_in_force_with_the_jumps() -> None:
         part = script.split(f"{restore} -w --noflush <<'EOF'\n")[1].split("EOF\n")[0]
         assert "-I INPUT 1 -j ENCLAVE-INPUT\n" in part and "-I OUTPUT 1 -j ENCLAVE-OUTPUT\n" in part
         assert part.endswith("COMMIT\n") and part.count("COMMIT") == 1
+
+
+def test_no_target_is_met_when_the_floor_against_itself_moves_more_than_the_margin() -> None:
+    noisy_aa = [0.90, 1.10, 0.92, 1.08, 1.00]  # ±10%: the method cannot resolve the 5% the target is about
+    enclave = [0.99, 1.00, 0.98, 0.99, 1.00]
+    table = dataplane._table([_variant("floor", [1.0] * 5), _variant(dataplane.AA, noisy_aa),
+                              _variant("enclave, 10,000 peers", enclave)], rounds=5, seconds=1)
+    verdict = next(note for note in table.notes if note.startswith("enclave, 10,000 peers"))
+    assert "**not shown at this noise (A/A ±" in verdict
+    row = next(r for r in table.rows if r[0] == "enclave, 10,000 peers")
+    assert row[2].startswith("≈ floor")
