@@ -52,6 +52,9 @@ DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 #     conntrack's RELATED, by the replies rule, i.e. when they are about a connection the host has. Path MTU
 #     discovery works so (the packet-too-big quotes a packet of that connection); an error about nothing the
 #     host sent is INVALID and dropped.
+# What remains: on the public link itself, any other on-link sender's RA looks exactly like the gateway's (a
+# link-local source, hop limit 255) and is taken the same on a role with `ipv6`; telling them apart would
+# need the gateway's link-local address pinned in the rule, or accept_ra=0 on hosts whose IPv6 is static.
 # Conntrack does not track ND or MLD (they are neither new nor related: state INVALID), so these accepts come
 # before the INVALID drop. OUTPUT needs no ICMPv6 rule: it is open, or (`egress: restricted`) open on the
 # public interface, where the host's own solicitations, advertisements and MLD reports leave; out of the

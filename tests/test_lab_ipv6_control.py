@@ -188,7 +188,8 @@ def test_a_rogue_ra_from_the_neighbor_on_the_private_segment_changes_no_host(cle
 
 def test_an_ra_on_the_public_segment_is_taken_only_by_the_role_with_ipv6(clean: Lab) -> None:
     """The public gateway's RA (link-local source, hop limit 255): haproxy-www-1 (ipv6) takes its prefix and
-    default route; mysql-1 and the other roles without IPv6 receive the same packet and take nothing."""
+    default route; mysql-1 and the other roles without IPv6 receive the same packet and take nothing.
+    (Another sender on the public link would look the same to haproxy-www-1: see ICMPv6 in render.py.)"""
     lab = clean
     hosts = tuple(lab.files)
     accepted = ra_rule_counter(lab, WITH_IPV6)
