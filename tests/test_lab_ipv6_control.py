@@ -1,4 +1,4 @@
-"""Rogue router advertisements in the lab: real RAs on the lab's segments, real kernels, real ip6tables.
+"""ICMPv6 control traffic in the lab, rogue router advertisements first: real RAs on the lab's segments, real kernels, real ip6tables.
 
 The finding (issue 12): one RA from the `neighbor` on the private segment gave a role without IPv6 a global
 address and a default route via the neighbour. Here every kind of RA is sent from inside the lab, by a small
@@ -12,12 +12,16 @@ PREROUTING (before the filter table) shows that an RA reached the host, so a dro
 that got lost on the way. A control test pushes the old rule (RA accepted anywhere with hop limit 255) and
 sees the neighbour's RA take effect, so the test fails when the rules do.
 
+ICMPv6 errors are accepted only as conntrack's RELATED: a packet-too-big about a datagram the host sent still
+lowers its path MTU, and the same error is dropped once RELATED is taken out of the rules (the control).
+
 dev with haproxy-www on IPv6: haproxy-www-1 is the host with IPv6, mysql-1 (and the others) have none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -254,3 +258,71 @@ def test_hosts_on_their_first_boot_baseline_take_ras_exactly_as_pushed_hosts_do(
     assert after_neighbour == {host: [] for host in hosts}
     assert any(" eth0 inet6 2001:db8:aa:" in line for line in after_gateway[WITH_IPV6]), after_gateway
     assert {h: got for h, got in after_gateway.items() if h != WITH_IPV6} == {h: [] for h in hosts if h != WITH_IPV6}
+
+
+# ---------------------------------------------------------------------------------- ICMPv6 errors
+
+# Runs on a host: a connected UDP socket sends one 1 400-byte datagram out of the public interface and stays
+# open (the kernel updates the path MTU only for a socket that sent what the error quotes); prints its port.
+UDP_TALKER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"x" * 1400)
+print(s.getsockname()[1], flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+# Runs on the sender: an ICMPv6 packet-too-big (RFC 4443 3.2) quoting the host's datagram as the path saw it:
+# its IPv6 header (the datagram was 1 400 bytes of payload and a UDP header) and UDP header.
+PTB_SENDER = r"""
+import socket, struct, sys
+host, src_port, peer, peer_port, mtu = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+quoted = struct.pack("!IHBB", 6 << 28, 1408, 17, 64) + socket.inet_pton(socket.AF_INET6, host)
+quoted += socket.inet_pton(socket.AF_INET6, peer) + struct.pack("!HHHH", src_port, peer_port, 1408, 0) + b"x" * 64
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.sendto(struct.pack("!BBHI", 2, 0, 0, mtu) + quoted, (host, 0))
+"""
+
+
+def path_mtu_after_packet_too_big(lab: Lab, host: str, mtu: int) -> str:
+    """The host sends a datagram to the Internet; the Internet answers packet-too-big; what route does the host
+    use to the Internet then (`ip -6 route get`: an `mtu` appears once the error was taken)?"""
+    internet6 = lab.others.internet.address6
+    assert internet6 is not None
+    lab.run(host, ["ip", "-6", "route", "flush", "cache"], check=True)
+    talker = subprocess.Popen(lab.in_ns(host, [sys.executable, "-c", UDP_TALKER, internet6, "9", "10"]),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert talker.stdout is not None
+        port = talker.stdout.readline().strip()
+        host6 = lab.addresses[host].public6
+        assert host6 is not None
+        lab.run("internet", [sys.executable, "-c", PTB_SENDER, host6, port, internet6, "9", str(mtu)], check=True)
+        time.sleep(0.3)
+        return lab.run(host, ["ip", "-6", "route", "get", internet6], check=True).stdout
+    finally:
+        talker.kill()
+        talker.wait()
+        lab.run(host, ["ip", "-6", "route", "flush", "cache"], check=True)
+
+
+def test_path_mtu_discovery_works_through_the_replies_rule_alone(lab: Lab) -> None:
+    """Errors are accepted only as RELATED to a connection of the host: a packet-too-big about the host's own
+    datagram still lowers its path MTU to the Internet."""
+    assert " mtu 1280 " in path_mtu_after_packet_too_big(lab, WITH_IPV6, 1280) + " "
+
+
+def test_without_the_related_state_the_same_packet_too_big_is_dropped(lab: Lab) -> None:
+    """The control: the same rules accepting only ESTABLISHED drop the error, and the path MTU stays."""
+    files = lab.files[WITH_IPV6]
+    no_related = dataclasses.replace(files, ipv6=files.ipv6.replace(
+        "-A ENCLAVE-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A ENCLAVE-INPUT -m conntrack --ctstate ESTABLISHED -j ACCEPT"))
+    assert no_related.ipv6 != files.ipv6
+    try:
+        lab.push(WITH_IPV6, no_related)
+        route = path_mtu_after_packet_too_big(lab, WITH_IPV6, 1280)
+    finally:
+        lab.push(WITH_IPV6)
+    assert " mtu " not in route + " ", route
