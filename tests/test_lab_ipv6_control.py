@@ -1,4 +1,5 @@
-"""ICMPv6 control traffic in the lab, rogue router advertisements first: real RAs on the lab's segments, real kernels, real ip6tables.
+"""ICMPv6 control traffic in the lab, rogue router advertisements first: real RAs on the lab's segments,
+real kernels, real ip6tables.
 
 The finding (issue 12): one RA from the `neighbor` on the private segment gave a role without IPv6 a global
 address and a default route via the neighbour. Here every kind of RA is sent from inside the lab, by a small
