@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-sizes", type=_ints, help="hosts per plan stack (default 10,100,1000,5000)")
     parser.add_argument("--program-sizes", type=_ints, help="hosts per mocked program run (default 10,100,1000)")
     parser.add_argument("--peers", type=_ints, help="peers admitted in the data-plane and apply runs (default 1000,10000)")
-    parser.add_argument("--rounds", type=int, help="data-plane rounds (default 9, quick 3)")
+    parser.add_argument("--rounds", type=int, help="data-plane rounds (default 15, quick 3)")
     parser.add_argument("--output", type=Path, default=REPORT, help=f"report to update (default {REPORT.relative_to(ROOT)})")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
     args = parser.parse_args(argv)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = args.peers or (1000, 10000)
     jobs: dict[str, Callable[[], list[Table]]] = {
         "plan": lambda: plan_cost.run(args.plan_sizes or plan_cost.DEFAULT_SIZES, rounds=1 if quick else 3),
-        "dataplane": lambda: dataplane.run(peers, rounds=args.rounds or (3 if quick else 9), seconds=1),
+        "dataplane": lambda: dataplane.run(peers, rounds=args.rounds or (3 if quick else 15), seconds=1),
         "apply": lambda: apply_cost.run(peers, rounds=2 if quick else 5, quick=quick),
         "program": lambda: program_cost.run(args.program_sizes or ((10, 100) if quick else program_cost.DEFAULT_SIZES)),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 from dataclasses import dataclass, field
@@ -30,6 +31,54 @@ class Table:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The interquartile range (first and third quartile; both the one value when there is one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def bootstrap_median(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """A percentile-bootstrap interval for the median (the rounds resampled with replacement; fixed seed, so a
+    report rerun on the same figures gives the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A figure as the report gives it: the median over `rounds` rounds and an interval around it."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @classmethod
+    def iqr(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), *quartiles(values), len(values))
+
+    @classmethod
+    def bootstrap(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), *bootstrap_median(values), len(values))
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def ms(self) -> str:
+        """`76 ms (72–80)`: median and interval in milliseconds."""
+        return f"{ms(self.median)} ({ms(self.low).removesuffix(' ms')}–{ms(self.high)})"
+
+    def rate(self) -> str:
+        return f"{self.median:,.0f} ({self.low:,.0f}–{self.high:,.0f})"
+
+    def percent(self) -> str:
+        return f"{self.median:.0%} ({self.low:.0%}–{self.high:.0%})"
 
 
 def ms(seconds: float) -> str:

@@ -84,10 +84,35 @@ def reset(pair: Pair) -> None:
     raise BenchError("ipset sets in the server namespace would not go away after the rules were flushed")
 
 
-class Pusher:
-    """Runs enclave's push (and confirm) in the server namespace, with state and unit files in a temp dir."""
+# Stands in for `sh` on the push's PATH when apply.sh is timed: each run of enclave's apply.sh that the push
+# starts (`sh …/apply.sh ARGS`) is timed with bash's clock (no fork) and logged; everything else, and apply.sh
+# itself, runs with the real /bin/sh unchanged. So apply.sh is timed exactly as the push runs it, whatever
+# the push script and apply.sh of the day say.
+SH_TIMER = r"""#!/bin/bash
+if [[ "${1:-}" == */apply.sh ]]; then
+  start=$EPOCHREALTIME
+  /bin/sh "$@"; rc=$?
+  echo "$start $EPOCHREALTIME ${*:2}" >> "$ENCLAVE_BENCH_APPLY_LOG"
+  exit $rc
+fi
+exec /bin/sh "$@"
+"""
 
-    def __init__(self, pair: Pair) -> None:
+
+@dataclass(frozen=True)
+class ApplyRun:
+    seconds: float
+    args: str  # apply.sh's arguments, the state directory written as $STATE
+
+
+class Pusher:
+    """Runs enclave's push (and confirm) in the server namespace, with state and unit files in a temp dir.
+
+    time_apply: put SH_TIMER first on the push's PATH, so `apply_runs` tells how long each apply.sh the last
+    push ran took (a separate pusher measures the push itself, which the stand-in would slow down).
+    """
+
+    def __init__(self, pair: Pair, *, time_apply: bool = False) -> None:
         self.pair = pair
         self._dir = tempfile.TemporaryDirectory(prefix="enclave-bench-")
         self.env = [
@@ -96,6 +121,14 @@ class Pusher:
             f"ENCLAVE_SYSTEMD_DIR={self._dir.name}/systemd",  # never the machine's own systemd
             "ENCLAVE_ROLLBACK_SECONDS=20",
         ]
+        self._apply_log = f"{self._dir.name}/apply-runs"
+        if time_apply:
+            bin_dir = f"{self._dir.name}/bin"
+            os.mkdir(bin_dir)
+            with open(f"{bin_dir}/sh", "w") as f:
+                f.write(SH_TIMER)
+            os.chmod(f"{bin_dir}/sh", 0o755)
+            self.env += [f"PATH={bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin", f"ENCLAVE_BENCH_APPLY_LOG={self._apply_log}"]
 
     @property
     def state_dir(self) -> str:
@@ -108,12 +141,27 @@ class Pusher:
     def push(self, files: RuleFiles) -> float:
         """Seconds for the whole push script (write files, validate, arm rollback, apply); then confirm."""
         script = push_script(files, "bench")
+        if os.path.exists(self._apply_log):
+            os.remove(self._apply_log)
         start = time.perf_counter()
-        self.pair.in_server(*self.env, "sh", "-s", input=script)
+        self.pair.in_server(*self.env, "/bin/sh", "-s", input=script)
         elapsed = time.perf_counter() - start
-        self.pair.in_server(*self.env, "sh", "-s", input=confirm_script(files, "bench"))
+        self.pair.in_server(*self.env, "/bin/sh", "-s", input=confirm_script(files, "bench"))
         self._end_timers()
         return elapsed
+
+    def apply_runs(self) -> list[ApplyRun]:
+        """The apply.sh runs of the last push (time_apply only), in order."""
+        try:
+            with open(self._apply_log) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        runs = []
+        for line in lines:
+            start, end, *args = line.split()
+            runs.append(ApplyRun(float(end) - float(start), " ".join(args).replace(self.state_dir, "$STATE")))
+        return runs
 
     def _end_timers(self) -> None:
         """End the push's rollback timer once confirmed (it would only wake to find nothing to do): the
@@ -125,12 +173,6 @@ class Pusher:
                         os.kill(int(pid), signal.SIGKILL)
             except (OSError, ValueError):
                 pass
-
-    def apply_dir(self) -> float:
-        """Seconds for the installed helper to apply the last pushed files again (`apply.sh DIR`)."""
-        start = time.perf_counter()
-        self.pair.in_server(*self.env, "sh", f"{self.state_dir}/apply.sh", f"{self.state_dir}/confirmed")
-        return time.perf_counter() - start
 
     def close(self) -> None:
         self._dir.cleanup()

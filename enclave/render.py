@@ -27,10 +27,44 @@ SET_PREFIX = "enclave-"
 SET_NAME_MAX = 27
 DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 
-# ICMPv6 that IPv6 cannot live without: neighbour discovery (router/neighbour solicitation and
-# advertisement) and the error messages path MTU discovery and diagnostics rely on.
-ICMPV6_ND = ("router-solicitation", "router-advertisement", "neighbour-solicitation", "neighbour-advertisement")
-ICMPV6_ERRORS = ("destination-unreachable", "packet-too-big", "time-exceeded", "parameter-problem")
+# ICMPv6 control traffic: what is accepted, where, and why (README "How the rules look" says it briefly).
+#
+# A role with `ipv6` has one IPv6 address, static, on its public interface; the VPC is IPv4 only, and a role
+# without `ipv6` speaks IPv6 to nobody. So control traffic is accepted only on the public interface of a role
+# with `ipv6`, and only in the shape a genuine on-link sender gives it (RFC 4861: hop limit 255 proves the
+# packet was not forwarded, since a router decrements it; RAs and MLD queries come from a link-local address):
+#   neighbour-solicitation, neighbour-advertisement (135, 136): resolving addresses on the link; without them
+#     nobody can deliver a packet to the host's IPv6 address. Any source (a neighbour may ask from its global
+#     address, a DAD probe comes from ::), hop limit 255.
+#   router-advertisement (134): the public gateway announcing itself; only from fe80::/10 with hop limit 255.
+#     Nowhere else: one RA on the private segment (from any resource in the VPC) or on a role without `ipv6`
+#     would give the host an address and a default route via the sender.
+#   MLD query (130): the router asking which multicast groups the host listens to. A multicast-snooping
+#     switch that hears no answer stops delivering the solicited-node group that neighbour solicitations are
+#     sent to, and IPv6 fails minutes later. Only from fe80::/10 with hop limit 1 (RFC 2710/3810).
+# Not accepted anywhere:
+#   router-solicitation (133): only routers answer it; the host is none.
+#   redirect (137): a host here has one gateway per segment; a redirect only ever moves traffic to another
+#     next hop, and a forged one diverts it through the sender.
+#   MLD reports and done (131, 132, 143), node information, inverse ND, SEND, multicast router discovery:
+#     for routers and protocols these hosts do not run.
+#   Errors (destination-unreachable, packet-too-big, time-exceeded, parameter-problem): accepted only as
+#     conntrack's RELATED, by the replies rule, i.e. when they are about a connection the host has. Path MTU
+#     discovery works so (the packet-too-big quotes a packet of that connection); an error about nothing the
+#     host sent is INVALID and dropped.
+# What remains: on the public link itself, any other on-link sender's RA looks exactly like the gateway's (a
+# link-local source, hop limit 255) and is taken the same on a role with `ipv6`; telling them apart would
+# need the gateway's link-local address pinned in the rule, or accept_ra=0 on hosts whose IPv6 is static.
+# Conntrack does not track ND or MLD (they are neither new nor related: state INVALID), so these accepts come
+# before the INVALID drop. OUTPUT needs no ICMPv6 rule: it is open, or (`egress: restricted`) open on the
+# public interface, where the host's own solicitations, advertisements and MLD reports leave; out of the
+# private interface, which carries no IPv6, they are dropped; errors the host sends are RELATED.
+LINK_LOCAL = "fe80::/10"
+ND_HOP_LIMIT = 255
+MLD_HOP_LIMIT = 1
+MLD_QUERY = "130"  # ip6tables has no name for the MLD types
+# The ND types accepted in INPUT (by their ip6tables names, as they appear in the rule files).
+ICMPV6_ND = ("router-advertisement", "neighbour-solicitation", "neighbour-advertisement")
 
 
 @dataclass(frozen=True)
@@ -167,8 +201,6 @@ class Renderer:
             f"-A {OUTPUT_CHAIN} -o lo -j ACCEPT",
             f"-A {OUTPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         ]
-        if family == 6:
-            rules += [f"-A {OUTPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ICMPV6_ND]
         rules.append(f"-A {OUTPUT_CHAIN} -o {self.interfaces.public} {_comment('new traffic to the Internet')} -j ACCEPT")
         if family == 4:
             for flow in self.policy.flows_from_host(host):
@@ -188,7 +220,8 @@ class Renderer:
         title = f"enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}"
         body = self._input_rules(host, family, sets)
         output = self._output_rules(host, family, sets) if restricted else []
-        return filter_table(title, family, body, output, self.policy.stack.log_drops)
+        ipv6_public = self.interfaces.public if role.ipv6 else None
+        return filter_table(title, family, body, output, self.policy.stack.log_drops, ipv6_public=ipv6_public)
 
     # ---------------------------------------------------------------------------------------- public
 
@@ -217,8 +250,29 @@ class Renderer:
         return {h.name: self.render(h) for h in self.policy.hosts}
 
 
-def filter_table(title: str, family: int, accepts: list[str], output: list[str], log_drops: bool) -> str:
-    """The frame every enclave table shares: policies, loopback, replies, ICMPv6 essentials, default drop."""
+def icmpv6_control(ipv6_public: str | None) -> list[str]:
+    """The ICMPv6 control traffic a host accepts (see ICMPv6 at the top): none without a public IPv6 address."""
+    if ipv6_public is None:
+        return []
+    on_link = f"-i {ipv6_public} -p ipv6-icmp -m icmp6 --icmpv6-type"
+    return [
+        f"-A {INPUT_CHAIN} {on_link} neighbour-solicitation -m hl --hl-eq {ND_HOP_LIMIT} "
+        f"{_comment('ipv6 control: neighbour solicitation, on-link')} -j ACCEPT",
+        f"-A {INPUT_CHAIN} {on_link} neighbour-advertisement -m hl --hl-eq {ND_HOP_LIMIT} "
+        f"{_comment('ipv6 control: neighbour advertisement, on-link')} -j ACCEPT",
+        f"-A {INPUT_CHAIN} -s {LINK_LOCAL} {on_link} router-advertisement -m hl --hl-eq {ND_HOP_LIMIT} "
+        f"{_comment('ipv6 control: router advertisement from the public gateway (link-local)')} -j ACCEPT",
+        f"-A {INPUT_CHAIN} -s {LINK_LOCAL} {on_link} {MLD_QUERY} -m hl --hl-eq {MLD_HOP_LIMIT} "
+        f"{_comment('ipv6 control: multicast listener query from the public gateway (link-local)')} -j ACCEPT",
+    ]
+
+
+def filter_table(title: str, family: int, accepts: list[str], output: list[str], log_drops: bool,
+                 *, ipv6_public: str | None = None) -> str:
+    """The frame every enclave table shares: policies, loopback, replies, ICMPv6 control, default drop.
+
+    ipv6_public: the public interface of a role with `ipv6` (it accepts ICMPv6 control traffic there), else None.
+    """
     lines = [
         f"# {title}. Generated: edit the stack file, not this.",
         "*filter",
@@ -228,14 +282,11 @@ def filter_table(title: str, family: int, accepts: list[str], output: list[str],
         f":{INPUT_CHAIN} - [0:0]",
         f":{OUTPUT_CHAIN} - [0:0]",
         f"-A {INPUT_CHAIN} -i lo -j ACCEPT",
+        # replies, and the ICMP(v6) errors about a connection of this host (conntrack's RELATED)
         f"-A {INPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
     ]
     if family == 6:
-        # before the INVALID drop: conntrack does not track neighbour discovery
-        lines += [
-            f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -m hl --hl-eq 255 -j ACCEPT" for t in ICMPV6_ND
-        ]
-        lines += [f"-A {INPUT_CHAIN} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in ICMPV6_ERRORS]
+        lines += icmpv6_control(ipv6_public)  # before the INVALID drop: conntrack does not track ND or MLD
     lines.append(f"-A {INPUT_CHAIN} -m conntrack --ctstate INVALID -j DROP")
     lines += accepts
     if log_drops:
@@ -267,7 +318,9 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
                 for net in stack.operators
                 if net.version == family
             ]
-        tables.append(filter_table(f"enclave baseline, role {role}, IPv{family}", family, accepts, [], stack.log_drops))
+        ipv6_public = stack.interfaces.public if stack.roles[role].ipv6 else None
+        tables.append(filter_table(f"enclave baseline, role {role}, IPv{family}", family, accepts, [],
+                                   stack.log_drops, ipv6_public=ipv6_public))
     return RuleFiles(f"baseline-{role}", tables[0], tables[1], "", ())
 
 

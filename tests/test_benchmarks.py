@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import plan_cost
+from benchmarks import apply_cost, dataplane, plan_cost
 from benchmarks.__main__ import main, write_report
 from benchmarks.fleet import peers_stack, prod_shaped_stack
+from benchmarks.report import Spread, bootstrap_median
+from benchmarks.rulesets import enclave_files
 from config.stackfile import load_stack
 from enclave.compiler import compile_policy
 
@@ -59,3 +61,71 @@ def test_cli_names_an_unknown_part() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["plans"])
     assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------------------- figures and their noise
+
+
+def test_a_figure_carries_its_interval_and_rounds() -> None:
+    figure = Spread.iqr([0.070, 0.074, 0.076, 0.080, 0.120])
+    assert (figure.median, figure.rounds) == (0.076, 5)
+    assert figure.low == 0.074 and figure.high == 0.080  # the quartiles: one slow round does not move them
+    assert figure.ms() == "76 ms (74–80 ms)"
+    low, high = bootstrap_median([0.97, 0.98, 0.99, 1.00, 1.01, 0.98, 0.99])
+    assert 0.97 <= low <= 0.99 <= high <= 1.01
+
+
+def _variant(name: str, ratios: list[float]) -> dataplane.Variant:
+    """A variant as measured: each slice's TCP rate over the floor slices around it (UDP left at 100%)."""
+    v = dataplane.Variant(name, lambda pair: None)
+    v.tcp, v.udp = [10_000 * r for r in ratios], [100_000.0] * len(ratios)
+    v.tcp_ratios, v.udp_ratios = ratios, [1.0] * len(ratios)
+    return v
+
+
+def test_a_ratio_within_the_floors_own_noise_is_not_reported_as_better_than_the_floor() -> None:
+    """The "102% of the floor" finding: enclave over the floor, by less than the floor differs from itself."""
+    aa = [1.03, 1.00, 0.99, 1.04, 0.98]  # the floor against itself: up to ±4% from round to round
+    enclave = [1.02, 1.02, 1.01, 1.02, 1.03]  # about 102%
+    table = dataplane._table([_variant("floor", [1.0] * 5), _variant(dataplane.AA, aa),
+                              _variant("enclave, 10,000 peers", enclave)], rounds=5, seconds=1)
+    row = next(r for r in table.rows if r[0] == "enclave, 10,000 peers")
+    assert row[2].startswith("≈ floor") and row[5] == "5"
+    assert any(note.startswith("Noise (A/A)") for note in table.notes)
+    verdict = next(note for note in table.notes if note.startswith("enclave, 10,000 peers"))
+    assert "**met**" in verdict  # its whole interval is above 95%
+
+
+def test_a_target_is_met_only_when_the_whole_interval_clears_it() -> None:
+    aa = [1.00, 1.01, 0.99, 1.005, 0.995, 1.00, 1.00]
+    straddles = [0.90, 0.98, 0.93, 0.97, 0.94, 0.96, 0.95]  # 90–98%
+    table = dataplane._table([_variant("floor", [1.0] * 7), _variant(dataplane.AA, aa),
+                              _variant("enclave, 1,000 peers", straddles)], rounds=7, seconds=1)
+    verdict = next(note for note in table.notes if note.startswith("enclave, 1,000 peers"))
+    assert "**not shown at this noise**" in verdict
+    row = next(r for r in table.rows if r[0] == "enclave, 1,000 peers")
+    assert row[2].startswith("95% (")  # 5% under the floor, outside the A/A noise (±1%): a plain ratio
+    missed = dataplane._table([_variant("floor", [1.0] * 7), _variant(dataplane.AA, aa),
+                               _variant("enclave, 1,000 peers", [r - 0.1 for r in straddles])], rounds=7, seconds=1)
+    assert "**MISSED**" in next(n for n in missed.notes if n.startswith("enclave, 1,000 peers"))
+
+
+def test_the_load_puts_rules_in_force_with_the_jumps() -> None:
+    """The "full load 62 ms" finding: the timed load must contain the jumps to enclave's chains, per family."""
+    fleet = enclave_files(10, "10.0.200.2", "10.0.200.1", "eth1")
+    script = apply_cost.load_script(fleet.files)
+    for restore in ("iptables-restore", "ip6tables-restore"):
+        part = script.split(f"{restore} -w --noflush <<'EOF'\n")[1].split("EOF\n")[0]
+        assert "-I INPUT 1 -j ENCLAVE-INPUT\n" in part and "-I OUTPUT 1 -j ENCLAVE-OUTPUT\n" in part
+        assert part.endswith("COMMIT\n") and part.count("COMMIT") == 1
+
+
+def test_no_target_is_met_when_the_floor_against_itself_moves_more_than_the_margin() -> None:
+    noisy_aa = [0.90, 1.10, 0.92, 1.08, 1.00]  # ±10%: the method cannot resolve the 5% the target is about
+    enclave = [0.99, 1.00, 0.98, 0.99, 1.00]
+    table = dataplane._table([_variant("floor", [1.0] * 5), _variant(dataplane.AA, noisy_aa),
+                              _variant("enclave, 10,000 peers", enclave)], rounds=5, seconds=1)
+    verdict = next(note for note in table.notes if note.startswith("enclave, 10,000 peers"))
+    assert "**not shown at this noise (A/A ±" in verdict
+    row = next(r for r in table.rows if r[0] == "enclave, 10,000 peers")
+    assert row[2].endswith(", within A/A noise")  # 99%, but the method moves ±10% on its own

@@ -15,7 +15,7 @@ from config.stackfile import Stack, load_stack
 from enclave.cli import main
 from enclave.compiler import Endpoint, compile_policy, decide
 from enclave.plan import build_plan, example_addresses
-from enclave.render import Renderer, set_name
+from enclave.render import Renderer, baseline_files, set_name
 
 from .conftest import stack_document
 
@@ -135,12 +135,54 @@ def test_ipv6_public_services_and_cidrs_render_in_the_right_family() -> None:
     assert "-i eth0" not in plan.files["haproxy-www-1"].ipv6.split("default drop")[0]
 
 
-def test_neighbour_discovery_is_allowed_on_ipv6() -> None:
-    v6 = build_plan(load_stack("prod")).files["mysql-1"].ipv6
-    for kind in ("neighbour-solicitation", "neighbour-advertisement", "router-advertisement", "packet-too-big"):
-        accept = [line for line in v6.splitlines() if kind in line]
-        assert accept and accept[0].endswith("-j ACCEPT")
-        assert v6.index(accept[0]) < v6.index("--ctstate INVALID -j DROP")
+def _icmpv6_accepts(v6: str) -> list[str]:
+    """The ICMPv6 control accepts of a table: every ICMPv6 accept except the ping a flow declares."""
+    return [line for line in v6.splitlines() if "ipv6-icmp" in line and "--icmpv6-type 128" not in line]
+
+
+def test_an_ipv6_role_accepts_icmpv6_control_only_on_its_public_interface_from_on_link_senders() -> None:
+    plan = build_plan(load_stack("prod"))  # mysql has ipv6, on eth0; eth1 is the VPC
+    v6 = plan.files["mysql-1"].ipv6
+    accepts = _icmpv6_accepts(v6)
+    by_type = {line.split("--icmpv6-type ")[1].split()[0]: line for line in accepts}
+    assert set(by_type) == {"neighbour-solicitation", "neighbour-advertisement", "router-advertisement", "130"}
+    for kind, line in by_type.items():
+        assert line.startswith("-A ENCLAVE-INPUT") and " -i eth0 " in line and line.endswith("-j ACCEPT"), line
+        assert v6.index(line) < v6.index("--ctstate INVALID -j DROP")  # conntrack calls ND and MLD invalid
+    for kind in ("neighbour-solicitation", "neighbour-advertisement", "router-advertisement"):
+        assert "-m hl --hl-eq 255" in by_type[kind]  # RFC 4861: not forwarded, so from the link itself
+    assert "-m hl --hl-eq 1" in by_type["130"]
+    # a router advertisement or an MLD query comes from the gateway's link-local address, never from afar
+    assert "-s fe80::/10 " in by_type["router-advertisement"] and "-s fe80::/10 " in by_type["130"]
+    # no router solicitation (the host is no router), no redirect, no error accepted outside conntrack's RELATED
+    for kind in ("router-solicitation", "redirect", "packet-too-big", "destination-unreachable", "time-exceeded",
+                 "parameter-problem"):
+        assert kind not in v6, kind
+    assert "-A ENCLAVE-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" in v6
+
+
+@pytest.mark.parametrize("host", ["tunnel-1", "haproxy-www-1", "wordpress-1"])
+def test_a_role_without_ipv6_accepts_no_icmpv6_control_at_all(host: str) -> None:
+    """The rogue-RA finding: without ipv6, not even a router advertisement on the public interface is accepted."""
+    files = build_plan(load_stack("prod")).files[host]
+    assert _icmpv6_accepts(files.ipv6) == []
+
+
+def test_the_baseline_accepts_icmpv6_control_exactly_as_the_pushed_rules_do() -> None:
+    stack = load_stack("prod")
+    plan = build_plan(stack)
+    for host, role in (("mysql-1", "mysql"), ("haproxy-www-1", "haproxy-www")):
+        assert _icmpv6_accepts(baseline_files(stack.config, role).ipv6) == _icmpv6_accepts(plan.files[host].ipv6)
+
+
+def test_restricted_egress_sends_icmpv6_only_out_of_the_public_interface() -> None:
+    doc = stack_document("prod")
+    doc["config"]["enclave:roles"]["haproxy-www"]["ipv6"] = True  # restricted egress and IPv6
+    v6 = build_plan(stack_from(doc)).files["haproxy-www-1"].ipv6
+    output = [line for line in v6.splitlines() if line.startswith("-A ENCLAVE-OUTPUT")]
+    assert not any("ipv6-icmp" in line for line in output)  # no ND out of the private interface (no IPv6 there)
+    assert any(line.startswith("-A ENCLAVE-OUTPUT -o eth0 ") and line.endswith("-j ACCEPT") for line in output)
+    assert output[-1].endswith("-j DROP")
 
 
 def test_long_role_names_get_short_unique_set_names() -> None:
