@@ -118,7 +118,7 @@ def test_bastionless_stack_opens_ssh_to_operators_on_every_host() -> None:
         ssh = [line for line in files.ipv4.splitlines() if "--dport 22 " in line]
         assert ssh and all("-i eth0" in line and "enclave-operators src" in line for line in ssh), host
     mysql_v6 = plan.files["mysql-1"].ipv6
-    assert "enclave-operators6" not in mysql_v6  # no IPv6 operator ranges: no IPv6 ssh rule at all
+    assert "enclave-operators_v6" not in mysql_v6  # no IPv6 operator ranges: no IPv6 ssh rule at all
 
 
 def test_ipv6_public_services_and_cidrs_render_in_the_right_family() -> None:
