@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,15 +128,15 @@ class _StackLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
                 raise yaml.composer.ComposerError(
                     None, None, f"nested deeper than {MAX_YAML_DEPTH} levels; a stack file needs about 7",
-                    self.peek_event().start_mark,
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
                 )
-            return super().compose_node(parent, index)  # type: ignore[no-untyped-call,no-any-return]
+            return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
@@ -185,10 +186,13 @@ _resolver(
 )
 _resolver("tag:yaml.org,2002:merge", r"^(?:<<)$", "<")
 _StackLoader.add_constructor(_VERSION_DEPENDENT_TAG, _StackLoader.construct_version_dependent)
-_StackLoader.add_constructor(
-    "tag:yaml.org,2002:int", lambda loader, node: int(str(loader.construct_scalar(node)), 0)
-)
 
+
+def _construct_int(loader: _StackLoader, node: yaml.ScalarNode) -> int:
+    return int(str(loader.construct_scalar(node)), 0)  # decimal, or 0x hex (the resolver allows nothing else)
+
+
+_StackLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 def _construct_float(loader: _StackLoader, node: yaml.ScalarNode) -> float:
     text = str(loader.construct_scalar(node)).lower()
@@ -314,44 +318,61 @@ def parse_stack_yaml(text: str, source: str) -> dict[str, Any]:
     return enclave_keys(document["config"], source)
 
 
-def read_stack_text(path: Path, flag: str = "(file)") -> str:
-    """A stack file's text, or StackError saying what the path is instead (a directory, a device, not UTF-8…)."""
-    if path.is_dir():
-        inside = sorted(p.name for p in path.glob("Pulumi.*.yaml"))[:5]
+def _shown_path(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else f"{text[:120]}… ({len(text)} characters)"
+
+
+def read_bounded_text(path: Path, flag: str, limit: int, kind: str, example: str) -> str:
+    """A file's UTF-8 text, at most `limit` bytes, or StackError saying what the path is instead (missing, a
+    directory, a device, too big, not UTF-8). `kind` and `example` word the fix ("stack file", "stacks/…")."""
+    shown = _shown_path(path)
+
+    def refuse(message: str) -> StackError:
+        return StackError([StackIssue(flag, message)], shown)
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise refuse(f"{shown} does not exist") from None
+    except (OSError, ValueError) as exc:  # a name too long, a loop of links, no permission on a parent, a NUL…
+        raise refuse(f"cannot read {shown}: {getattr(exc, 'strerror', None) or exc}") from None
+    if stat.S_ISDIR(mode):
+        inside = sorted(p.name for p in path.glob("Pulumi.*.yaml"))[:5] if kind == "stack file" else []
         hint = f"; it holds {', '.join(inside)}" if inside else ""
-        raise StackError([StackIssue(flag, f"{path} is a directory, not a stack file{hint}; give a file, "
-                                     f"e.g. {path / 'Pulumi.prod.yaml'}")], str(path))
-    if not path.exists():
-        raise StackError([StackIssue(flag, f"{path} does not exist")], str(path))
-    if not path.is_file():
-        raise StackError([StackIssue(flag, f"{path} is not a regular file (a device, a pipe or a socket); give a "
-                                     "stack file, e.g. stacks/Pulumi.prod.yaml")], str(path))
+        raise refuse(f"{shown} is a directory, not a {kind}{hint}; give a file, e.g. {example}")
+    if not stat.S_ISREG(mode):
+        raise refuse(f"{shown} is not a regular file (a device, a pipe or a socket); give a {kind}, e.g. {example}")
     try:
         with path.open("rb") as handle:
-            data = handle.read(MAX_STACK_FILE_BYTES + 1)
+            data = handle.read(limit + 1)
     except OSError as exc:
-        raise StackError([StackIssue(flag, f"cannot read {path}: {exc.strerror}")], str(path)) from None
-    if len(data) > MAX_STACK_FILE_BYTES:
-        raise StackError([StackIssue(flag, f"{path} is over {MAX_STACK_FILE_BYTES} bytes; a stack file is a few KB")],
-                         str(path))
+        raise refuse(f"cannot read {shown}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise refuse(f"{shown} is over {limit} bytes, more than a {kind} needs")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise StackError([StackIssue(flag, f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
-                                     f"{exc.start}); save it as UTF-8")], str(path)) from None
+        raise refuse(f"{shown} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                     "save it as UTF-8") from None
+
+
+def read_stack_text(path: Path, flag: str = "(file)") -> str:
+    return read_bounded_text(path, flag, MAX_STACK_FILE_BYTES, "stack file", "stacks/Pulumi.prod.yaml")
 
 
 def load_stack_file(path: Path, name: str | None = None, flag: str = "(file)") -> Stack:
     text = read_stack_text(path, flag)
+    source = _shown_path(path)
     stack_name = name if name is not None else stack_name_of(path)
-    name_issues = stack_name_issues(stack_name, None)
+    name_issues = stack_name_issues(stack_name, None, "(stack name, from the file name)" if name is None else "--stack")
     if name_issues:
-        raise StackError(name_issues, str(path))
-    values = parse_stack_yaml(text, str(path))
-    config = load_config(values, str(path))
+        raise StackError(name_issues, source)
+    values = parse_stack_yaml(text, source)
+    config = load_config(values, source)
     issues = stack_name_issues(stack_name, config)  # droplet names, as `pulumi up` checks them for this stack name
     if issues:
-        raise StackError(issues, str(path))
+        raise StackError(issues, source)
     return Stack(stack_name, config, path)
 
 
@@ -360,7 +381,7 @@ def load_stack(name: str, root: Path | None = None) -> Stack:
     if issues:  # checked before it becomes a path: `--stack ../x` or `--stack ''` name no stack file
         raise StackError(issues, f"--stack {name!r}")
     path = stack_path(name, root)
-    if not path.is_file():
+    if not path.exists():
         known = sorted(stack_name_of(p) for p in path.parent.glob("Pulumi.*.yaml"))
         raise StackError(
             [StackIssue("--stack", f"no stack {name!r}: {path} does not exist; known stacks: {', '.join(known) or 'none'}")],

@@ -219,8 +219,10 @@ def _set_changes(old: str, new: str) -> list[SetChange]:
             out.append(SetChange(name, "removed", (), before[name][1]))
         else:
             (old_type, old_members), (new_type, new_members) = before[name], after[name]
-            joined = tuple(m for m in new_members if m not in old_members)
-            left = tuple(m for m in old_members if m not in new_members)
+            # membership in sets, not tuples: a 5 000-host fleet compared 5 000 x 5 000 members per host here
+            old_set, new_set = set(old_members), set(new_members)
+            joined = tuple(m for m in new_members if m not in old_set)
+            left = tuple(m for m in old_members if m not in new_set)
             if joined or left or old_type != new_type:
                 out.append(SetChange(name, "changed", joined, left))
     return out
