@@ -202,8 +202,15 @@ class Ingress(_Strict):
 MAX_COUNT = 65_536
 
 
+def _not_a_bool(value: object) -> object:
+    # pydantic reads true as 1: `count: true` was one host
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is true/false, not a number; write the number of droplets, e.g. 1")
+    return value
+
+
 class Role(_Strict):
-    count: int = Field(ge=0, le=MAX_COUNT)
+    count: Annotated[int, BeforeValidator(_not_a_bool)] = Field(ge=0, le=MAX_COUNT)
     size: str = Field(min_length=1)
     image: str | None = None
     ipv6: bool = False
@@ -582,6 +589,10 @@ def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
         return f"should be a mapping ({{key: value, …}}, or one `key: value` per line), not {_what(value)}"
     if kind == "too_short" and not value:
         return "is empty; give at least 1 item"
+    if kind == "too_long":
+        context = error.get("ctx") or {}
+        actual = len(value) if isinstance(value, (list, dict)) else context.get("actual_length")
+        return f"has {actual} items, over the limit of {context.get('max_length')} (README: Limits)"
     if kind == "string_type":
         return f"should be text, not {_what(value)}"
     message = str(error["msg"])

@@ -234,6 +234,10 @@ def _files(files: RuleFiles) -> dict[str, str]:
 
 def diff_plans(old: Plan, new: Plan, readdressed: bool = False) -> PlanDiff:
     hosts: list[HostChange] = []
+    # A host's ipsets file holds every member of every role it admits, so parsing each host's file is
+    # hosts x members lines (25 million in a 5 000-host fleet). Hosts of one role carry the same file: compare
+    # each distinct (old, new) pair once. What remains per host is hashing its text, at C speed.
+    set_changes_of: dict[tuple[str, str], tuple[SetChange, ...]] = {}
     for host in new.policy.hosts:
         files = new.files[host.name]
         if host.name not in old.files:
@@ -245,7 +249,10 @@ def diff_plans(old: Plan, new: Plan, readdressed: bool = False) -> PlanDiff:
             for name in RULE_FILES
             if (change := _line_changes(name, _files(before)[name], _files(files)[name])) is not None
         ]
-        set_changes = _set_changes(before.ipsets, files.ipsets)
+        pair = (before.ipsets, files.ipsets)
+        if pair not in set_changes_of:
+            set_changes_of[pair] = tuple(_set_changes(*pair))
+        set_changes = set_changes_of[pair]
         action: Action = "update" if line_changes or set_changes else "same"
         hosts.append(HostChange(host.name, host.role, action, tuple(line_changes), tuple(set_changes)))
     for host in old.policy.hosts:
