@@ -49,7 +49,8 @@ def ssh_config(
 ) -> str:
     """`Host <stack>-<host>` blocks: bastions and bastion-less stacks on public addresses, the rest via ProxyJump."""
     # one key per stack (DigitalOcean refuses the same public key twice in one account)
-    identity = ssh_config_argument(identity_file or f"~/.ssh/enclave-{stack_name}", "--identity-file", tokens=True)
+    default = f"~/.ssh/enclave-{stack_name}"
+    identity = ssh_config_argument(default if identity_file is None else identity_file, "--identity-file", tokens=True)
     # stack, host and user names are validated hostnames and user names; checked again so no caller can inject
     ssh_config_argument(stack_name, "the stack name")
     user = ssh_config_argument(user, "sshUser")
