@@ -293,8 +293,9 @@ def parse_stack_yaml(text: str, source: str) -> dict[str, Any]:
     if len(text) > MAX_STACK_FILE_BYTES:
         raise StackError([StackIssue("(file)", f"{len(text)} characters; a stack file is at most "
                                      f"{MAX_STACK_FILE_BYTES} (a real one is a few KB)")], source)
-    loader = _StackLoader(text)
+    loader = None
     try:
+        loader = _StackLoader(text)  # the reader refuses unprintable characters here already
         node = loader.get_single_node()
         if node is not None:
             nodes, depth = _expanded_size(node)
@@ -309,7 +310,8 @@ def parse_stack_yaml(text: str, source: str) -> dict[str, Any]:
     except RecursionError:  # not reachable within MAX_YAML_DEPTH; kept so no input can print a traceback
         raise StackError([StackIssue("(file)", f"nested too deeply; a stack file needs about 7 levels")], source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
         raise StackError([StackIssue("config", "a stack file is a mapping with a `config:` mapping inside")], source)
     issues = _unreadable_values(document["config"], "")

@@ -14,7 +14,8 @@ from .compiler import Addresses, Host, Policy
 # begins a comment; IdentityFile expands `%` tokens (`%%` is a literal %) and `~`. No escape for `"` is
 # documented (newer clients read backslash escapes, older ones do not), and a line ends at a newline. So an
 # argument is written bare when it holds only these characters, in double quotes otherwise, and refused when
-# it holds a double quote, a backslash or a control character (a newline would start a new, injected line).
+# it holds a double quote, a backslash or a character that is not printable (a newline would start a new,
+# injected line).
 BARE_ARGUMENT = re.compile(r"[A-Za-z0-9_.,/~@:+=%-]+")
 
 
@@ -24,7 +25,9 @@ class SshConfigError(ValueError):
 
 def ssh_config_argument(value: str, what: str, tokens: bool = False) -> str:
     """`value` as one ssh_config argument, quoted if need be; `tokens`: the keyword expands `%` (IdentityFile)."""
-    refused = next((c for c in value if ord(c) < 0x20 or c in '"\\\x7f'), None)
+    # not printable: control characters (a newline would start an injected line), bytes that were not UTF-8
+    # (surrogate escapes, which a UTF-8 terminal cannot even print), invisible format characters
+    refused = next((c for c in value if not c.isprintable() or c in '"\\'), None)
     if not value or refused is not None:
         why = "is empty" if not value else f"holds {refused!r}, which an ssh config cannot carry in one argument"
         raise SshConfigError(f"{what} {why}; use a path without quotes, backslashes or control characters")

@@ -120,7 +120,7 @@ def test_identity_file_is_quoted_so_ssh_reads_it_back_exactly(
     assert resolved(config, "prod-tunnel-1")["hostname"] != resolved(config, "prod-mysql-1")["hostname"]
 
 
-@pytest.mark.parametrize("identity", ["/k\nHost *\n  ProxyCommand touch /tmp/pwned", "/k\rx", '/k"x', "/k\\x", ""])
+@pytest.mark.parametrize("identity", ["/k\nHost *\n  ProxyCommand touch /tmp/pwned", "/k\rx", '/k"x', "/k\\x", "", "/k\udcff", "/k\u202ex"])
 def test_identity_file_that_cannot_be_one_argument_is_refused(capsys: pytest.CaptureFixture[str], identity: str) -> None:
     assert main(["ssh-config", "--stack", "prod", f"--identity-file={identity}"]) == 2
     captured = capsys.readouterr()
