@@ -62,29 +62,34 @@ class VersionDependent:
     fix: str
 
 
-# (pattern, what YAML 1.1 / yaml.v3 / YAML 1.2 make of it, the plain spelling), checked in order.
-_VERSION_DEPENDENT: list[tuple[re.Pattern[str], str, str]] = [
+# (kind, pattern, what YAML 1.1 / yaml.v3 / YAML 1.2 make of it, the plain spelling), checked in order.
+_VERSION_DEPENDENT: list[tuple[str, re.Pattern[str], str, str]] = [
     (
+        "bool",
         re.compile(r"y|Y|yes|Yes|YES|n|N|no|No|NO|on|On|ON|off|Off|OFF"),
         "true or false in YAML 1.1, text in YAML 1.2 (Pulumi)",
         "write true or false, or quote it ('{text}') if you mean the word",
     ),
     (
+        "base60",
         re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?"),
         "a base-60 number in YAML 1.1 ({sexagesimal}), text in YAML 1.2 (Pulumi)",
         "write a port range as tcp/{low}-{high}, a number as {sexagesimal}, or quote it ('{text}')",
     ),
     (
+        "octal",
         re.compile(r"[-+]?0[0-9_]+"),
         "octal in YAML 1.1 and in Pulumi's yaml.v3 ({octal}), decimal {decimal} in YAML 1.2",
         "write {decimal} (no leading zero), or quote it ('{text}')",
     ),
     (
+        "number",
         re.compile(r"[-+]?(0b[01_]+|0o[0-7_]+|[0-9][0-9_]*_[0-9_]*)"),
         "a number in some YAML versions and text in others",
         "write it in plain decimal digits, or quote it ('{text}')",
     ),
     (
+        "date",
         re.compile(r"[0-9][0-9][0-9][0-9]-[0-9][0-9]?-[0-9][0-9]?([Tt ].*)?"),
         "a date in YAML 1.1, text in YAML 1.2",
         "quote it ('{text}')",
@@ -93,19 +98,25 @@ _VERSION_DEPENDENT: list[tuple[re.Pattern[str], str, str]] = [
 
 
 def _version_dependent(text: str) -> VersionDependent | None:
-    for pattern, meaning, fix in _VERSION_DEPENDENT:
+    for kind, pattern, meaning, fix in _VERSION_DEPENDENT:
         if not pattern.fullmatch(text):
             continue
         values: dict[str, object] = {"text": text}
         digits = text.replace("_", "").lstrip("+-")
-        if ":" in text:
-            low, _, high = digits.partition(":")
+        if kind == "base60":
+            whole = digits.split(".")[0].split(":")
             sexagesimal = 0
-            for part in digits.split(".")[0].split(":"):
+            for part in whole:
                 sexagesimal = sexagesimal * 60 + int(part)
-            values.update(low=int(low), high=int(high.split(":")[0].split(".")[0]), sexagesimal=sexagesimal)
-        elif pattern.pattern.startswith("[-+]?0[0-9_]+"):
-            values.update(decimal=int(digits), octal=int(digits, 8) if set(digits) <= set("01234567") else "invalid")
+            values.update(low=int(whole[0]), high=int(whole[1]), sexagesimal=sexagesimal)
+            if int(whole[1]) < int(whole[0]) or len(whole) > 2:  # not a port range: only the number makes sense
+                fix = "write it as the number {sexagesimal}, or quote it ('{text}')"
+        elif kind == "octal":
+            values.update(decimal=int(digits))
+            if set(digits) <= set("01234567"):
+                values.update(octal=int(digits, 8))
+            else:  # 0999: no octal; yaml.v3 falls back to a float, YAML 1.1 to text
+                meaning = "text in YAML 1.1, the number {decimal} in YAML 1.2 and in Pulumi's yaml.v3"
         return VersionDependent(text, meaning.format(**values), fix.format(**values))
     return None
 

@@ -493,7 +493,7 @@ def stack_with(tmp_path: Path, before: str, after: str) -> Path:
         ("{from: internet, ports: [tcp/80]}", "{from: internet, ports: [20:21]}",
          "enclave:roles.haproxy-www.ingress[0].ports[0]", "write a port range as tcp/20-21"),
         ("      count: 2\n      size: s-1vcpu-2gb", "      count: 1:00\n      size: s-1vcpu-2gb",
-         "enclave:roles.wordpress.count", "a number as 60"),
+         "enclave:roles.wordpress.count", "the number 60"),
         # 0443 is 291 for YAML 1.1 and yaml.v3, 443 for YAML 1.2
         ("{from: internet, ports: [tcp/80]}", "{from: internet, ports: [0443]}",
          "enclave:roles.haproxy-www.ingress[0].ports[0]", "write 443 (no leading zero)"),
