@@ -237,6 +237,11 @@ class Interfaces(_Strict):
     def _is_interface_name(cls, name: str) -> str:
         if not INTERFACE_NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(f"{name!r} is not a Linux interface name (1-15 of letters, digits, _ . -)")
+        if name in ("all", "default"):
+            # the kernel refuses them (RTNETLINK: Invalid argument): net.ipv4.conf.all/default are not devices
+            raise ValueError(f"{name!r} is reserved by the kernel for settings of every interface; name the device")
+        if name.startswith("-"):
+            raise ValueError(f"{name!r} starts with '-', which iptables (-i {name}) would read as an option")
         if name == "lo":
             raise ValueError(
                 "'lo' is the loopback interface, which enclave always accepts on; name the droplet's network "

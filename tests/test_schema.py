@@ -234,6 +234,10 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
      "enclave:interfaces.public", "'lo' is the loopback interface"),
     ("interface-dot", set_key("enclave:interfaces", {"public": "eth0", "private": ".."}),
      "enclave:interfaces.private", "not a Linux interface name"),
+    ("interface-all", set_key("enclave:interfaces", {"public": "eth0", "private": "all"}),
+     "enclave:interfaces.private", "reserved by the kernel"),
+    ("interface-option-like", set_key("enclave:interfaces", {"public": "-eth0", "private": "eth1"}),
+     "enclave:interfaces.public", "read as an option"),
     ("count-true", role_key("wordpress", "count", True),
      "enclave:roles.wordpress.count", "true is true/false, not a number"),
     ("too-many-roles", lambda doc: roles(doc).update({f"r{i}x": {"count": 0, "size": "s"} for i in range(100)}),
@@ -615,3 +619,21 @@ def test_lab_refuses_bad_input_like_plan(tmp_path: Path, capsys: pytest.CaptureF
         assert capsys.readouterr().err == plan_err
     assert main(["lab", "check", "--stack", "My_Stack"]) == 2
     assert "'My_Stack' becomes part of droplet host names" in capsys.readouterr().err
+
+
+def test_aliases_cannot_expand_a_host_past_the_rule_limit(tmp_path: Path) -> None:
+    """8 KB of YAML aliases gave 10 000 rules per host: 100 sources x 100 ports in one entry, written once."""
+    cidrs = ", ".join(f"203.0.{i}.0/24" for i in range(100))
+    ports = ", ".join(f"tcp/{2000 + 2 * i}" for i in range(100))
+    text = ROOT_PROD.read_text().replace(
+        "        - {from: internet, ports: [tcp/80]}",
+        f"        - {{from: &cidrs [{cidrs}], ports: &ports [{ports}]}}\n        - {{from: *cidrs, ports: *ports}}",
+        1,
+    )
+    path = tmp_path / "Pulumi.aliased.yaml"
+    path.write_text(text)
+    assert len(text.encode()) < 8_000
+    with pytest.raises(StackError) as caught:
+        load_stack_file(path)
+    (issue,) = caught.value.issues
+    assert issue.path == "enclave:roles.haproxy-www.ingress" and "10001 rules, over the limit of 2000" in issue.message
