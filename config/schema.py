@@ -80,6 +80,11 @@ MAX_TESTS = 1_000
 # (peers are sets), so a host over 2 000 rules is a stack written one entry per port or address, not a big
 # fleet. Sources per entry have no limit of their own: this one bounds what they expand to.
 MAX_RULES_PER_HOST = 2_000
+# Every host's ipset file lists the private address of every host of every role it admits or sends to, so what
+# a fleet pushes in all grows with hosts x peers. A 5 000-host prod-shaped fleet (every mysql host admits every
+# wordpress and mysql host) pushes 18.6 million members, 0.7 GB of rule files, which `enclave plan` holds in
+# memory at once; past this, a stack would exhaust memory long before `pulumi up` could push it.
+MAX_SET_MEMBERS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -438,6 +443,7 @@ class StackConfig(_Strict):
         for set_name, first, second in set_name_collisions(list(self.roles)):
             bad(second, f"its ipset would be named {set_name}, as {first}'s is; rename one of them")
         issues += self._rule_count_issues(prefix)
+        issues += self._set_member_issues(prefix)
 
         for i, test in enumerate(self.tests):
             for key, name in (("from", test.sources), ("to", test.to)):
@@ -478,6 +484,28 @@ class StackConfig(_Strict):
                     "port ranges (tcp/8000-8100) and roles rather than one entry per port or address",
                 ))
         return issues
+
+    def _set_member_issues(self, prefix: str) -> list[StackIssue]:
+        """A fleet whose hosts would carry more than MAX_SET_MEMBERS ipset members in all (hosts x peers)."""
+        sets: dict[str, set[str]] = {name: set(self.bastion_roles()) for name in self.roles}
+        for role_name, role in self.roles.items():
+            for rule in role.ingress:
+                for source in rule.sources:
+                    if source in self.roles:
+                        sets[role_name].add(source)
+                    sender = source if source in self.roles else self.role_of_host(source)
+                    if sender is not None and self.roles[sender].egress == "restricted":
+                        sets[sender].add(role_name)
+        members = sum(self.roles[r].count * sum(self.roles[s].count for s in sets[r]) for r in self.roles)
+        if members <= MAX_SET_MEMBERS:
+            return []
+        biggest = max(self.roles, key=lambda r: self.roles[r].count * sum(self.roles[s].count for s in sets[r]))
+        return [StackIssue(
+            f"{prefix}roles",
+            f"the hosts would carry {members} ipset members in all (each lists every host of every role it admits "
+            f"or sends to; most of them on the {self.roles[biggest].count} hosts of {biggest}), over the limit of "
+            f"{MAX_SET_MEMBERS} (README: Limits): lower the counts, admit fewer roles, or split the fleet into stacks",
+        )]
 
     def _hosts_named(self, name: str) -> set[str]:
         if name in self.roles:

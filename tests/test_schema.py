@@ -80,6 +80,12 @@ def no_bastion_no_operators(doc: Doc) -> None:
     del doc["config"]["enclave:operators"]
 
 
+def dense_fleet(doc: Doc) -> None:
+    """30 000 mysql hosts admitting one another: 900 million members, a plan no machine could hold."""
+    doc["config"]["enclave:vpcIpRange"] = "10.110.0.0/16"
+    roles(doc)["mysql"]["count"] = 30_000
+
+
 def fleet_over_a_16(doc: Doc) -> None:
     doc["config"]["enclave:vpcIpRange"] = "10.110.0.0/16"
     roles(doc)["wordpress"]["count"] = roles(doc)["mysql"]["count"] = 40_000
@@ -249,6 +255,8 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
     ("too-many-rules-per-host", role_key("haproxy-www", "ingress", [
         {"from": [f"203.0.{i}.0/24" for i in range(30)], "ports": [f"tcp/{1000 + 2 * p}" for p in range(70)]}]),
      "enclave:roles.haproxy-www.ingress", "2101 rules, over the limit of 2000 per host"),
+    ("fleet-pushing-too-many-members", dense_fleet,
+     "enclave:roles", "over the limit of 25000000 (README: Limits)"),
     ("fleet-over-a-16", fleet_over_a_16,
      "enclave:vpcIpRange", "a VPC is at most a /16 (65531 droplets): lower the counts or split the fleet"),
 ]
