@@ -98,6 +98,9 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
             for key, family in (("public", 4), ("private", 4), ("public6", 6)):
                 if entry.get(key) is not None and not isinstance(entry[key], str):
                     raise ValueError(f"{key} must be an address as text, e.g. \"203.0.113.5\", not {entry[key]!r:.60}")
+                if entry.get(key) is not None and "%" in entry[key]:
+                    # ipaddress takes an IPv6 scope of any text after %, newlines included
+                    raise ValueError(f"{key} must be a plain address, without a %scope")
                 if entry.get(key) is not None and ipaddress.ip_address(entry[key]).version != family:
                     raise ValueError(f"{key} must be IPv{family}")
             if ipaddress.ip_address(entry["private"]) not in vpc:

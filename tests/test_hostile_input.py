@@ -48,6 +48,14 @@ def test_one_public_address_on_two_hosts_is_refused(tmp_path: Path, capsys: pyte
     assert "public6" in err and "is mysql-1's too" in err
 
 
+def test_a_scoped_address_cannot_carry_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Python's ipaddress accepts any text after % as an IPv6 scope, a newline included."""
+    addrs = prod_addresses()
+    addrs["mysql-1"]["public6"] = "2001:db8:e0::14%x\nHost *"
+    code, err = plan_with(tmp_path, capsys, json.dumps(addrs))
+    assert code == 2 and "public6 must be a plain address, without a %scope" in err
+
+
 @pytest.mark.parametrize(
     "content,words",
     [

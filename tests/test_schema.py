@@ -479,14 +479,6 @@ def test_a_stack_file_named_for_a_bad_stack_name_is_refused(tmp_path: Path, caps
     assert "'My_Stack' becomes part of droplet host names" in capsys.readouterr().err
 
 
-def test_the_program_uses_the_same_stack_name_check() -> None:
-    import inspect
-
-    import components.stack_config as program
-
-    assert "stack_name_issues(name, config)" in inspect.getsource(program.read_stack_settings)
-
-
 # ------------------------------------------------------------------------------ issue 12: one YAML reading
 
 
