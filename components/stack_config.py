@@ -33,7 +33,7 @@ from config.schema import (
     load_config,
     stack_name_issues,
 )
-from config.stackfile import Stack
+from config.stackfile import Stack, stack_file_issues
 from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
 from enclave.plan import Plan, build_plan
 
@@ -112,6 +112,7 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
     except StackError as exc:
         issues += exc.issues
     issues += stack_name_issues(name, config)
+    issues += stack_file_issues(name)  # the stack file as written: refused if YAML versions read it differently
     issues += _private_key_issues(values)
     if issues or config is None:
         raise InvalidStack(StackError(issues, source))

@@ -389,6 +389,20 @@ def load_stack_file(path: Path, name: str | None = None, flag: str = "(file)") -
     return Stack(stack_name, config, path)
 
 
+def stack_file_issues(name: str, root: Path | None = None) -> list[StackIssue]:
+    """For the Pulumi program: what `enclave plan` refuses in `stacks/Pulumi.<name>.yaml` as written (values YAML
+    versions read differently, aliases, nesting), which the program cannot see in the values Pulumi hands it
+    (`0443` arrives as 291). [] when there is no such file (a stack configured elsewhere)."""
+    path = stack_path(name, root)
+    if not path.is_file():
+        return []
+    try:
+        parse_stack_yaml(read_stack_text(path), str(path))
+    except StackError as exc:
+        return exc.issues
+    return []
+
+
 def load_stack(name: str, root: Path | None = None) -> Stack:
     issues = stack_name_issues(name, None, "--stack")
     if issues:  # checked before it becomes a path: `--stack ../x` or `--stack ''` name no stack file

@@ -637,3 +637,18 @@ def test_aliases_cannot_expand_a_host_past_the_rule_limit(tmp_path: Path) -> Non
         load_stack_file(path)
     (issue,) = caught.value.issues
     assert issue.path == "enclave:roles.haproxy-www.ingress" and "10001 rules, over the limit of 2000" in issue.message
+
+
+def test_the_program_refuses_the_stack_file_plan_refuses(tmp_path: Path) -> None:
+    """Pulumi hands the program `0443` as 291, so the program reads the stack file as written too, with the
+    same reader as `enclave plan` (components/stack_config.py adds these issues to its own)."""
+    from config.stackfile import stack_file_issues
+
+    (tmp_path / "Pulumi.yaml").write_text("name: enclave\n")
+    (tmp_path / "stacks").mkdir()
+    (tmp_path / "stacks" / "Pulumi.x.yaml").write_text(
+        ROOT_PROD.read_text().replace("{from: internet, ports: [tcp/80]}", "{from: internet, ports: [0443]}", 1)
+    )
+    (issue,) = stack_file_issues("x", tmp_path)
+    assert issue.path == "enclave:roles.haproxy-www.ingress[0].ports[0]" and "write 443" in issue.message
+    assert stack_file_issues("prod") == [] and stack_file_issues("absent", tmp_path) == []
