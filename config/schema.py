@@ -687,6 +687,14 @@ def stack_name_issues(stack_name: str, stack: StackConfig | None, key: str = "(s
     """Why `stack_name` cannot name a stack enclave builds, or []: it becomes part of droplet names, tags and the
     ssh config's `Host` aliases, so it is a hostname label. The program and the CLI call this same check."""
     shown = repr(stack_name) if len(stack_name) <= 80 else f"{stack_name[:60]!r}… ({len(stack_name)} characters)"
+    if len(stack_name) > DROPLET_NAME_MAX - len("-r-1"):
+        return [
+            StackIssue(
+                key,
+                f"{shown} is {len(stack_name)} characters; droplets are named <stack>-<role>-<n>, at most "
+                f"{DROPLET_NAME_MAX} characters, so a stack name has at most {DROPLET_NAME_MAX - len('-r-1')}",
+            )
+        ]
     if not HOSTNAME_LABEL.fullmatch(stack_name):
         return [
             StackIssue(

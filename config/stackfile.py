@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 from dataclasses import dataclass
@@ -408,7 +409,7 @@ def load_stack(name: str, root: Path | None = None) -> Stack:
     if issues:  # checked before it becomes a path: `--stack ../x` or `--stack ''` name no stack file
         raise StackError(issues, f"--stack {name!r}")
     path = stack_path(name, root)
-    if not path.exists():
+    if not os.path.exists(path):
         known = sorted(stack_name_of(p) for p in path.parent.glob("Pulumi.*.yaml"))
         raise StackError(
             [StackIssue("--stack", f"no stack {name!r}: {path} does not exist; known stacks: {', '.join(known) or 'none'}")],

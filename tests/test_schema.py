@@ -461,7 +461,7 @@ def test_a_role_named_operators6_keeps_its_own_set(tmp_path: Path) -> None:
     assert len(creates) == len(set(creates))  # each set created once, with one type
 
 
-@pytest.mark.parametrize("argv_stack", ["", "My_Stack", "my stack", "prod\nHost *", "-prod"])
+@pytest.mark.parametrize("argv_stack", ["", "My_Stack", "my stack", "prod\nHost *", "-prod", "x" * 100_000])
 def test_cli_refuses_stack_names_pulumi_refuses(argv_stack: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Exactly the program's check (config.schema.stack_name_issues); `--stack ''` used to mean dev."""
     from config.schema import stack_name_issues
@@ -469,7 +469,7 @@ def test_cli_refuses_stack_names_pulumi_refuses(argv_stack: str, capsys: pytest.
     assert stack_name_issues(argv_stack, None)
     assert main(["plan", f"--stack={argv_stack}"]) == 2
     err = capsys.readouterr().err
-    assert "--stack" in err and "lower-case letters, digits and '-'" in err
+    assert "--stack" in err and ("lower-case letters, digits and '-'" in err or "a stack name has at most 59" in err)
 
 
 def test_a_stack_file_named_for_a_bad_stack_name_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
