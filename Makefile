@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup apt test typecheck unit plan lab bench bench-setup clean
+.PHONY: setup apt test typecheck unit fuzz plan lab bench bench-setup clean
 
 setup: apt $(VENV)/.synced
 
@@ -42,6 +42,12 @@ unit: setup
 
 # The test command (CI runs it): type-check the program against the Pulumi SDKs, then every test.
 test: typecheck unit
+
+# The property-based test of hostile input (tests/test_fuzz.py) with a longer budget than `make test` gives it
+# (60 examples there); FUZZ_EXAMPLES=20000 for a night.
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	ENCLAVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 plan: setup
 	$(ENCLAVE) plan --stack $(STACK)

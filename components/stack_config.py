@@ -25,16 +25,15 @@ import pulumi
 from pulumi.runtime.config import CONFIG, get_config_env, is_config_secret
 
 from config.schema import (
-    HOSTNAME_LABEL,
     NAMESPACE,
     StackConfig,
     StackError,
     StackIssue,
-    droplet_name_issues,
     enclave_keys,
     load_config,
+    stack_name_issues,
 )
-from config.stackfile import Stack
+from config.stackfile import Stack, stack_file_issues
 from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
 from enclave.plan import Plan, build_plan
 
@@ -80,18 +79,6 @@ def pulumi_config_values() -> dict[str, Any]:
     return {**get_config_env(), **CONFIG.get()}
 
 
-def _stack_name_issues(stack_name: str, config: StackConfig | None) -> list[StackIssue]:
-    if not HOSTNAME_LABEL.fullmatch(stack_name):
-        return [
-            StackIssue(
-                "(stack name)",
-                f"{stack_name!r} becomes part of droplet host names and tags: use lower-case letters, digits and "
-                "'-' (e.g. `pulumi stack rename prod`)",
-            )
-        ]
-    return droplet_name_issues(stack_name, config) if config else []
-
-
 def _private_key_issues(values: dict[str, Any]) -> list[StackIssue]:
     key = f"{NAMESPACE}:{PRIVATE_KEY}"
     set_secret = f"pulumi config set --secret {key} < ~/.ssh/enclave-<stack>"
@@ -124,7 +111,8 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
         config = load_config(values, source)
     except StackError as exc:
         issues += exc.issues
-    issues += _stack_name_issues(name, config)
+    issues += stack_name_issues(name, config)
+    issues += stack_file_issues(name)  # the stack file as written: refused if YAML versions read it differently
     issues += _private_key_issues(values)
     if issues or config is None:
         raise InvalidStack(StackError(issues, source))

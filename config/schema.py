@@ -26,16 +26,65 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .names import set_name_collisions
+
 NAMESPACE = "enclave"
 
 # RFC 1123 label; DigitalOcean droplet names and Linux hostnames accept these.
 HOSTNAME_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
+HOST_NUMBER = re.compile(r"[1-9][0-9]*")  # ASCII only: str.isdigit() also takes '١' and '²'
 # Words with a fixed meaning in `from` / `to`; a role may not take these names.
 RESERVED_NAMES = frozenset({"internet", "operators", "neighbor", "all", "any"})
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 RFC1918 = tuple(ipaddress.IPv4Network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+
+# Source ranges no packet arriving on a droplet's public interface can come from, and why (ingress `from`
+# CIDRs and `operators` are matched there). Link-local is refused too: such a packet never crosses a router,
+# so it could only come from the droplet's own public segment, whose only other members are the provider's
+# (and a neighbour spoofing them); admitting it admits nobody you could name.
+NEVER_A_SOURCE: tuple[tuple[IPNetwork, str], ...] = (
+    (ipaddress.ip_network("::ffff:0:0/96"), "IPv4-mapped IPv6: IPv4 packets are matched by iptables as IPv4, "
+     "never as ::ffff:a.b.c.d; write the IPv4 range itself"),
+    (ipaddress.ip_network("127.0.0.0/8"), "loopback: it never arrives on a network interface"),
+    (ipaddress.ip_network("::1/128"), "loopback: it never arrives on a network interface"),
+    (ipaddress.ip_network("224.0.0.0/4"), "multicast: a multicast address is never a packet's source"),
+    (ipaddress.ip_network("ff00::/8"), "multicast: a multicast address is never a packet's source"),
+    (ipaddress.ip_network("169.254.0.0/16"), "link-local: it never crosses a router, so only the droplet's own "
+     "segment (the provider's gateway) could send from it"),
+    (ipaddress.ip_network("fe80::/10"), "link-local: it never crosses a router, so only the droplet's own "
+     "segment (the provider's gateway) could send from it"),
+    (ipaddress.ip_network("0.0.0.0/8"), "'this network': not a source address on the Internet"),
+    (ipaddress.ip_network("::/128"), "the unspecified address: not a source address"),
+)
+
+
+def never_a_source(net: IPNetwork) -> str | None:
+    """Why no packet from `net` can reach a public interface, or None when some can."""
+    for block, why in NEVER_A_SOURCE:
+        if net.version == block.version and net.subnet_of(block):  # type: ignore[arg-type]
+            return why
+    return None
+
+
+# Limits on what a stack may expand to, so a stack file (or its aliases) cannot make a host's rule set, the
+# plan or the push unbounded. Each is far above any real stack (prod: 4 roles, 1-2 entries, 2 ports, 7 rules
+# per host) and below where cost becomes a problem: see README "Limits".
+MAX_ROLES = 100  # each role is a set every host that admits it references, and a tag per droplet
+MAX_INGRESS_PER_ROLE = 100
+MAX_PORTS_PER_ENTRY = 100
+MAX_OPERATORS = 1_000  # a baseline rule each on bastions (the booting droplet has no set yet)
+MAX_TESTS = 1_000
+# iptables walks a chain rule by rule for every new connection; enclave's rules grow with declarations only
+# (peers are sets), so a host over 2 000 rules is a stack written one entry per port or address, not a big
+# fleet. Sources per entry have no limit of their own: this one bounds what they expand to.
+MAX_RULES_PER_HOST = 2_000
+# Every host's ipset file lists the private address of every host of every role it admits or sends to, so what
+# a fleet pushes in all grows with hosts x peers. A 5 000-host prod-shaped fleet (every mysql host admits every
+# wordpress and mysql host) pushes 18.6 million members, 0.7 GB of rule files, which `enclave plan` holds in
+# memory at once; past this, a stack would exhaust memory long before `pulumi up` could push it.
+MAX_SET_MEMBERS = 25_000_000
 
 
 @dataclass(frozen=True)
@@ -126,7 +175,7 @@ def _parse_port(value: object) -> PortSpec:
     return PortSpec.parse(value)
 
 
-Ports = Annotated[list[PortSpec], BeforeValidator(_parse_ports), Field(min_length=1)]
+Ports = Annotated[list[PortSpec], BeforeValidator(_parse_ports), Field(min_length=1, max_length=MAX_PORTS_PER_ENTRY)]
 Port = Annotated[PortSpec, BeforeValidator(_parse_port)]
 SourceList = Annotated[list[str], BeforeValidator(_to_list), Field(min_length=1)]
 
@@ -158,15 +207,22 @@ class Ingress(_Strict):
 MAX_COUNT = 65_536
 
 
+def _not_a_bool(value: object) -> object:
+    # pydantic reads true as 1: `count: true` was one host
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is true/false, not a number; write the number of droplets, e.g. 1")
+    return value
+
+
 class Role(_Strict):
-    count: int = Field(ge=0, le=MAX_COUNT)
+    count: Annotated[int, BeforeValidator(_not_a_bool)] = Field(ge=0, le=MAX_COUNT)
     size: str = Field(min_length=1)
     image: str | None = None
     ipv6: bool = False
     tags: list[str] = Field(default_factory=list)
     bastion: bool = False
     egress: Literal["open", "restricted"] = "open"
-    ingress: list[Ingress] = Field(default_factory=list)
+    ingress: list[Ingress] = Field(default_factory=list, max_length=MAX_INGRESS_PER_ROLE)
 
     @field_validator("tags")
     @classmethod
@@ -184,8 +240,18 @@ class Interfaces(_Strict):
     @field_validator("public", "private")
     @classmethod
     def _is_interface_name(cls, name: str) -> str:
-        if not INTERFACE_NAME.fullmatch(name):
+        if not INTERFACE_NAME.fullmatch(name) or name in (".", ".."):
             raise ValueError(f"{name!r} is not a Linux interface name (1-15 of letters, digits, _ . -)")
+        if name in ("all", "default"):
+            # the kernel refuses them (RTNETLINK: Invalid argument): net.ipv4.conf.all/default are not devices
+            raise ValueError(f"{name!r} is reserved by the kernel for settings of every interface; name the device")
+        if name.startswith("-"):
+            raise ValueError(f"{name!r} starts with '-', which iptables (-i {name}) would read as an option")
+        if name == "lo":
+            raise ValueError(
+                "'lo' is the loopback interface, which enclave always accepts on; name the droplet's network "
+                "interface (DigitalOcean: public eth0, private eth1)"
+            )
         return name
 
 
@@ -204,10 +270,10 @@ class StackConfig(_Strict):
     image: str = Field(min_length=1)
     ssh_user: str = "root"
     ssh_public_key: str
-    operators: list[IPNetwork] = Field(default_factory=list)
+    operators: list[IPNetwork] = Field(default_factory=list, max_length=MAX_OPERATORS)
     interfaces: Interfaces = Field(default_factory=Interfaces)
-    roles: dict[str, Role] = Field(min_length=1)
-    tests: list[PolicyTest] = Field(default_factory=list)
+    roles: dict[str, Role] = Field(min_length=1, max_length=MAX_ROLES)
+    tests: list[PolicyTest] = Field(default_factory=list, max_length=MAX_TESTS)
     log_drops: bool = False
     cloud_firewall: bool = False
 
@@ -244,6 +310,10 @@ class StackConfig(_Strict):
                     net = ipaddress.ip_network(str(item), strict=True)
                 except ValueError as exc:
                     raise ValueError(f"{item!r} is not an address range ({exc}); e.g. 198.51.100.7/32") from None
+                unusable = never_a_source(net)
+                if unusable:
+                    # the pushes dial from an operator address to a bastion's public address
+                    raise ValueError(f"{item!r} is {unusable}; give the public address you run `pulumi up` from")
                 if net.prefixlen == 0:
                     # operators are an ipset (hash:net), which holds /1 to /32 (/128): a push with /0 is rejected
                     raise ValueError(
@@ -294,7 +364,7 @@ class StackConfig(_Strict):
     def role_of_host(self, name: str) -> str | None:
         """`mysql-2` -> `mysql` when that role has at least 2 instances."""
         role, dash, number = name.rpartition("-")
-        if dash and role in self.roles and number.isdigit() and not number.startswith("0"):
+        if dash and role in self.roles and HOST_NUMBER.fullmatch(number):
             if 1 <= int(number) <= self.roles[role].count:
                 return role
         return None
@@ -340,6 +410,13 @@ class StackConfig(_Strict):
                 )
         elif not self.operators:
             bad("operators", "no bastion role and no `operators`: nobody could SSH to any host; add your address")
+        for net in self.operators:
+            if net.version == 4 and net.overlaps(self.vpc_ip_range):
+                bad(
+                    "operators",
+                    f"{net} overlaps vpcIpRange {self.vpc_ip_range}, but operators are matched on the public "
+                    "interface, where VPC addresses never arrive; give the public address you run `pulumi up` from",
+                )
         if self.operators and not any(net.version == 4 for net in self.operators):
             # the pushes (and `enclave ssh-config`) dial the bastion's, or each host's, public IPv4 address
             bad(
@@ -352,14 +429,21 @@ class StackConfig(_Strict):
         # DigitalOcean reserves the network and broadcast addresses and a gateway; keep 3 spare.
         usable = self.vpc_ip_range.num_addresses - 5
         if hosts > usable:
-            bad(
-                "vpcIpRange",
-                f"{self.vpc_ip_range} holds {usable} droplets but the roles ask for {hosts}; "
-                f"use a larger range, e.g. /{max(16, 32 - (hosts + 5).bit_length())}",
+            length = 32 - (hosts + 5 - 1).bit_length()
+            fix = (
+                f"use a larger range, e.g. /{length}"
+                if length >= 16
+                else f"a VPC is at most a /16 ({2**16 - 5} droplets): lower the counts or split the fleet into stacks"
             )
+            bad("vpcIpRange", f"{self.vpc_ip_range} holds {usable} droplets but the roles ask for {hosts}; {fix}")
 
         if self.interfaces.public == self.interfaces.private:
             bad("interfaces", "public and private must be different interfaces")
+
+        for set_name, first, second in set_name_collisions(list(self.roles)):
+            bad(second, f"its ipset would be named {set_name}, as {first}'s is; rename one of them")
+        issues += self._rule_count_issues(prefix)
+        issues += self._set_member_issues(prefix)
 
         for i, test in enumerate(self.tests):
             for key, name in (("from", test.sources), ("to", test.to)):
@@ -377,6 +461,52 @@ class StackConfig(_Strict):
                 bad(f"tests[{i}].port", f"a test probes one port, not the range {test.port}")
         return issues
 
+    def _rule_count_issues(self, prefix: str) -> list[StackIssue]:
+        """Roles whose hosts would get more than MAX_RULES_PER_HOST rules in one table (identical ones counted once,
+        as rendered): inbound (source, port) pairs, plus with restricted egress the (port, role) pairs it sends."""
+        inbound: dict[str, set[tuple[str, PortSpec]]] = {name: set() for name in self.roles}
+        outbound: dict[str, set[tuple[str, PortSpec]]] = {name: set() for name in self.roles}
+        for role_name, role in self.roles.items():
+            for rule in role.ingress:
+                for source in rule.sources:
+                    sender = source if source in self.roles else self.role_of_host(source)
+                    for port in rule.ports:
+                        inbound[role_name].add((source, port))
+                        if sender is not None:
+                            outbound[sender].add((role_name, port))
+        issues = []
+        for role_name, role in self.roles.items():
+            rules = len(inbound[role_name]) + (len(outbound[role_name]) if role.egress == "restricted" else 0)
+            if rules > MAX_RULES_PER_HOST:
+                issues.append(StackIssue(
+                    f"{prefix}roles.{role_name}.ingress",
+                    f"its hosts would get {rules} rules, over the limit of {MAX_RULES_PER_HOST} per host: declare "
+                    "port ranges (tcp/8000-8100) and roles rather than one entry per port or address",
+                ))
+        return issues
+
+    def _set_member_issues(self, prefix: str) -> list[StackIssue]:
+        """A fleet whose hosts would carry more than MAX_SET_MEMBERS ipset members in all (hosts x peers)."""
+        sets: dict[str, set[str]] = {name: set(self.bastion_roles()) for name in self.roles}
+        for role_name, role in self.roles.items():
+            for rule in role.ingress:
+                for source in rule.sources:
+                    if source in self.roles:
+                        sets[role_name].add(source)
+                    sender = source if source in self.roles else self.role_of_host(source)
+                    if sender is not None and self.roles[sender].egress == "restricted":
+                        sets[sender].add(role_name)
+        members = sum(self.roles[r].count * sum(self.roles[s].count for s in sets[r]) for r in self.roles)
+        if members <= MAX_SET_MEMBERS:
+            return []
+        biggest = max(self.roles, key=lambda r: self.roles[r].count * sum(self.roles[s].count for s in sets[r]))
+        return [StackIssue(
+            f"{prefix}roles",
+            f"the hosts would carry {members} ipset members in all (each lists every host of every role it admits "
+            f"or sends to; most of them on the {self.roles[biggest].count} hosts of {biggest}), over the limit of "
+            f"{MAX_SET_MEMBERS} (README: Limits): lower the counts, admit fewer roles, or split the fleet into stacks",
+        )]
+
     def _hosts_named(self, name: str) -> set[str]:
         if name in self.roles:
             return {f"{name}-{n}" for n in range(1, self.roles[name].count + 1)}
@@ -385,7 +515,7 @@ class StackConfig(_Strict):
     def _host_problem(self, name: str) -> str | None:
         """Why `name`, shaped like a host of an existing role (`mysql-3`, `mysql-01`), is not one of its hosts."""
         role, dash, number = name.rpartition("-")
-        if not dash or role not in self.roles or not number.isdigit() or self.role_of_host(name):
+        if not dash or role not in self.roles or not re.fullmatch(r"[0-9]+", number) or self.role_of_host(name):
             return None
         count = self.roles[role].count
         if count == 0:
@@ -407,6 +537,9 @@ class StackConfig(_Strict):
                 net = ipaddress.ip_network(source, strict=True)
             except ValueError as exc:
                 return f"{source!r} is not a valid CIDR ({exc})"
+            unusable = never_a_source(net)
+            if unusable:
+                return f"{source!r} can never match: it is {unusable}"
             # CIDR sources are matched on the public interface: VPC addresses never arrive there.
             if net.version == 4 and self.vpc_ip_range.subnet_of(net):
                 return (
@@ -489,6 +622,10 @@ def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
         return f"should be a mapping ({{key: value, …}}, or one `key: value` per line), not {_what(value)}"
     if kind == "too_short" and not value:
         return "is empty; give at least 1 item"
+    if kind == "too_long":
+        context = error.get("ctx") or {}
+        actual = len(value) if isinstance(value, (list, dict)) else context.get("actual_length")
+        return f"has {actual} items, over the limit of {context.get('max_length')} (README: Limits)"
     if kind == "string_type":
         return f"should be text, not {_what(value)}"
     message = str(error["msg"])
@@ -544,6 +681,30 @@ def droplet_name_issues(stack_name: str, stack: StackConfig) -> list[StackIssue]
                 )
             )
     return issues
+
+
+def stack_name_issues(stack_name: str, stack: StackConfig | None, key: str = "(stack name)") -> list[StackIssue]:
+    """Why `stack_name` cannot name a stack enclave builds, or []: it becomes part of droplet names, tags and the
+    ssh config's `Host` aliases, so it is a hostname label. The program and the CLI call this same check."""
+    shown = repr(stack_name) if len(stack_name) <= 80 else f"{stack_name[:60]!r}… ({len(stack_name)} characters)"
+    if len(stack_name) > DROPLET_NAME_MAX - len("-r-1"):
+        return [
+            StackIssue(
+                key,
+                f"{shown} is {len(stack_name)} characters; droplets are named <stack>-<role>-<n>, at most "
+                f"{DROPLET_NAME_MAX} characters, so a stack name has at most {DROPLET_NAME_MAX - len('-r-1')}",
+            )
+        ]
+    if not HOSTNAME_LABEL.fullmatch(stack_name):
+        return [
+            StackIssue(
+                key,
+                f"{shown} becomes part of droplet host names and tags: use lower-case letters, digits and '-', "
+                "not starting or ending with '-' (e.g. `pulumi stack rename prod`, or name the file "
+                "Pulumi.prod.yaml)",
+            )
+        ]
+    return droplet_name_issues(stack_name, stack) if stack else []
 
 
 def enclave_keys(pulumi_config: dict[str, Any], source: str = "stack") -> dict[str, Any]:

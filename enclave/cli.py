@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from .compiler import compile_policy
 from .cloudfirewall import check_cloud_firewalls
 from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
-from .sshconfig import ssh_config
+from .sshconfig import SshConfigError, ssh_config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 ADDRESSES_HELP = (
@@ -33,6 +34,17 @@ ADDRESSES_HELP = (
 )
 
 Command = Callable[[argparse.Namespace, Console], int]
+SHOWN_HOSTS = 10  # a refusal lists this many hosts of a fleet, not 5 000
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """A user's value quoted back in a message, cut so that a 100 000-character flag costs a short line."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def no_such_host(host: str, known: list[str], where: str) -> StackError:
+    listed = ", ".join(known[:SHOWN_HOSTS]) + (f" … and {len(known) - SHOWN_HOSTS} more" if len(known) > SHOWN_HOSTS else "")
+    return StackError([StackIssue("--host", f"{shown(host)}: {where}; hosts are {listed or 'none'}")], "--host")
 
 
 def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +54,11 @@ def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def stack_from_args(args: argparse.Namespace) -> Stack:
-    stack = load_stack_file(args.stack_file) if args.stack_file is not None else load_stack(args.stack or "dev")
+    """The stack the command line names, checked as `pulumi up` checks it; the lab loads its stacks here too."""
+    if args.stack_file is not None:
+        stack = load_stack_file(args.stack_file, flag="--stack-file")
+    else:
+        stack = load_stack(args.stack if args.stack is not None else "dev")  # `--stack ''` is refused, not dev
     if stack.config.cloud_firewall:
         # the provider's limits, checked here as the Pulumi program checks them: before anything exists
         check_cloud_firewalls(stack.name, compile_policy(stack.config))
@@ -102,7 +118,7 @@ def report_failed_tests(plan: Plan, console: Console) -> int:
 
 def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> int:
     """`plan --diff-from OLD`: per host, the rule lines and set members the change from OLD would touch."""
-    if not args.diff_from.is_file():
+    if not os.path.exists(args.diff_from):  # os.path: a name too long is "does not exist", not an OSError
         raise StackError(
             [
                 StackIssue(
@@ -113,19 +129,20 @@ def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> i
             ],
             str(args.diff_from),
         )
-    old = load_stack_file(args.diff_from, stack.name)
+    old = load_stack_file(args.diff_from, stack.name, flag="--diff-from")
     old_addresses = load_addresses(args.addresses, compile_policy(old.config)) if args.addresses else None
     plan, diff = compare_stacks(stack, old.config, old_addresses)
     if args.host is not None:
+        known = [h.host for h in diff.hosts]
         diff.hosts = [h for h in diff.hosts if h.host == args.host]
         if not diff.hosts:
-            console.print(f"[red]--host {escape(args.host)}: in neither stack; hosts are {', '.join(plan.files)}[/]")
-            return EXIT_BAD_INPUT
+            raise no_such_host(args.host, known, "in neither stack")
     if args.format == "json":
         print(json.dumps(diff.to_json(), indent=2))
     else:
         console.print(
-            f"stack {stack.name}: changes from {args.diff_from} to {stack.path}", markup=False, highlight=False
+            f"stack {stack.name}: changes from {args.diff_from} to {stack.path}", markup=False, highlight=False,
+            soft_wrap=True,  # a long path is printed whole, not cut at the console's width
         )
         for style, line in diff_lines(diff):
             # rule lines are shown whole, never wrapped, so they can be searched for and copied
@@ -140,8 +157,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     addresses = load_addresses(args.addresses, compile_policy(stack.config)) if args.addresses else None
     plan = build_plan(stack, addresses)
     if args.host is not None and args.host not in plan.files:
-        console.print(f"[red]--host {escape(args.host)}: no such host; hosts are {', '.join(plan.files)}[/]")
-        return EXIT_BAD_INPUT
+        raise no_such_host(args.host, list(plan.files), "no such host")
     if args.format == "json":
         data = plan.to_json()
         firewalls = check_cloud_firewalls(stack.name, plan.policy)
@@ -164,9 +180,28 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 # ------------------------------------------------------------------------------------ diagram, ssh-config
 
 
+def diagram_output(given: str | None, stack_name: str) -> Path:
+    """Where `--output` puts the pair `<output>.svg` and `<output>.mmd`: a path without extension; a directory
+    (or a path ending in /) gets `<dir>/<stack>.svg`; an existing device or other non-file is refused."""
+    if given is None:
+        return Path(stack_name)
+    def refuse(why: str) -> StackError:
+        return StackError([StackIssue("--output", f"{why}; give a path without extension, e.g. --output docs/{stack_name} "
+                                      f"(writes docs/{stack_name}.svg and docs/{stack_name}.mmd)")], "--output")
+    if not given:
+        raise refuse("is empty")
+    output = Path(given)
+    if given.endswith("/") or os.path.isdir(output):
+        return output / stack_name
+    for path in (output, output.with_name(output.name + ".svg"), output.with_name(output.name + ".mmd")):
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise refuse(f"{shown(str(path))} is not a regular file (a device, a pipe or a socket)")
+    return output
+
+
 def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
     stack = stack_from_args(args)
-    output: Path = args.output if args.output is not None else Path(stack.name)
+    output = diagram_output(args.output, stack.name)
     try:
         written = write_diagram(stack, output)
     except DiagramError as exc:
@@ -198,9 +233,12 @@ def cmd_ssh_config(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
             soft_wrap=True,
         )
-    extra = {"identity_file": args.identity_file} if args.identity_file else {}
+    try:
+        text = ssh_config(stack.name, policy, addresses, stack.config.ssh_user, identity_file=args.identity_file)
+    except SshConfigError as exc:
+        raise StackError([StackIssue("--identity-file", str(exc))], "--identity-file") from None
     # raw text on stdout, so `enclave ssh-config --stack prod > ~/.ssh/enclave-prod.conf` is the whole file
-    sys.stdout.write(ssh_config(stack.name, policy, addresses, stack.config.ssh_user, **extra))
+    sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -237,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw the stack's compiled flows: <output>.svg (Graphviz) and <output>.mmd (Mermaid).",
     )
     add_stack_arguments(diagram)
-    diagram.add_argument("--output", "-o", type=Path, help="path without extension (default: ./<stack>), e.g. docs/prod")
+    diagram.add_argument(
+        "--output", "-o", help="path without extension (default: ./<stack>), e.g. docs/prod; a directory: <dir>/<stack>"
+    )
     diagram.set_defaults(func=cmd_diagram)
 
     ssh = sub.add_parser(

@@ -219,8 +219,10 @@ def _set_changes(old: str, new: str) -> list[SetChange]:
             out.append(SetChange(name, "removed", (), before[name][1]))
         else:
             (old_type, old_members), (new_type, new_members) = before[name], after[name]
-            joined = tuple(m for m in new_members if m not in old_members)
-            left = tuple(m for m in old_members if m not in new_members)
+            # membership in sets, not tuples: a 5 000-host fleet compared 5 000 x 5 000 members per host here
+            old_set, new_set = set(old_members), set(new_members)
+            joined = tuple(m for m in new_members if m not in old_set)
+            left = tuple(m for m in old_members if m not in new_set)
             if joined or left or old_type != new_type:
                 out.append(SetChange(name, "changed", joined, left))
     return out
@@ -232,6 +234,10 @@ def _files(files: RuleFiles) -> dict[str, str]:
 
 def diff_plans(old: Plan, new: Plan, readdressed: bool = False) -> PlanDiff:
     hosts: list[HostChange] = []
+    # A host's ipsets file holds every member of every role it admits, so parsing each host's file is
+    # hosts x members lines (25 million in a 5 000-host fleet). Hosts of one role carry the same file: compare
+    # each distinct (old, new) pair once. What remains per host is hashing its text, at C speed.
+    set_changes_of: dict[tuple[str, str], tuple[SetChange, ...]] = {}
     for host in new.policy.hosts:
         files = new.files[host.name]
         if host.name not in old.files:
@@ -243,7 +249,10 @@ def diff_plans(old: Plan, new: Plan, readdressed: bool = False) -> PlanDiff:
             for name in RULE_FILES
             if (change := _line_changes(name, _files(before)[name], _files(files)[name])) is not None
         ]
-        set_changes = _set_changes(before.ipsets, files.ipsets)
+        pair = (before.ipsets, files.ipsets)
+        if pair not in set_changes_of:
+            set_changes_of[pair] = tuple(_set_changes(*pair))
+        set_changes = set_changes_of[pair]
         action: Action = "update" if line_changes or set_changes else "same"
         hosts.append(HostChange(host.name, host.role, action, tuple(line_changes), tuple(set_changes)))
     for host in old.policy.hosts:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from config.schema import PolicyTest, StackConfig, StackError, StackIssue
-from config.stackfile import Stack
+from config.stackfile import Stack, read_bounded_text
 
 from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide
 from .render import Renderer, RuleFiles
@@ -48,15 +49,42 @@ def example_addresses(policy: Policy) -> dict[str, Addresses]:
     return out
 
 
+# `pulumi stack output hosts --json` for a full /16 (65 531 hosts) is about 8 MB; nesting is 2 levels.
+MAX_ADDRESSES_BYTES = 16 << 20
+MAX_JSON_DEPTH = 8
+
+
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings, in linear time (json.loads recurses once per level)."""
+    depth = deepest = 0
+    for bracket in JSON_BRACKET.finditer(JSON_STRING.sub('""', text)):
+        if bracket.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
 def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
     """`{"mysql-1": {"public": "...", "private": "...", "public6": "..."}}` for every host of the stack."""
     source = str(path)
+    text = read_bounded_text(path, "--addresses", MAX_ADDRESSES_BYTES, "JSON file of addresses",
+                             "`pulumi stack output hosts --json > addrs.json`")
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise StackError([StackIssue("--addresses", f"nested deeper than {MAX_JSON_DEPTH} levels; it is "
+                                     "{host: {public, private, public6}}")], source)
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StackError([StackIssue("--addresses", f"cannot read {path}: {exc}")], source) from None
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StackError([StackIssue("--addresses", f"not valid JSON: {exc}")], source) from None
     issues: list[StackIssue] = []
     out: dict[str, Addresses] = {}
+    vpc = policy.stack.vpc_ip_range
     for host in policy.hosts:
         entry = raw.get(host.name) if isinstance(raw, dict) else None
         if not isinstance(entry, dict):
@@ -69,19 +97,32 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
         try:
             for key, family in (("public", 4), ("private", 4), ("public6", 6)):
                 if entry.get(key) is not None and not isinstance(entry[key], str):
-                    raise ValueError(f"{key} must be an address as text, e.g. \"203.0.113.5\", not {entry[key]!r}")
+                    raise ValueError(f"{key} must be an address as text, e.g. \"203.0.113.5\", not {entry[key]!r:.60}")
+                if entry.get(key) is not None and "%" in entry[key]:
+                    # ipaddress takes an IPv6 scope of any text after %, newlines included
+                    raise ValueError(f"{key} must be a plain address, without a %scope")
                 if entry.get(key) is not None and ipaddress.ip_address(entry[key]).version != family:
                     raise ValueError(f"{key} must be IPv{family}")
-            if ipaddress.ip_address(entry["private"]) not in policy.stack.vpc_ip_range:
-                raise ValueError(f"private {entry['private']} is outside vpcIpRange {policy.stack.vpc_ip_range}")
+            if ipaddress.ip_address(entry["private"]) not in vpc:
+                raise ValueError(f"private {entry['private']} is outside vpcIpRange {vpc}")
+            if ipaddress.ip_address(entry["public"]) in vpc:
+                raise ValueError(f"public {entry['public']} is inside vpcIpRange {vpc}: the public address is the "
+                                 "droplet's Internet one (ip_address), not its VPC one (private_ip_address)")
             out[host.name] = Addresses(entry["public"], entry["private"], entry.get("public6"))
         except ValueError as exc:
-            issues.append(StackIssue(f"--addresses {host.name}", str(exc)))
-    owners: dict[str, str] = {}
-    for name, addrs in out.items():
-        if addrs.private in owners:
-            issues.append(StackIssue(f"--addresses {name}", f"private {addrs.private} is {owners[addrs.private]}'s too"))
-        owners.setdefault(addrs.private, name)
+            message = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "…"
+            issues.append(StackIssue(f"--addresses {host.name}", message))
+    for key in ("private", "public", "public6"):
+        owners: dict[str, str] = {}
+        for name, addrs in out.items():
+            address = getattr(addrs, key)
+            if address is None:
+                continue
+            address = str(ipaddress.ip_address(address))  # one spelling: 2001:db8::1 and 2001:DB8:0::1 are one
+            if address in owners:
+                issues.append(StackIssue(f"--addresses {name}", f"{key} {address} is {owners[address]}'s too; "
+                                         "every droplet has its own"))
+            owners.setdefault(address, name)
     if issues:
         raise StackError(issues, source)
     return out

@@ -12,9 +12,11 @@ Design (why it looks like this):
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
+# Set names live in config.names, where the schema refuses a stack whose names would collide.
+from config.names import OPERATORS_SET as OPERATORS_SET, SET_NAME_MAX as SET_NAME_MAX, SET_PREFIX as SET_PREFIX
+from config.names import set_name as set_name
 from config.schema import PortSpec, StackConfig
 
 from .compiler import Addresses, Flow, Host, Policy
@@ -22,9 +24,6 @@ from .compiler import Addresses, Flow, Host, Policy
 CHAIN_PREFIX = "ENCLAVE"
 INPUT_CHAIN = f"{CHAIN_PREFIX}-INPUT"
 OUTPUT_CHAIN = f"{CHAIN_PREFIX}-OUTPUT"
-SET_PREFIX = "enclave-"
-# ipset names are at most 31 characters; keep room for the ".new" twin used for atomic swaps.
-SET_NAME_MAX = 27
 DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 
 # ICMPv6 control traffic: what is accepted, where, and why (README "How the rules look" says it briefly).
@@ -92,17 +91,6 @@ class RuleFiles:
     @property
     def rule_count(self) -> int:
         return sum(line.startswith("-A ") for text in (self.ipv4, self.ipv6) for line in text.splitlines())
-
-
-def set_name(label: str) -> str:
-    name = SET_PREFIX + label
-    if len(name) <= SET_NAME_MAX:
-        return name
-    digest = hashlib.sha256(label.encode()).hexdigest()[:6]
-    return f"{SET_PREFIX}{label[: SET_NAME_MAX - len(SET_PREFIX) - 7]}-{digest}"
-
-
-OPERATORS_SET = {4: set_name("operators"), 6: set_name("operators6")}
 
 
 def _comment(text: str) -> str:
@@ -182,6 +170,9 @@ class Renderer:
     def _input_rules(self, host: Host, family: int, sets: dict[str, IpSet]) -> list[str]:
         role = self.policy.stack.roles[host.role]
         rules: list[str] = []
+        # A packet a rule already admits needs no second rule: an entry written twice (or a role named in two
+        # entries on one port) is rendered once, under the first declaration's comment.
+        matched: set[tuple[str, str, str]] = set()
         for flow in self.policy.flows_to_role[host.role]:
             if family == 6 and (flow.interface == "private" or not role.ipv6):
                 continue  # the VPC is IPv4 only; a role without ipv6 has no public IPv6 address
@@ -190,6 +181,9 @@ class Renderer:
                 continue
             iface = self.interfaces.public if flow.interface == "public" else self.interfaces.private
             for port in flow.ports:
+                if (iface, _port_match(port, family), match) in matched:
+                    continue
+                matched.add((iface, _port_match(port, family), match))
                 words = [f"-A {INPUT_CHAIN} -i {iface}", _port_match(port, family), match]
                 words.append(_comment(f"{flow.why}: {flow.source} -> {port}"))
                 rules.append(" ".join(w for w in words if w) + " -j ACCEPT")
@@ -203,10 +197,14 @@ class Renderer:
         ]
         rules.append(f"-A {OUTPUT_CHAIN} -o {self.interfaces.public} {_comment('new traffic to the Internet')} -j ACCEPT")
         if family == 4:
+            sent: set[tuple[str, str]] = set()  # one rule per (port, destination set), as for input
             for flow in self.policy.flows_from_host(host):
                 s = self.role_set(flow.role)
                 sets[s.name] = s
                 for port in flow.ports:
+                    if (_port_match(port, 4), s.name) in sent:
+                        continue
+                    sent.add((_port_match(port, 4), s.name))
                     rules.append(
                         f"-A {OUTPUT_CHAIN} -o {self.interfaces.private} {_port_match(port, 4)} "
                         f"-m set --match-set {s.name} dst {_comment(f'{flow.why}: {flow.source} -> {flow.role} {port}')} -j ACCEPT"

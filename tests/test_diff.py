@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -221,3 +222,74 @@ def test_paths_with_brackets_print_verbatim(tmp_path: Path, capsys: pytest.Captu
     assert f"to {new}" in capsys.readouterr().out
     assert main(["diagram", "--stack-file", str(new), "--output", str(folder / "d")]) == 0
     assert f"wrote {folder / 'd'}.svg" in capsys.readouterr().out
+
+
+def test_diff_work_does_not_grow_with_the_fleet_squared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`plan --diff-from` at 5 000 hosts took 318 s: every host re-parsed and compared every member of every set
+    it holds. Counted, not timed: the ipsets files parsed stay the same number whatever the fleet's size (one
+    per distinct file), so what grows with the fleet is one pass over each host's own files."""
+    import enclave.diff as diff_module
+
+    parsed: list[int] = []
+    real_parse = diff_module.parse_ipsets
+
+    def counting_parse(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+        parsed.append(len(text.splitlines()))
+        return real_parse(text)
+
+    monkeypatch.setattr(diff_module, "parse_ipsets", counting_parse)
+    lines_parsed = {}
+    for count in (20, 200):
+        def scale(cfg: dict[str, Any], count: int = count) -> None:
+            cfg["enclave:roles"]["wordpress"]["count"] = count
+            cfg["enclave:roles"]["mysql"]["count"] = count
+            cfg["enclave:vpcIpRange"] = "10.110.0.0/20"
+
+        old_doc = stack_document("prod")
+        scale(old_doc["config"])
+        old_doc["config"]["enclave:tests"] = []
+        new_doc = copy.deepcopy(old_doc)
+        new_doc["config"]["enclave:roles"]["wordpress"]["count"] = count + 1
+        parsed.clear()
+        _, diff = compare_stacks(Stack("prod", config_of(new_doc)), config_of(old_doc))
+        assert diff.count("create") == 1 and diff.members_joined > 0
+        lines_parsed[count] = (len(parsed), sum(parsed))
+    (calls_small, lines_small), (calls_big, lines_big) = lines_parsed[20], lines_parsed[200]
+    assert calls_big == calls_small  # per distinct file, not per host
+    assert lines_big <= 10 * lines_small * 1.2  # the files themselves grow with their members: linear
+
+
+def test_set_changes_are_set_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Members that join or leave are found by hashing, not by scanning the other side (a tuple `in`)."""
+    from enclave.diff import _set_changes
+    from enclave.render import IpSet, render_ipsets
+
+    def text(members: range) -> str:
+        return render_ipsets([IpSet("enclave-web", "hash:ip", "inet", tuple(f"10.0.{m // 250}.{m % 250}" for m in members), "web")])
+
+    comparisons = 0
+    real_eq = str.__eq__
+
+    class Member(str):
+        def __eq__(self, other: object) -> bool:
+            nonlocal comparisons
+            comparisons += 1
+            return real_eq(self, other)
+
+        __hash__ = str.__hash__
+
+    real_parse = parse_ipsets
+
+    def parse_counting(source: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return {k: (t, tuple(Member(m) for m in ms)) for k, (t, ms) in real_parse(source).items()}
+
+    import enclave.diff as diff_module
+
+    monkeypatch.setattr(diff_module, "parse_ipsets", parse_counting)
+    counts = {}
+    for size in (500, 5000):
+        comparisons = 0
+        (change,) = _set_changes(text(range(size)), text(range(1, size + 1)))
+        assert len(change.joined) == 1 and len(change.left) == 1
+        counts[size] = comparisons
+    assert counts[5000] <= 11 * counts[500]  # linear: 10 times the members, 10 times the work (a tuple scan: 100)

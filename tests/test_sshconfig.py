@@ -96,3 +96,47 @@ def test_missing_addresses_are_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["ssh-config", "--stack", "prod", "--addresses", str(addresses)]) == 2
     err = capsys.readouterr().err
     assert "--addresses mysql-1" in err and "missing" in err
+
+
+# ---------------------------------------------------------------------- issue 12: nothing injected, ever
+
+
+@pytest.mark.parametrize(
+    "identity,expected",
+    [
+        ("/keys/my key", "/keys/my key"),  # a space: quoted, one argument (it broke the whole config)
+        ("/keys/#1", "/keys/#1"),  # an unquoted word starting with # would be a comment
+        # a literal %, not the %h token (the host name): `ssh -G` prints IdentityFile before expanding tokens,
+        # and ssh_config(5) TOKENS expands %% to % when the key is loaded
+        ("/keys/100%h", "/keys/100%%h"),
+        ("/keys/clé", "/keys/clé"),
+    ],
+)
+def test_identity_file_is_quoted_so_ssh_reads_it_back_exactly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], identity: str, expected: str
+) -> None:
+    config = run_cli(tmp_path, capsys, "--stack", "prod", "--identity-file", identity)
+    assert resolved(config, "prod-mysql-1")["identityfile"] == expected
+    assert resolved(config, "prod-tunnel-1")["hostname"] != resolved(config, "prod-mysql-1")["hostname"]
+
+
+@pytest.mark.parametrize("identity", ["/k\nHost *\n  ProxyCommand touch /tmp/pwned", "/k\rx", '/k"x', "/k\\x", "", "/k\udcff", "/k\u202ex"])
+def test_identity_file_that_cannot_be_one_argument_is_refused(capsys: pytest.CaptureFixture[str], identity: str) -> None:
+    assert main(["ssh-config", "--stack", "prod", f"--identity-file={identity}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--identity-file" in captured.err and "Traceback" not in captured.err
+
+
+def test_a_stack_name_with_a_newline_injects_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A stack file named `Pulumi.x\nHost *\n  ProxyCommand ….yaml` wrote those lines into the config."""
+    path = tmp_path / "Pulumi.x\nHost *\n  ProxyCommand touch pwned.yaml"
+    path.write_text(yaml.safe_dump(stack_document("prod")))
+    assert main(["ssh-config", "--stack-file", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "becomes part of droplet host names" in captured.err
+
+
+def test_every_line_of_the_config_is_one_keyword_and_its_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = run_cli(tmp_path, capsys, "--stack", "prod", "--identity-file", "/keys/a b")
+    keywords = {line.split()[0] for line in config.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    assert keywords == {"Host", "HostName", "User", "IdentityFile", "IdentitiesOnly", "ProxyJump"}

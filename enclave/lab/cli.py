@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from config.stackfile import Stack, load_stack, load_stack_file
+from config.stackfile import Stack
 
 from .lab import Lab, LabError, LabUnavailable, destroy_run, lab_records, preflight
 from .probe import LabReport
@@ -21,9 +21,10 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _stack(args: argparse.Namespace) -> Stack:
-    if args.stack_file is not None:
-        return load_stack_file(args.stack_file)
-    return load_stack(args.stack or "dev")
+    """The stack exactly as `enclave plan` loads and refuses it (same messages, exit 2), before any namespace."""
+    from ..cli import stack_from_args  # enclave.cli registers these commands, so it is loaded already
+
+    return stack_from_args(args)
 
 
 def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[argparse.Namespace, Console], int]:
