@@ -87,9 +87,18 @@ def known_hosts_file(stack: str) -> Path:
 
 
 def control_path(directory: Path, stack: str, bastion: str, user: str) -> Path:
-    """Short (a Unix socket path is at most 104 bytes) and the same in every process of every run."""
+    """The same in every process of every run. A Unix socket path is at most 107 bytes and ssh binds a random
+    17-character suffix first, so a long runtime directory (a test's) gets its sockets in /tmp/enclave-<uid>,
+    named by the directory too (two labs of one stack share addresses, never sockets)."""
     key = hashlib.sha256(f"{stack}\0{bastion}\0{user}".encode()).hexdigest()[:20]
-    return directory / f"cm-{key}"
+    path = directory / f"cm-{key}"
+    if len(str(path)) > 80:
+        short = Path(f"/tmp/enclave-{os.getuid()}")
+        short.mkdir(mode=0o700, exist_ok=True)
+        if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:
+            raise TransportError(f"{short} must be a directory of yours that nobody else can read: `chmod 700 {short}`")
+        path = short / ("cm-" + hashlib.sha256(f"{directory}\0{key}".encode()).hexdigest()[:20])
+    return path
 
 
 def _pid_alive(pid: int) -> bool:
