@@ -7,7 +7,8 @@ iptables would save them: loaded into a scratch network namespace (`unshare -n`)
 iptables' canonical text against iptables' canonical text whatever spelling the renderer uses, and nothing
 live is touched. Drift found:
 
-  rolled back        the confirmed digest is not the compiled one (with the host's own `rolled-back` note)
+  rolled back/stale  the confirmed digest is not the compiled one: a push rolled back (the host's own note says
+                     why), or the host was never pushed the stack's current rules
   pending            a push applied but not confirmed (a run in progress, or one killed: it will roll back)
   flushed            enclave's chains are empty or INPUT/OUTPUT no longer jump to them (a `iptables -F`, a reboot
                      without the boot unit)
@@ -139,7 +140,8 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
     confirmed = (sections.get("confirmed") or [""])[0].strip() or None
     note = " ".join(sections.get("rolled-back", [])).strip()
     if confirmed != want:
-        drift.append(f"rolled back: confirmed rules {confirmed or 'none (baseline)'}, the stack compiles to {want}"
+        drift.append(("rolled back" if note else "stale")
+                     + f": confirmed rules {confirmed or 'none (baseline)'}, the stack compiles to {want}"
                      + (f" ({note})" if note else ""))
     pending = " ".join(sections.get("pending", [])).strip()
     if pending:

@@ -171,6 +171,15 @@ def previous_via(previous_stdout: str | None) -> str | None:
     return via if isinstance(via, str) and via else None
 
 
+def push_routes(request: PushRequest, previous_stdout: str | None) -> list[str | None]:
+    """The bastions to push through, in order (None: dial the host itself): the request's, then the one the
+    previous run confirmed through if the request no longer names it (a replaced bastion's predecessor)."""
+    if request.direct:
+        return [None]
+    old = previous_via(previous_stdout)
+    return [*request.bastions, *([old] if old and old not in request.bastions else [])]
+
+
 def _remote_shell(user: str) -> str:
     return "sh -s" if user == "root" else "sudo -n sh -s"  # the scripts need root; a non-root login has sudo
 
@@ -195,11 +204,7 @@ def run(request: PushRequest, transport: Transport, previous_stdout: str | None 
     pushed_script = push_script(request.files, request.stack)
     confirm_text = confirm_script(request.files, request.stack)
 
-    if request.direct:
-        routes: list[str | None] = [None]
-    else:
-        old = previous_via(previous_stdout)
-        routes = [*request.bastions, *([old] if old and old not in request.bastions else [])]
+    routes = push_routes(request, previous_stdout)
     attempts, backoff = 0, BACKOFF_FIRST_S
     pushed_via: str | None = None
     while True:
@@ -282,10 +287,12 @@ def main() -> int:
                     f"{ENV_PRIVATE_KEY} does not hold a private key: the program sets it from the secret "
                     "enclave:sshPrivateKey (`pulumi config set --secret sshPrivateKey < ~/.ssh/enclave-<stack>`)")
     previous = os.environ.get(ENV_PREVIOUS_PRIVATE_KEY) or None
+    previous_stdout = os.environ.get(ENV_PREVIOUS_STDOUT)
+    hops = [via for via in push_routes(request, previous_stdout) if via is not None]
     try:
         with Transport(stack=request.stack, user=request.user, private_key=key, previous_private_key=previous,
-                       address=request.address, bastions=request.bastions) as transport:
-            document = run(request, transport, os.environ.get(ENV_PREVIOUS_STDOUT))
+                       address=request.address, bastions=hops) as transport:
+            document = run(request, transport, previous_stdout)
     except TransportError as exc:
         return fail("request", EXIT_BAD_REQUEST, str(exc))
     except PushError as exc:
