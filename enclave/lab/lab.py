@@ -14,11 +14,13 @@ Every public address is a /32 (or /128) with an on-link default route, so the pl
 L2 segment without a router. Veth pairs are created from inside the fabric namespace with the host end
 placed straight into its namespace.
 
-Each host boots like a droplet: the role's first-boot baseline (the cloud-init bootcmd text), then sshd. The
-push is the Pulumi program's: from the operator namespace, the real OpenSSH client runs `sh -s` with the push
-script on stdin (bastions on their public address, every other host through the bastion with ProxyJump),
-then the confirmation over a new connection. Namespaces share the filesystem, so each host's sshd gives its
-sessions their own ENCLAVE_STATE_DIR (sshd_config SetEnv); the scripts are byte for byte the program's.
+Each host boots like a droplet: the role's first-boot baseline (the cloud-init bootcmd text), then sshd at a
+droplet's defaults (plus what the baseline writes into ENCLAVE_SSHD_CONFIG_DIR). The push is the Pulumi
+program's command line, `python -m enclave.pushrun`, run from the operator namespace with the request on stdin
+and the key in its environment (push_all starts them as the engine does: FIFO, at its parallelism, bastions
+first); it pushes through the bastion's one shared OpenSSH connection and confirms over a new one.
+Namespaces share the filesystem, so each host's sshd gives its sessions their own ENCLAVE_STATE_DIR
+(sshd_config SetEnv); the scripts are byte for byte the program's.
 
 `Lab` is a context manager: everything is removed on exit, on failure, on Ctrl-C and on SIGTERM.
 """
