@@ -47,6 +47,7 @@ SERVER_ALIVE_INTERVAL_S = 5  # per hop: a silent peer is given up after 5 s x 3
 SERVER_ALIVE_COUNT_MAX = 3
 CONTROL_PERSIST_S = 60  # a bastion's shared connection lingers this long after its last push
 HANDSHAKE_SLOTS = 10  # concurrent SSH commands through one bastion (sshd's MaxStartups starts dropping at 10)
+COMMAND_TIMEOUT_S = 120  # one ssh command at most this long beyond the run's deadline
 SSH_FAILED = 255  # ssh's own exit status when it could not connect or log in
 
 HOST_KEY_CHANGED = "REMOTE HOST IDENTIFICATION HAS CHANGED"
@@ -251,6 +252,9 @@ class Transport:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self._ssh(["-O", "check", alias], None, 10).returncode == 0:
                 return Result(0, "", "")
+            # A socket left by a master that was killed: ssh would refuse to bind it and silently run a plain
+            # connection instead, leaving every other push without a master.
+            self.control_path(bastion).unlink(missing_ok=True)
             log = self.dir / f"master-{self.bastions.index(bastion)}.log"
             with self._slot(bastion, deadline), open(log, "w") as err:
                 # -f: ssh backgrounds itself once logged in, so its exit says whether the master is up. It must
@@ -274,7 +278,9 @@ class Transport:
         logs in with the new key only, on a new connection (through the bastion: a new TCP connection from it).
         """
         alias = "enclave-confirm" if confirm else "enclave-push"
-        timeout = max(deadline - time.monotonic(), 0) + 2 * CONNECT_TIMEOUT_S  # one attempt always gets its time
+        # A last resort only (ConnectTimeout and the keepalives end a dead connection): one attempt always gets
+        # COMMAND_TIMEOUT_S, however little of the deadline is left, so a slow but working push is never cut.
+        timeout = max(deadline - time.monotonic(), 0) + COMMAND_TIMEOUT_S
         shared = via if via is not None else (self.address if self.address in self.bastions and not confirm else None)
         if shared is not None:
             master = self.ensure_master(shared, deadline)
