@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import subprocess
 import threading
@@ -50,10 +51,13 @@ def scaled_stack(hosts: int, directory: Path, name: str | None = None) -> Stack:
     return load_stack_file(path)
 
 
-def _bastion_connections(lab: Any, bastion: str, stop: threading.Event, seen: list[int]) -> None:
+def _bastion_connections(lab: Any, bastion: str, stop: threading.Event, inbound: list[int], outbound: list[int]) -> None:
+    """Established TCP connections in the bastion's namespace: to its sshd (from the operator), and from it to
+    the hosts' port 22 (each push's and confirm's channel through the master is one)."""
     while not stop.is_set():
-        out = lab.run(bastion, ["ss", "-Htn", "state", "established", "( sport = :22 )"]).stdout
-        seen.append(len([line for line in out.splitlines() if line.strip()]))
+        for seen, side in ((inbound, "sport"), (outbound, "dport")):
+            out = lab.run(bastion, ["ss", "-Htn", "state", "established", f"( {side} = :22 )"]).stdout
+            seen.append(len([line for line in out.splitlines() if line.strip()]))
         stop.wait(0.2)
 
 
@@ -63,8 +67,8 @@ def push_fleet(hosts: int, parallel: int, directory: Path) -> dict[str, Any]:
     stack = scaled_stack(hosts, directory)
     with Lab(stack) as lab:
         bastion = lab.policy.bastion_hosts()[0].name
-        stop, seen = threading.Event(), [0]
-        sampler = threading.Thread(target=_bastion_connections, args=(lab, bastion, stop, seen), daemon=True)
+        stop, inbound, outbound = threading.Event(), [0], [0]
+        sampler = threading.Thread(target=_bastion_connections, args=(lab, bastion, stop, inbound, outbound), daemon=True)
         sampler.start()
         started = time.monotonic()
         failures = lab.push_all(parallel, continue_on_error=False)
@@ -78,14 +82,16 @@ def push_fleet(hosts: int, parallel: int, directory: Path) -> dict[str, Any]:
             "hosts": hosts, "parallel": parallel, "wall": wall, "failures": len(failures),
             "median": statistics.median(seconds) if seconds else 0.0, "max": max(seconds, default=0.0),
             "rollbacks": rollbacks, "logins": log.count("Accepted publickey"),
-            "connections": max(seen), "drops": log.count("drop connection"),
+            "connections": max(inbound), "forwarded": max(outbound), "drops": log.count("drop connection"),
+            "load": os.getloadavg(),
         }
 
 
 def run(sizes: tuple[int, ...] = DEFAULT_SIZES, parallel: int = DEFAULT_PARALLEL) -> list[Table]:
     import tempfile
 
-    rows = []
+    rows: list[list[str]] = []
+    loads: list[str] = []
     for hosts in sizes:
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -96,8 +102,9 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, parallel: int = DEFAULT_PARALLEL
         rows.append([
             str(r["hosts"]), str(r["parallel"]), f"{r['wall']:.1f} s", f"{r['median']:.1f} s / {r['max']:.1f} s",
             f"{r['hosts'] - r['failures']} / {r['failures']}", str(r["rollbacks"]), str(r["logins"]),
-            str(r["connections"]), str(r["drops"]),
+            str(r["connections"]), str(r["forwarded"]), str(r["drops"]),
         ])
+        loads.append(f"{r['hosts']} hosts: load average {r['load'][0]:.1f} at the end of the run")
     return [Table(
         "Pushes in the lab as `pulumi up` runs them",
         "`python -m enclave.pushrun` per host (the program's local.Command), started FIFO at the engine's "
@@ -105,9 +112,12 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, parallel: int = DEFAULT_PARALLEL
         "10:30:100), the real OpenSSH client through the bastion's one multiplexed connection, the program's "
         "90 s rollback window; prod's rules with its counts scaled. The machine was shared with other work.",
         ["hosts", "parallel", "run", "per push (median / max)", "confirmed / failed", "rollbacks",
-         "bastion SSH logins", "bastion TCP connections on :22 (max)", "handshakes dropped"],
+         "bastion SSH logins", "TCP connections to the bastion's sshd (max)",
+         "bastion -> hosts :22 (max)", "handshakes dropped"],
         rows,
         notes=["bastion SSH logins: sshd's `Accepted publickey` lines on the bastion (its own push, its confirm, "
                "the shared master); TCP connections: `ss` in the bastion's namespace every 0.2 s during the run; "
-               "dropped: sshd's `drop connection` (MaxStartups) lines."],
+               "bastion -> hosts: the pushes' and confirms' forwarded connections at once (at most 10 per bastion: "
+               "the push's handshake cap); dropped: sshd's `drop connection` (MaxStartups) lines.",
+               "Shared machine (2 cores, other engineers' tests and benchmarks running): " + "; ".join(loads) + "."],
     )]

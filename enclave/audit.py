@@ -195,8 +195,11 @@ def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], fi
     if done.host_key_changed:
         result.drift.append(f"host key changed: {droplet} answers with another host key than when it was first "
                             "pushed (rebuilt from the panel?); nothing was read")
-        result.fix += [f"# check the new key on the droplet's console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub",
-                       f"ssh-keygen -R {request.address} -f {known_hosts}", replace]
+        changed = done.changed_host_key_address or request.address
+        if changed != request.address:
+            result.drift[-1] = f"host key changed: the bastion {changed} on the way to {droplet} (rebuilt?); nothing was read"
+        result.fix += ["# check the new key on the droplet's console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub",
+                       f"ssh-keygen -R {changed} -f {known_hosts}", replace]
         return result
     if done.returncode == SSH_FAILED:
         result.drift.append(f"unreachable: {done.stderr.strip()[-500:] or 'no output'}")

@@ -187,9 +187,11 @@ def _remote_shell(user: str) -> str:
 def _why(result: Result, host: str, where: str, known_hosts: str) -> str:
     text = result.stderr.strip() or result.stdout.strip() or "no output"
     if result.host_key_changed:
-        return (f"the host key of {host} ({where}) changed since it was first pushed: a droplet rebuilt from the "
+        changed = result.changed_host_key_address or where
+        who = host if changed not in where.split()[1:] else f"the bastion {changed}, on the way to {host}"
+        return (f"the host key of {who} ({changed}) changed since it was first pushed: a droplet rebuilt from the "
                 f"panel, or someone in between. Check it (the droplet's console: `ssh-keygen -lf "
-                f"/etc/ssh/ssh_host_ed25519_key.pub`), then `ssh-keygen -R {where} -f {known_hosts}` and push again")
+                f"/etc/ssh/ssh_host_ed25519_key.pub`), then `ssh-keygen -R {changed} -f {known_hosts}` and push again")
     return text[-2000:]
 
 

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import os
 import random
+import re
 import secrets
 import shutil
 import subprocess
@@ -132,6 +133,12 @@ class Result:
     @property
     def host_key_changed(self) -> bool:
         return HOST_KEY_CHANGED in self.stderr
+
+    @property
+    def changed_host_key_address(self) -> str | None:
+        """Whose key changed (the host, or a bastion on the way): OpenSSH names it."""
+        match = re.search(r"Host key for (\S+) has changed", self.stderr)
+        return match.group(1).strip("[]").split("]:")[0] if match else None
 
 
 class Transport:
