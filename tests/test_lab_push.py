@@ -362,3 +362,32 @@ def test_a_run_stopped_by_sigterm_removes_its_key_and_exits_with_the_signal(flee
     finally:
         start_sshd(fleet, host)
     assert run_dirs(fleet) == []
+
+
+def test_a_host_still_booting_is_retried_until_its_sshd_answers(fleet: Lab) -> None:
+    host = "mysql-4"
+    kill_sshd(fleet, host)  # a droplet whose sshd does not answer yet
+    try:
+        proc, stdin = fleet._start_push(host, marked(fleet.files[host], "booting"), 120, None)
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        proc.stdin = None
+        time.sleep(3)
+        (run,) = run_dirs(fleet)  # while it retries it holds the key, private to this user
+        assert run.stat().st_mode & 0o777 == 0o700 and (run / "key").stat().st_mode & 0o777 == 0o600
+    finally:
+        start_sshd(fleet, host)  # the droplet finished booting
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    output = json.loads(stdout)
+    assert output["attempts"] >= 3 and "Connection refused" not in stdout  # retried; stdout is the JSON alone
+    assert confirmed(fleet, host) == output["digest"] == digest(marked(fleet.files[host], "booting"))
+    fleet.push(host)  # back to the fleet's rules
+
+
+def test_audit_refuses_a_key_file_it_cannot_read_naming_the_flag(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "enclave.cli", "audit", "--stack", "dev", "--identity-file", str(tmp_path / "nope")]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60)
+    assert result.returncode == 2
+    assert "--identity-file" in result.stderr and str(tmp_path / "nope") in result.stderr
