@@ -90,11 +90,11 @@ def known_hosts_file(stack: str) -> Path:
 
 def control_path(directory: Path, stack: str, bastion: str, user: str) -> Path:
     """The same in every process of every run. A Unix socket path is at most 107 bytes and ssh binds a random
-    17-character suffix first, so a long runtime directory (a test's) gets its sockets in /tmp/enclave-<uid>,
+    17-character suffix first, so a runtime directory too long for that gets its sockets in /tmp/enclave-<uid>,
     named by the directory too (two labs of one stack share addresses, never sockets)."""
-    key = hashlib.sha256(f"{stack}\0{bastion}\0{user}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{stack}\0{bastion}\0{user}".encode()).hexdigest()[:12]
     path = directory / f"cm-{key}"
-    if len(str(path)) > 80:
+    if len(str(path)) > 90:
         short = Path(f"/tmp/enclave-{os.getuid()}")
         short.mkdir(mode=0o700, exist_ok=True)
         if short.stat().st_uid != os.getuid() or short.stat().st_mode & 0o077:

@@ -76,7 +76,7 @@ def start_sshd(lab: Lab, host: str) -> None:
 
 
 def run_dirs(lab: Lab) -> list[Path]:
-    return sorted((lab.dir / "operator-ssh").glob("run-*"))
+    return sorted((lab.dir / "s").glob("run-*"))
 
 
 @pytest.fixture(scope="module")

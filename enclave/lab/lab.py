@@ -670,7 +670,7 @@ SetEnv {env}
         known_hosts (as a first push leaves it)."""
         return {
             **os.environ,
-            ENV_RUNTIME_DIR: str(self.dir / "operator-ssh"),
+            ENV_RUNTIME_DIR: str(self.dir / "s"),  # short: the ControlMaster socket's path must fit in 90 bytes
             ENV_KNOWN_HOSTS: str(self.dir / "known_hosts"),
         }
 
