@@ -272,7 +272,7 @@ def main() -> int:
     host, d = "?", "?"
 
     def fail(step: str, code: int, reason: str) -> int:
-        print(json.dumps({"host": host, "digest": d, "failed": step, "reason": reason}))
+        print(json.dumps({"host": host, "digest": d, "failed": step, "reason": reason}, separators=(",", ":")))
         print(f"enclave push {host}: {step} of rules {d} failed: {reason}", file=sys.stderr)
         return code
 
