@@ -1,7 +1,8 @@
 """`python -m benchmarks [PART ...]`: run benchmarks, print their tables, update docs/benchmarks.md.
 
 Parts: plan (compile + render by fleet size), dataplane (new connections and packets through the rules; root),
-apply (loading rules; root), program (the Pulumi program under mocks, and which pushes re-run on scaling).
+apply (loading rules; root), program (the Pulumi program under mocks, and which pushes re-run on scaling),
+push (a fleet's pushes in the lab at the engine's parallelism; root, under `flock /tmp/enclave-heavy.lock`).
 With no part, all of them. Each part replaces only its own section of the report, so parts can be rerun alone.
 """
 
@@ -15,13 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import apply_cost, dataplane, plan_cost, program_cost
+from . import apply_cost, dataplane, plan_cost, program_cost, push_cost
 from .netns import BenchError
 from .report import Table, machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
-PARTS = ("plan", "dataplane", "apply", "program")
+PARTS = ("plan", "dataplane", "apply", "program", "push")
 
 HEADER = """# Benchmarks
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-sizes", type=_ints, help="hosts per plan stack (default 10,100,1000,5000)")
     parser.add_argument("--program-sizes", type=_ints, help="hosts per mocked program run (default 10,100,1000)")
     parser.add_argument("--peers", type=_ints, help="peers admitted in the data-plane and apply runs (default 1000,10000)")
+    parser.add_argument("--push-sizes", type=_ints, help="hosts per lab push run (default 100; quick 20)")
     parser.add_argument("--rounds", type=int, help="data-plane rounds (default 15, quick 3)")
     parser.add_argument("--output", type=Path, default=REPORT, help=f"report to update (default {REPORT.relative_to(ROOT)})")
     parser.add_argument("--no-write", action="store_true", help="print the tables only")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": lambda: plan_cost.run(args.plan_sizes or plan_cost.DEFAULT_SIZES, rounds=1 if quick else 3),
         "dataplane": lambda: dataplane.run(peers, rounds=args.rounds or (3 if quick else 15), seconds=1),
         "apply": lambda: apply_cost.run(peers, rounds=2 if quick else 5, quick=quick),
+        "push": lambda: push_cost.run(args.push_sizes or ((20,) if quick else push_cost.DEFAULT_SIZES)),
         "program": lambda: program_cost.run(args.program_sizes or ((10, 100) if quick else program_cost.DEFAULT_SIZES)),
     }
     facts = machine_facts()

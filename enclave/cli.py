@@ -242,6 +242,45 @@ def cmd_ssh_config(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    from .audit import audit  # imports the transport: only when auditing
+
+    stack = stack_from_args(args)
+    policy = compile_policy(stack.config)
+    if args.addresses is not None:
+        addresses = load_addresses(args.addresses, policy)
+    else:
+        addresses = example_addresses(policy)
+        Console(stderr=True).print(
+            "note: example addresses (those of `enclave lab`); for a deployed stack pass --addresses FILE.json "
+            "from `pulumi stack output hosts --json`", highlight=False, soft_wrap=True,
+        )
+    key_path = Path(args.identity_file or f"~/.ssh/enclave-{stack.name}").expanduser()
+    try:
+        private_key = key_path.read_text()
+    except OSError as exc:
+        raise StackError([StackIssue("--identity-file", f"cannot read the stack's private key {key_path}: "
+                                     f"{exc.strerror}; pass the key `pulumi config set --secret sshPrivateKey` holds")],
+                         stack.name) from None
+    plan = build_plan(stack, addresses)
+    results = audit(stack, policy, addresses, plan.files, private_key)
+    drifted = [r for r in results if not r.in_sync]
+    if args.format == "json":
+        sys.stdout.write(json.dumps({"stack": stack.name, "inSync": not drifted,
+                                     "hosts": [r.as_json() for r in results]}, indent=2) + "\n")
+        return EXIT_FAILED if drifted else EXIT_OK
+    for r in results:
+        state = "[green]in sync[/]" if r.in_sync else "[red bold]DRIFT[/]"
+        console.print(f"{escape(r.host)} ({escape(r.address)}): {state}, rules {r.compiled}", highlight=False)
+        for line in r.drift:
+            console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
+        for line in r.fix:
+            console.print(f"    {escape(line)}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"stack {escape(stack.name)}: " + (f"{len(drifted)} of {len(results)} host(s) drifted" if drifted
+                  else f"all {len(results)} hosts run the rules the stack compiles to"), highlight=False)
+    return EXIT_FAILED if drifted else EXIT_OK
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -289,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     ssh.add_argument("--addresses", type=Path, help=ADDRESSES_HELP)
     ssh.add_argument("--identity-file", help="private key for every host (default: ~/.ssh/enclave-<stack>)")
     ssh.set_defaults(func=cmd_ssh_config)
+
+    audit = sub.add_parser(
+        "audit", help="does every host run the rules the stack compiles to? (over SSH, read-only)",
+        description="Connect to every host through the push's transport and compare its live rules, sets and "
+        "confirmed digest with what the stack compiles to; drift gets the `pulumi up --replace` that re-pushes "
+        "the host. Exit 1 on drift.",
+    )
+    add_stack_arguments(audit)
+    audit.add_argument("--addresses", type=Path, help=ADDRESSES_HELP + " (without it: the lab's example addresses)")
+    audit.add_argument("--identity-file", help="the stack's private key (default: ~/.ssh/enclave-<stack>)")
+    audit.add_argument("--format", choices=("text", "json"), default="text", help="json: the same, for scripts")
+    audit.set_defaults(func=cmd_audit)
 
     from .lab import cli as lab_cli  # the lab registers its own subcommands
 

@@ -14,11 +14,13 @@ Every public address is a /32 (or /128) with an on-link default route, so the pl
 L2 segment without a router. Veth pairs are created from inside the fabric namespace with the host end
 placed straight into its namespace.
 
-Each host boots like a droplet: the role's first-boot baseline (the cloud-init bootcmd text), then sshd. The
-push is the Pulumi program's: from the operator namespace, the real OpenSSH client runs `sh -s` with the push
-script on stdin (bastions on their public address, every other host through the bastion with ProxyJump),
-then the confirmation over a new connection. Namespaces share the filesystem, so each host's sshd gives its
-sessions their own ENCLAVE_STATE_DIR (sshd_config SetEnv); the scripts are byte for byte the program's.
+Each host boots like a droplet: the role's first-boot baseline (the cloud-init bootcmd text), then sshd at a
+droplet's defaults (plus what the baseline writes into ENCLAVE_SSHD_CONFIG_DIR). The push is the Pulumi
+program's command line, `python -m enclave.pushrun`, run from the operator namespace with the request on stdin
+and the key in its environment (push_all starts them as the engine does: FIFO, at its parallelism, bastions
+first); it pushes through the bastion's one shared OpenSSH connection and confirms over a new one.
+Namespaces share the filesystem, so each host's sshd gives its sessions their own ENCLAVE_STATE_DIR
+(sshd_config SetEnv); the scripts are byte for byte the program's.
 
 `Lab` is a context manager: everything is removed on exit, on failure, on Ctrl-C and on SIGTERM.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import queue as queue_module
 import re
 import secrets
 import select
@@ -47,8 +50,10 @@ from config.stackfile import Stack
 
 from ..compiler import Host
 from ..plan import build_plan, outsiders
-from ..push import baseline_script, confirm_script, push_script
+from ..push import baseline_script
+from ..pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PREVIOUS_STDOUT, ENV_PRIVATE_KEY, push_request
 from ..render import RuleFiles, baseline_files
+from ..transport import ENV_KNOWN_HOSTS, ENV_RUNTIME_DIR
 from ..sshconfig import ssh_config
 from .probe import LabReport, plan_probes, probe_ports, send_probes, listen_ports, tests_with_packets
 from .progress import LabProgress
@@ -94,16 +99,13 @@ class LabUnavailable(LabError):
 
 
 class PushFailed(LabError):
+    """One host's `python -m enclave.pushrun` did not confirm. step: what its JSON says failed (request, push,
+    confirm), or `killed` (the run was cancelled while it ran) or `not started` (cancelled before it started)."""
+
     def __init__(self, host: str, step: str, result: subprocess.CompletedProcess[str]) -> None:
         self.host, self.step, self.result = host, step, result
-        output = (result.stderr.strip() or result.stdout.strip() or "no output")[-2000:]
-        hint = ""
-        if step == "confirm" and result.returncode == 255:  # ssh itself failed, not the confirm script
-            hint = (" (the push applied, then a new SSH connection could not get in: do the new rules still admit"
-                    " SSH from the bastion? Unconfirmed, the host rolls back by itself)")
-        elif step == "push" and result.returncode == 255:
-            hint = f" (SSH could not reach {host}: is it up, its sshd running, and does it admit SSH from the bastion?)"
-        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}{hint}")
+        output = (result.stderr.strip() or result.stdout.strip() or "no output")[-3000:]
+        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}")
 
 
 def normalized_firewall(tables: str, sets: str) -> str:
@@ -357,6 +359,8 @@ class Lab:
             "HOME": str(self.host_dir(host) / "home"),
             "ENCLAVE_STATE_DIR": str(self.state_dir(host)),
             "ENCLAVE_SYSTEMD_DIR": str(self.host_dir(host) / "units"),
+            # where the baseline writes sshd settings (a bastion's raised MaxStartups); the lab's sshd Includes it
+            "ENCLAVE_SSHD_CONFIG_DIR": str(self.host_dir(host) / "sshd_config.d"),
             **self.host_env,
         }
 
@@ -519,15 +523,24 @@ class Lab:
         return baseline_script(baseline_files(self.stack.config, host.role))
 
     def _make_keys(self) -> None:
+        """The stack's key pair (the secret `sshPrivateKey`, handed to each push run in its environment), each
+        host's host key, each host's authorized_keys (what DigitalOcean installs from the stack's SshKey, in
+        the host's home), the known_hosts a first push leaves (accept-new), and the config `enclave ssh-config`
+        prints, for ssh()."""
         keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
         jobs: list[tuple[Sequence[str], str | None]] = [([*keygen, "-C", "enclave-lab", "-f", str(self.dir / "id_ed25519")], None)]
         for h in self.hosts:
-            (self.host_dir(h.name) / "home").mkdir(parents=True)
+            (self.host_dir(h.name) / "home" / ".ssh").mkdir(parents=True, mode=0o700)
+            (self.host_dir(h.name) / "sshd_config.d").mkdir(mode=0o755)
             jobs.append(([*keygen, "-C", h.name, "-f", str(self.host_dir(h.name) / "ssh_host_ed25519_key")], None))
         _run_all(jobs)
-        (self.dir / "authorized_keys").write_text((self.dir / "id_ed25519.pub").read_text())
+        self.private_key = (self.dir / "id_ed25519").read_text()
+        self.public_key = (self.dir / "id_ed25519.pub").read_text().strip()
+        self.previous_private_key: str | None = None  # set while a test rotates the key
+        self.push_stdout: dict[str, str] = {}  # per host, the last confirmed run's stdout (Pulumi's state)
         known = []
         for h in self.hosts:
+            (self.host_dir(h.name) / "home" / ".ssh" / "authorized_keys").write_text(self.public_key + "\n")
             a = self.addresses[h.name]
             names = ",".join(x for x in (a.public, a.private, a.public6) if x)
             key = (self.host_dir(h.name) / "ssh_host_ed25519_key.pub").read_text().split()
@@ -540,23 +553,24 @@ class Lab:
             "BatchMode yes",
             "ConnectTimeout 3",
             "LogLevel ERROR",
-            # pulumi-command's Go SSH client negotiates curve25519; OpenSSH's default post-quantum kex costs
-            # ~0.1 s of CPU per connection here, and the lab opens two connections per host (push, confirm).
-            "KexAlgorithms curve25519-sha256,curve25519-sha256@libssh.org",
         )
         text = ssh_config(self.stack.name, self.policy, self.addresses, SSH_USER, str(self.dir / "id_ed25519"), options)
         self.ssh_config_path.write_text(text)
 
     def _sshd_config(self, host: str) -> str:
+        """sshd at a droplet's defaults (MaxStartups 10:30:100, MaxSessions 10), plus what the baseline writes
+        into ENCLAVE_SSHD_CONFIG_DIR (a bastion's raised MaxStartups), Included first as Debian's sshd_config
+        Includes sshd_config.d: sshd keeps the first value it reads."""
         d = self.host_dir(host)
         env = " ".join(f"{k}={v}" for k, v in self.session_env(host).items())
         return f"""# enclave lab {self.run_id}: sshd of {host} (stack {self.stack.name})
+Include {d / 'sshd_config.d'}/*.conf
 Port 22
 ListenAddress 0.0.0.0
 ListenAddress ::
 HostKey {d / 'ssh_host_ed25519_key'}
 PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {self.dir / 'authorized_keys'}
+AuthorizedKeysFile {d / 'home' / '.ssh' / 'authorized_keys'}
 # The lab's files live in a temporary directory; PAM would consult this machine's login policy.
 UsePAM no
 StrictModes no
@@ -567,7 +581,6 @@ AllowTcpForwarding yes
 X11Forwarding no
 PrintMotd no
 UseDNS no
-MaxStartups 1000
 LogLevel VERBOSE
 # Namespaces share one filesystem: each host keeps its enclave state in its own directory.
 SetEnv {env}
@@ -640,7 +653,8 @@ SetEnv {env}
     def ssh(self, host: str, command: str = "sh -s", *, input: str | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """A NEW OpenSSH connection from the operator namespace to `host` (through the bastion if it is not
-        one), running `command`. Never raises on a non-zero exit: callers look at the result."""
+        one), running `command`, from the config `enclave ssh-config` prints: what an operator types to look at
+        a host. Never raises on a non-zero exit: callers look at the result. (Pushes go through push().)"""
         argv = self.in_ns("operator", ["ssh", "-F", str(self.ssh_config_path), self.alias(host), command])
         return _run(argv, input=input, check=False, timeout=timeout)
 
@@ -650,52 +664,126 @@ SetEnv {env}
         tables = self.console(host, "iptables-save; ip6tables-save").stdout
         return normalized_firewall(tables, self.console(host, "ipset save").stdout)
 
-    def push(self, host: str, files: RuleFiles | None = None, *, redial_s: float = 0.0) -> str:
-        """Install a host's rules as the Pulumi program does: the push script over SSH, then the
-        confirmation over a new connection. Returns both outputs; raises PushFailed naming the step.
+    def operator_env(self) -> dict[str, str]:
+        """The environment of a push run (or `enclave audit`) from the operator namespace: the lab's own runtime
+        directory (two labs of one stack share addresses, so they must not share ControlMaster sockets) and its
+        known_hosts (as a first push leaves it)."""
+        return {
+            **os.environ,
+            ENV_RUNTIME_DIR: str(self.dir / "s"),  # short: the ControlMaster socket's path must fit in 90 bytes
+            ENV_KNOWN_HOSTS: str(self.dir / "known_hosts"),
+        }
 
-        redial_s: keep dialing the confirmation this long while SSH cannot get in, as pulumi-command does
-        (30 dials of 20 s): after a push that cut SSH, the host rolls back and the late confirmation then
-        reports it. 0 (`lab check`): one dial, so the probes see the rules that were pushed.
+    def _start_push(self, host: str, files: RuleFiles | None, deadline_s: float,
+                    bastions: Sequence[str] | None) -> tuple[subprocess.Popen[str], str]:
+        """`python -m enclave.pushrun` for one host, exactly as the program's local.Command runs it: COMMAND with
+        this venv's python, from the project directory, the request on stdin, the key(s) and the previous run's
+        stdout in the environment. Its own session, so a cancelled run can be killed with its ssh children."""
+        h = self.policy.host_by_name[host]
+        request = push_request(
+            self.stack.name, self.policy, self.addresses, h, files or self.files[host], user=SSH_USER,
+            public_key=self.public_key, deadline_s=int(deadline_s), bastions=bastions,
+        )
+        env = self.operator_env()
+        env[ENV_PRIVATE_KEY] = self.private_key
+        env.pop(ENV_PREVIOUS_PRIVATE_KEY, None)
+        if self.previous_private_key:
+            env[ENV_PREVIOUS_PRIVATE_KEY] = self.previous_private_key
+        env.pop(ENV_PREVIOUS_STDOUT, None)
+        if host in self.push_stdout:  # pulumi-command: an update sees the stdout its last successful run kept
+            env[ENV_PREVIOUS_STDOUT] = self.push_stdout[host]
+        argv = self.in_ns("operator", [sys.executable, *COMMAND.split()[1:]])
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=PROJECT_ROOT, env=env, start_new_session=True)
+        return proc, request.to_stdin()
+
+    def _finish_push(self, host: str, proc: subprocess.Popen[str], stdout: str, stderr: str) -> str:
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+        if proc.returncode == 0:
+            self.push_stdout[host] = stdout  # what Pulumi would keep in the state
+            return stderr + stdout
+        try:
+            step = str(json.loads(stdout.strip().splitlines()[-1])["failed"])
+        except (ValueError, IndexError, KeyError, TypeError):
+            step = "killed" if proc.returncode < 0 else "push"
+        raise PushFailed(host, step, result)
+
+    def push(self, host: str, files: RuleFiles | None = None, *, redial_s: float = 0.0,
+             bastions: Sequence[str] | None = None) -> str:
+        """Install a host's rules as the Pulumi program does: one `python -m enclave.pushrun` run, which pushes
+        and confirms over a new connection. Returns what it printed (the host's words, then its JSON line);
+        raises PushFailed naming the step.
+
+        redial_s: the request's deadline_s, how long the run keeps retrying (the program's is minutes): after a
+        push that cut SSH, the host rolls back and the late confirmation then reports it. 0 (`lab check`): one
+        attempt, so the probes see the rules that were pushed.
+        bastions: the public addresses the request names (default: the stack's bastions), e.g. a replacement's.
         """
-        files = files or self.files[host]
-        pushed = self.ssh(host, input=push_script(files, self.stack.name))
-        if pushed.returncode != 0:
-            raise PushFailed(host, "push", pushed)
-        deadline = time.monotonic() + redial_s
-        while True:
-            confirmed = self.ssh(host, input=confirm_script(files, self.stack.name))
-            if confirmed.returncode != 255 or time.monotonic() >= deadline:  # 255: ssh itself could not get in
-                break
-            time.sleep(0.2)
-        if confirmed.returncode != 0:
-            raise PushFailed(host, "confirm", confirmed)
-        return pushed.stdout + confirmed.stdout
+        proc, stdin = self._start_push(host, files, redial_s, bastions)
+        stdout, stderr = proc.communicate(stdin)
+        return self._finish_push(host, proc, stdout, stderr)
 
-    def push_all(self) -> dict[str, PushFailed]:
-        """Every host: bastions first (everyone else is reached through them), then the rest at once.
+    def push_all(self, parallel: int | None = None, *, continue_on_error: bool = True,
+                 kill_after: int | None = None, redial_s: float = 0.0) -> dict[str, PushFailed]:
+        """Every host as `pulumi up` runs their pushes: at most `parallel` runs at once (the engine's default,
+        4 x CPUs), started first in, first out, the bastions' first (every other push depends on them: it goes
+        through them). Without continue_on_error, the first failure starts nothing more (the engine cancels
+        what is queued; running pushes finish), as a plain `pulumi up` does; with it (`lab check`,
+        `--continue-on-error`) every host is tried and hosts behind a failed bastion push are not started.
+        kill_after: cancel the run once that many pushes finished: SIGKILL every running push and its ssh
+        (a Ctrl-C'd or killed `pulumi up`), start nothing more.
 
-        A failed push does not stop the others (the probes then show what that host's rules do); the
-        failures are returned, and the next probe() reports them.
+        Returns the hosts that did not confirm (step `not started` for those never run).
         """
         started = time.monotonic()
+        parallel = parallel or 4 * (os.cpu_count() or 1)
         bastions = [h.name for h in self.policy.bastion_hosts()]
         others = [h.name for h in self.hosts if h.name not in bastions]
         failures: dict[str, PushFailed] = {}
-        self.progress.begin("push", len(self.hosts), f"bastions first ({', '.join(bastions) or 'none'}), over SSH")
+        self.progress.begin("push", len(self.hosts), f"{parallel} at once, bastions first ({', '.join(bastions) or 'none'})")
+        queue = list(bastions) or list(others)
+        waiting = others if bastions else []
+        running: dict[str, subprocess.Popen[str]] = {}
+        finished: queue_module.Queue[tuple[str, str, str]] = queue_module.Queue()
+        done = 0
+        stopped = False
 
-        def push(host: str) -> None:
+        def wait(host: str, proc: subprocess.Popen[str], stdin: str) -> None:
+            stdout, stderr = proc.communicate(stdin)
+            finished.put((host, stdout, stderr))
+
+        while queue or running or waiting:
+            while queue and len(running) < parallel and not stopped:
+                host = queue.pop(0)
+                running[host], stdin = self._start_push(host, None, redial_s, None)
+                threading.Thread(target=wait, args=(host, running[host], stdin), daemon=True).start()
+            if not running:
+                break
+            host, stdout, stderr = finished.get()
+            proc = running.pop(host)
+            done += 1
             try:
-                self.push(host)
+                self._finish_push(host, proc, stdout, stderr)
             except PushFailed as failure:
                 failures[host] = failure
                 self.progress.advance("push", detail=f"{host}: {failure.step} FAILED")
+                stopped = stopped or not continue_on_error
             else:
                 self.progress.advance("push", detail=f"{host} confirmed")
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            for wave in (bastions, others):
-                list(pool.map(push, wave))
+            if kill_after is not None and done >= kill_after and not stopped:
+                stopped = True
+                for proc in running.values():
+                    os.killpg(proc.pid, signal.SIGKILL)  # ip netns exec execs python: the group is the run's
+            if not queue and not running and waiting:  # the bastions are done: their dependents become ready
+                failed = [b for b in bastions if b in failures]
+                if failed:
+                    for host in waiting:
+                        failures[host] = PushFailed(host, "not started", subprocess.CompletedProcess(
+                            [], 0, "", f"bastion push {', '.join(failed)} failed; the engine runs no dependent"))
+                    waiting = []
+                queue, waiting = waiting, []
+        for host in queue + waiting:
+            failures[host] = PushFailed(host, "not started", subprocess.CompletedProcess([], 0, "", "the run was cancelled"))
         self.push_failures = failures
         self.timings["push"] = time.monotonic() - started
         summary = f"{len(self.hosts) - len(failures)} of {len(self.hosts)} hosts pushed and confirmed over SSH"

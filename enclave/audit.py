@@ -1,0 +1,221 @@
+"""`enclave audit`: is every host running exactly what the stack compiles to? Read-only, over the push's transport.
+
+Per host, over SSH (enclave.transport: the same config, keys, bastion master and known_hosts as a push), one
+read-only `sh -s` that prints the host's confirmed digest, a pending push, the rollback note, its live enclave
+chains (`iptables-save`/`ip6tables-save`) and sets (`ipset save`), and the compiled files as THIS host's
+iptables would save them: loaded into a scratch network namespace (`unshare -n`), so the comparison is
+iptables' canonical text against iptables' canonical text whatever spelling the renderer uses, and nothing
+live is touched. Drift found:
+
+  rolled back/stale  the confirmed digest is not the compiled one: a push rolled back (the host's own note says
+                     why), or the host was never pushed the stack's current rules
+  pending            a push applied but not confirmed (a run in progress, or one killed: it will roll back)
+  flushed            enclave's chains are empty or INPUT/OUTPUT no longer jump to them (a `iptables -F`, a reboot
+                     without the boot unit)
+  foreign rule       a rule in enclave's chains the stack does not compile to (someone's `iptables -I`)
+  missing rule       a compiled rule that is not live
+  set members        a set whose live members differ from the compiled ones
+  host key changed   the droplet was rebuilt from the panel (or someone is in between): nothing was read
+  unreachable        SSH could not get in at all
+
+Each drifted host gets the command that re-pushes it: `pulumi up --replace <urn>` of its push resource.
+Exit: 0 every host as compiled, 1 drift on any host, 2 bad input (stack, addresses, key file).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from config.stackfile import Stack
+
+from .compiler import Addresses, Policy
+from .plan import droplet_name
+from .push import STATE, _heredoc, digest
+from .pushrun import _remote_shell, push_request
+from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
+from .transport import SSH_FAILED, Transport
+
+AUDIT_DEADLINE_S = 30
+# The program's push resource per host (components/): a command:local:Command named `<droplet>-push`, a child of
+# the EnclaveNetwork component. Its URN is what `pulumi up --replace` takes.
+PUSH_RESOURCE_TYPE = "enclave:index:EnclaveNetwork$command:local:Command"
+SECTIONS = ("confirmed", "pending", "rolled-back", "live4", "live6", "sets", "want4", "want6", "wantsets")
+
+
+def project_name() -> str:
+    text = (Path(__file__).resolve().parent.parent / "Pulumi.yaml").read_text()
+    match = re.search(r"^name:\s*(\S+)", text, re.M)
+    return match.group(1) if match else "enclave"
+
+
+def push_urn(stack: str, droplet: str) -> str:
+    return f"urn:pulumi:{stack}::{project_name()}::{PUSH_RESOURCE_TYPE}::{droplet}-push"
+
+
+def audit_script(files: RuleFiles) -> str:
+    """Read-only: prints each section after a `== name` line. The compiled files are loaded only inside a
+    scratch network namespace (its own netfilter tables and ipsets), which disappears with its `sh`."""
+    return f"""#!/bin/sh
+# enclave audit: host {files.host}, compiled rules {digest(files)} (reads only)
+set -u
+{STATE}
+PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+echo "== confirmed"; cat "$STATE/confirmed/digest" 2>/dev/null
+echo "== pending"; cat "$STATE/pending" 2>/dev/null
+echo "== rolled-back"; cat "$STATE/rolled-back" 2>/dev/null
+echo "== live4"; iptables-save -t filter
+echo "== live6"; ip6tables-save -t filter
+echo "== sets"; ipset save
+tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
+{_heredoc('"$tmp/ipsets"', files.ipsets)}{_heredoc('"$tmp/rules.v4"', files.ipv4)}{_heredoc('"$tmp/rules.v6"', files.ipv6)}unshare -n sh -c '
+  ipset restore < "$1/ipsets" >&2 || exit 1
+  echo "== want4"; iptables-restore -w < "$1/rules.v4" >&2 && iptables-save -t filter
+  echo "== want6"; ip6tables-restore -w < "$1/rules.v6" >&2 && ip6tables-save -t filter
+  echo "== wantsets"; ipset save' audit "$tmp"
+"""
+
+
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("== ") and line[3:] in SECTIONS:
+            current = out.setdefault(line[3:], [])
+        elif current is not None:
+            current.append(line)
+    return out
+
+
+def _chain_rules(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith(f"-A {CHAIN_PREFIX}-")]
+
+
+def _jumps(lines: list[str]) -> set[str]:
+    return {line for line in lines if re.fullmatch(rf"-A (INPUT|OUTPUT) -j {CHAIN_PREFIX}-\1", line)}
+
+
+def _members(lines: list[str], staged: bool) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in ("create", "add") and parts[1].startswith(SET_PREFIX):
+            name = parts[1]
+            if staged != name.endswith(".new"):
+                continue
+            name = name.removesuffix(".new")
+            members = out.setdefault(name, set())
+            if parts[0] == "add":
+                members.add(" ".join(parts[2:]))
+    return out
+
+
+@dataclass
+class HostAudit:
+    host: str
+    droplet: str
+    address: str
+    compiled: str
+    confirmed: str | None = None
+    drift: list[str] = field(default_factory=list)
+    fix: list[str] = field(default_factory=list)
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.drift
+
+    def as_json(self) -> dict[str, Any]:
+        return {"host": self.host, "droplet": self.droplet, "address": self.address, "compiled": self.compiled,
+                "confirmed": self.confirmed, "inSync": self.in_sync, "drift": self.drift, "fix": self.fix}
+
+
+def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
+    """What differs between a host's live state and its compiled files, in an operator's words."""
+    drift = []
+    want = digest(files)
+    confirmed = (sections.get("confirmed") or [""])[0].strip() or None
+    note = " ".join(sections.get("rolled-back", [])).strip()
+    if confirmed != want:
+        drift.append(("rolled back" if note else "stale")
+                     + f": confirmed rules {confirmed or 'none (baseline)'}, the stack compiles to {want}"
+                     + (f" ({note})" if note else ""))
+    pending = " ".join(sections.get("pending", [])).strip()
+    if pending:
+        drift.append(f"pending: rules {pending.split()[0]} were applied and await their confirmation "
+                     "(a push in progress, or one that was killed: the host rolls them back by itself)")
+    if "want4" not in sections or "wantsets" not in sections:
+        drift.append("the compiled files could not be loaded in a scratch namespace on the host (unshare, ipset?)")
+        return drift
+    for family, live_key, want_key in (("IPv4", "live4", "want4"), ("IPv6", "live6", "want6")):
+        live, wanted = _chain_rules(sections.get(live_key, [])), _chain_rules(sections.get(want_key, []))
+        jumps = _jumps(sections.get(live_key, []))
+        if len(jumps) < 2 or (wanted and not live):
+            drift.append(f"flushed: {family} " + ("INPUT/OUTPUT do not jump to enclave's chains" if len(jumps) < 2
+                                                  else "enclave's chains are empty"))
+        if live and wanted:
+            foreign = [line for line in live if line not in wanted]
+            missing = [line for line in wanted if line not in live]
+            drift += [f"foreign rule ({family}): {line}" for line in foreign]
+            drift += [f"missing rule ({family}): {line}" for line in missing[:5]]
+            if len(missing) > 5:
+                drift.append(f"missing rule ({family}): … and {len(missing) - 5} more")
+            if not foreign and not missing and live != wanted:
+                drift.append(f"{family} rules in another order than compiled")
+    live_sets, wanted_sets = _members(sections.get("sets", []), False), _members(sections["wantsets"], True)
+    for name in sorted(set(wanted_sets) | set(live_sets)):
+        if name not in wanted_sets:
+            continue  # a set of a previous push, destroyed once no rule uses it
+        if name not in live_sets:
+            drift.append(f"set members: {name} does not exist")
+        elif live_sets[name] != wanted_sets[name]:
+            extra, gone = sorted(live_sets[name] - wanted_sets[name]), sorted(wanted_sets[name] - live_sets[name])
+            drift.append(f"set members: {name}" + (f" has {', '.join(extra[:5])} too" if extra else "")
+                         + (f" lacks {', '.join(gone[:5])}" if gone else ""))
+    return drift
+
+
+def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], files: RuleFiles,
+               private_key: str) -> HostAudit:
+    host = policy.host_by_name[files.host]
+    request = push_request(stack.name, policy, addresses, host, files, user=stack.config.ssh_user,
+                           public_key="", deadline_s=AUDIT_DEADLINE_S)
+    droplet = droplet_name(stack.name, host)
+    result = HostAudit(files.host, droplet, request.address, digest(files))
+    replace = f"pulumi up --stack {stack.name} --replace '{push_urn(stack.name, droplet)}'"
+    with Transport(stack=stack.name, user=request.user, private_key=private_key, previous_private_key=None,
+                   address=request.address, bastions=request.bastions) as transport:
+        via = None if request.direct else request.bastions[0]
+        done = transport.run(via, _remote_shell(request.user), audit_script(files), confirm=False,
+                             deadline=time.monotonic() + AUDIT_DEADLINE_S)
+        known_hosts = transport.known_hosts
+    if done.host_key_changed:
+        result.drift.append(f"host key changed: {droplet} answers with another host key than when it was first "
+                            "pushed (rebuilt from the panel?); nothing was read")
+        changed = done.changed_host_key_address or request.address
+        if changed != request.address:
+            result.drift[-1] = f"host key changed: the bastion {changed} on the way to {droplet} (rebuilt?); nothing was read"
+        result.fix += ["# check the new key on the droplet's console: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub",
+                       f"ssh-keygen -R {changed} -f {known_hosts}", replace]
+        return result
+    if done.returncode == SSH_FAILED:
+        result.drift.append(f"unreachable: {done.stderr.strip()[-500:] or 'no output'}")
+        result.fix.append(f"# once SSH gets in again (or from the droplet's Recovery Console), re-push: {replace}")
+        return result
+    sections = _sections(done.stdout)
+    result.confirmed = (sections.get("confirmed") or [""])[0].strip() or None
+    result.drift = compare(files, sections)
+    if done.returncode != 0:
+        result.drift.append(f"the audit script failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    if result.drift:
+        result.fix.append(replace)
+    return result
+
+
+def audit(stack: Stack, policy: Policy, addresses: dict[str, Addresses], files: dict[str, RuleFiles],
+          private_key: str, parallel: int = 8) -> list[HostAudit]:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(lambda f: audit_host(stack, policy, addresses, f, private_key), files.values()))
