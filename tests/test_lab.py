@@ -180,13 +180,13 @@ def test_lab_up_keeps_a_lab_to_explore_and_down_removes_it(
     (record,) = lab_records(tmp_path)
     run_ids.append(record.run_id)
     assert "matches its policy" in out and f"enclave lab down {record.run_id}" in out
-    assert len(run_namespaces(record.run_id)) == 1 + 4 + 3  # fabric, dev's four hosts, three outsiders
+    assert len(run_namespaces(record.run_id)) == 1 + 4 + 3 + 1  # fabric, dev's four hosts, three outsiders, scratch
     # the printed ssh config works from the operator namespace, through the bastion, after the CLI exited
     ssh = ["ip", "netns", "exec", f"enc-{record.run_id}-operator", "ssh", "-F", record.ssh_config, "dev-mysql-1"]
     shown = subprocess.run([*ssh, "iptables -S ENCLAVE-INPUT"], capture_output=True, text=True, timeout=30)
     assert "ssh through bastion tunnel" in shown.stdout, shown.stderr
     assert main(["lab", "down"]) == 0
-    assert f"lab {record.run_id}: removed 8 namespaces" in capsys.readouterr().out
+    assert f"lab {record.run_id}: removed 9 namespaces" in capsys.readouterr().out
     assert run_namespaces(record.run_id) == [] and not (tmp_path / record.run_id).exists()
     assert main(["lab", "down", "ffffff"]) == 2  # an unknown run id is named, not ignored
 
