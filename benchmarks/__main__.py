@@ -1,7 +1,8 @@
 """`python -m benchmarks [PART ...]`: run benchmarks, print their tables, update docs/benchmarks.md.
 
 Parts: plan (compile + render by fleet size), dataplane (new connections and packets through the rules; root),
-apply (loading rules; root), program (the Pulumi program under mocks, and which pushes re-run on scaling).
+apply (loading rules; root), program (the Pulumi program under mocks, and which pushes re-run on scaling),
+lab (`enclave lab check` from 6 to 1 000 hosts; root, heavy: run it under `flock /tmp/enclave-heavy.lock`).
 With no part, all of them. Each part replaces only its own section of the report, so parts can be rerun alone.
 """
 
@@ -15,13 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import apply_cost, dataplane, plan_cost, program_cost
+from . import apply_cost, dataplane, lab_cost, plan_cost, program_cost
 from .netns import BenchError
 from .report import Table, machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
-PARTS = ("plan", "dataplane", "apply", "program")
+PARTS = ("plan", "dataplane", "apply", "program", "lab")
 
 HEADER = """# Benchmarks
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer rounds and sizes (about a minute): to try the scripts, not to quote figures")
     parser.add_argument("--plan-sizes", type=_ints, help="hosts per plan stack (default 10,100,1000,5000)")
     parser.add_argument("--program-sizes", type=_ints, help="hosts per mocked program run (default 10,100,1000)")
+    parser.add_argument("--lab-sizes", type=_ints, help="hosts per lab run (default 6,20,100,200,1000)")
     parser.add_argument("--peers", type=_ints, help="peers admitted in the data-plane and apply runs (default 1000,10000)")
     parser.add_argument("--rounds", type=int, help="data-plane rounds (default 9, quick 3)")
     parser.add_argument("--output", type=Path, default=REPORT, help=f"report to update (default {REPORT.relative_to(ROOT)})")
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataplane": lambda: dataplane.run(peers, rounds=args.rounds or (3 if quick else 9), seconds=1),
         "apply": lambda: apply_cost.run(peers, rounds=2 if quick else 5, quick=quick),
         "program": lambda: program_cost.run(args.program_sizes or ((10, 100) if quick else program_cost.DEFAULT_SIZES)),
+        "lab": lambda: lab_cost.run(args.lab_sizes or ((6, 20) if quick else lab_cost.DEFAULT_SIZES)),
     }
     facts = machine_facts()
     for fact in facts:
