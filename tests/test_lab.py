@@ -8,6 +8,7 @@ can take turns on it; dev labs are cheaper for the tests that need a lab of thei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -23,9 +24,12 @@ import pytest
 import yaml
 from rich.console import Console
 
-from config.stackfile import load_stack
+from config.stackfile import load_stack, load_stack_file
 from enclave.cli import main
-from enclave.lab.lab import LAB_DIR_ENV, Lab, LabUnavailable, lab_records, preflight, run_namespaces
+from enclave.lab import cli as lab_cli
+from enclave.lab import lab as lab_module
+from enclave.lab.lab import (LAB_DIR_ENV, Lab, LabError, LabUnavailable, invoking_user, lab_records, preflight,
+                             run_namespaces)
 from enclave.lab.probe import LabReport
 from enclave.lab.report import print_report
 from enclave.plan import build_plan
@@ -275,3 +279,91 @@ def test_an_interrupted_lab_removes_everything(sig: signal.Signals, run_ids: lis
     assert proc.returncode == 130, (out, err)
     assert "interrupted: the lab was removed" in err
     assert run_namespaces(state.parent.name) == [] and not state.parent.exists()
+
+
+# ----------------------------------------------------------------------------------- verdicts at scale
+
+
+def test_a_lab_that_cannot_resolve_its_neighbours_is_a_harness_failure_exit_3(
+    run_ids: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a full neighbour table does to a namespace (its packets never leave, probes time out like drops),
+    injected into one namespace of the lab: the run says the harness failed, exit 3, and blames no rule."""
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(lab_cli, "Lab", functools.partial(Lab, starve_neighbours=["mysql-1"]))
+    code = main(["lab", "check", "--stack", "dev"])
+    out, err = capsys.readouterr()
+    run_ids.extend(re.findall(r"^lab ([0-9a-f]{6}):", out, re.M))
+    assert code == 3
+    assert "HARNESS FAILURE: this run cannot judge the rules" in out
+    assert re.search(r"enc-[0-9a-f]{6}-mysql-1 could not resolve \d+ neighbour\(s\)", out)
+    assert "no verdict on the rules (1 problem(s) above; exit 3)" in out.replace("\n", " ") or "exit 3" in out
+    assert "the pushed rules are wrong" not in out and "FAILS" not in out
+    assert "HARNESS FAILED" in err  # the probe phase says so too
+    assert list(tmp_path.iterdir()) == []  # removed all the same
+
+
+def test_a_sampled_lab_proves_every_host_from_its_kernel_not_only_the_probed_ones(
+    run_ids: list[str], tmp_path: Path
+) -> None:
+    doc = stack_document("dev")
+    doc["config"]["enclave:roles"]["wordpress"]["count"] = 3
+    path = tmp_path / "Pulumi.three.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    stack = load_stack_file(path)
+    files = build_plan(stack).files
+    # wordpress-2 is neither the first nor the last wordpress: no probe goes to or from it
+    with Lab(stack, exhaustive=False, files_override={"wordpress-2": open_to_everyone(files["wordpress-2"], "-p tcp -m tcp --dport 4444")}) as lab:
+        run_ids.append(lab.run_id)
+        assert lab.sample is not None and "wordpress-2" not in lab.sample
+        assert {"wordpress-1", "wordpress-3"} <= set(lab.sample)
+        assert not lab.push_all()
+        report = lab.probe()
+    assert not report.harness and not report.mismatches  # the probes saw nothing wrong...
+    (proof,) = report.failed_proofs  # ...the proof from its kernel did
+    assert proof.host == "wordpress-2"
+    assert "confirmed digest" in proof.detail and "+-A ENCLAVE-INPUT -p tcp -m tcp --dport 4444 -j ACCEPT" in proof.detail
+    assert len(report.host_proofs) == 6 and not report.ok
+    text = rendered(report)
+    assert "5 of 6 hosts: live rules, sets and digest" in text and "wordpress-2: confirmed digest" in text
+
+
+def test_lab_down_all_removes_only_the_callers_labs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    for run_id, user in (("aaa111", invoking_user()), ("bbb222", "someone-else")):
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "lab.json").write_text(json.dumps({
+            "run_id": run_id, "stack": "dev", "owner_pid": 1, "kept": True, "namespaces": [],
+            "ssh_config": "", "user": user}))
+    assert main(["lab", "down", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "lab aaa111: removed" in out and "left 1 lab(s) of other users alone: bbb222 (someone-else)" in out
+    assert not (tmp_path / "aaa111").exists() and (tmp_path / "bbb222" / "lab.json").exists()
+    assert main(["lab", "down", "bbb222"]) == 0  # named, it is removed: the run id says which lab on purpose
+    assert not (tmp_path / "bbb222").exists()
+
+
+def test_a_failing_lab_reports_its_own_error_even_when_the_teardown_fails_too(
+    run_ids: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_destroy = lab_module.destroy_run
+
+    def destroy_then_complain(run_id: str, root: Path | None = None) -> list[str]:
+        real_destroy(run_id, root)
+        raise LabError("teardown trouble")
+
+    def boot_fails(self: Lab, names: object, timeout: float | None = None) -> None:
+        raise LabError("sshd in the lab did not start: original cause")
+
+    monkeypatch.setattr(lab_module, "destroy_run", destroy_then_complain)
+    monkeypatch.setattr(Lab, "_wait_until_ready", boot_fails)
+    lab = Lab(load_stack("dev"))
+    run_ids.append(lab.run_id)
+    with pytest.raises(LabError, match="original cause") as raised:
+        with lab:
+            pass
+    assert "teardown failed too: teardown trouble" in "".join(getattr(raised.value, "__notes__", []))
+    assert run_namespaces(lab.run_id) == []

@@ -82,7 +82,8 @@ def role_matrix(report: LabReport) -> Table:
     )
     table.add_column("from \\ to", style="bold")
     for r in roles:
-        table.add_column(f"{r} ({', '.join(hosts_of[r]) if len(hosts_of[r]) <= 2 else str(len(hosts_of[r])) + ' hosts'})")
+        shown = hosts_of[r] if len(hosts_of[r]) <= 3 else [hosts_of[r][0], "…", hosts_of[r][-1]]
+        table.add_column(f"{r} ({', '.join(shown)})")
     cells: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     role_of = {h.name: h.role for h in ps.hosts}
     for o in report.outcomes:
