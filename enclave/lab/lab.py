@@ -478,7 +478,7 @@ class Lab:
         )
         started = time.monotonic()
         names = [*(h.name for h in self.hosts), *OUTSIDERS]
-        self.progress.begin("boot", len(names), "baseline, sshd and probe agent per host")
+        self.progress.begin("boot", len(self.hosts), "baseline and sshd per host, one probe agent for every namespace")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         self._start_agent()
         _run_all([(self.in_ns(h.name, ["sh", "-s"], self.session_env(h.name)), self._boot_script(h)) for h in self.hosts])
