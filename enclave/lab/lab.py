@@ -536,9 +536,14 @@ class Lab:
             ) from None
         # Before any interface exists: no duplicate address detection (addresses usable at once); ping sockets
         # (ICMP echo without raw sockets) for every group, in the lab's namespaces only.
+        # IPv6 only on the interfaces that have an IPv6 address (the public ones of `ipv6` roles and the
+        # Internet's): every other one would send multicast listener reports, and each report costs an entry in
+        # the kernel's neighbour table that every namespace on this machine shares.
         sysctls = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
-                   "net.ipv4.ping_group_range=0 2147483647"]
+                   "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ping_group_range=0 2147483647"]
         _run_all([(["ip", "netns", "exec", ns, "sysctl", "-qw", *sysctls], None) for ns in self.namespaces[1:]])
+        with_ipv6 = [h.name for h in self.hosts if self.addresses[h.name].public6]
+        with_ipv6 += [e.name for e in (self.others.internet, self.others.operator) if e.address6]
 
         fabric = [
             "link add public type bridge mcast_snooping 0",
@@ -581,13 +586,15 @@ class Lab:
 
         _run(["ip", "-n", self.namespace("fabric"), "-batch", "-"], input="\n".join(fabric) + "\n",
              timeout=60 + len(fabric) * 0.05)
+        _run_all([(self.in_ns(name, ["sysctl", "-qw", f"net.ipv6.conf.{pub}.disable_ipv6=0"]), None)
+                  for name in with_ipv6])
         _run_all([(["ip", "-n", ns, "-batch", "-"], "\n".join(lines) + "\n") for ns, lines in per_ns.items()])
         if self.starved:  # the injected fault: these namespaces give up on every neighbour they do not know
             knobs = [f"net.ipv{v}.neigh.{iface}.{k}=0" for v in (4, 6) for iface in (pub, priv)
                      for k in ("mcast_solicit", "ucast_solicit", "app_solicit")]
             for name in sorted(self.starved):
                 ifaces = {"internet": [pub], "operator": [pub], "neighbor": [priv]}.get(name, [pub, priv])
-                _run(self.in_ns(name, ["sysctl", "-qw", *(k for k in knobs if k.split(".")[3] in ifaces)]))
+                _run(self.in_ns(name, ["sysctl", "-qew", *(k for k in knobs if k.split(".")[3] in ifaces)]))
 
     # ------------------------------------------------------------------------------ neighbours
 
