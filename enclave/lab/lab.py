@@ -5,10 +5,15 @@ Topology (nothing is added to the machine's own namespace; every name carries th
     enc-<run>-fabric       two bridges: `public` (the Internet) and `private` (the VPC)
     enc-<run>-<host>       one per stack host: the public and private interfaces named as in
                            `enclave:interfaces`, veth'd into the fabric's bridges, with the plan's example
-                           addresses (enclave.plan.example_addresses), a real sshd and a probe agent
+                           addresses (enclave.plan.example_addresses), fixed MACs, and a real sshd
     enc-<run>-internet     on the public segment, outside `operators`
     enc-<run>-operator     on the public segment, inside `operators`: where `pulumi up` would run
     enc-<run>-neighbor     on the private segment: another tenant of the shared private network
+    enc-<run>-scratch      a clean kernel the compiled files are loaded into, to learn what each host must show
+
+Every namespace gets permanent neighbour entries for the addresses it talks to (Lab.neighbour_entries), so the
+kernel's neighbour table, shared by every namespace on the machine, never decides a probe. One probe agent in
+the fabric namespace (enclave.lab.agent) listens and sends in every namespace through setns.
 
 Every public address is a /32 (or /128) with an on-link default route, so the plan's public ranges share one
 L2 segment without a router. Veth pairs are created from inside the fabric namespace with the host end
