@@ -176,6 +176,8 @@ async def run_probe(namespaces: Namespaces, limit: asyncio.Semaphore, source: st
             return await _exchange(sock, address, 0, echo, timeout)
         except OSError as exc:  # the socket itself could not be made (out of files, memory)
             return False, _os_error(exc)
+        except KeyError:
+            return False, f"{source}'s namespace is not served by this agent"
 
 
 def answerer(namespaces: Namespaces, limit: asyncio.Semaphore) -> Any:
@@ -211,14 +213,25 @@ def _raise_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, 1 << 20), max(hard, 1 << 20)))  # root may raise it
-    except (ValueError, OSError):
+    except (ValueError, OSError):  # not in a container without CAP_SYS_RESOURCE
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def concurrency() -> int:
+    """How many probes may be in flight: each holds up to two descriptors (a TCP probe's socket and the
+    listener's accepted one), and the listeners and namespaces already hold theirs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    free = soft - len(os.listdir("/proc/self/fd")) - 64
+    if free < 32:
+        raise SystemExit(f"enclave lab agent: only {free} file descriptors left of {soft} (ulimit -n) after its "
+                         "listeners: raise the limit, or probe fewer hosts (enclave lab check --sample)")
+    return min(MAX_CONCURRENT_PROBES, free // 2)
 
 
 async def self_check(namespaces: Namespaces, spec: list[dict[str, Any]]) -> None:
     """Every kind of probe must be able to pass in every namespace: over loopback (always open) to this agent's
     own listeners there. Without this, a broken probe would look exactly like a firewall that drops it."""
-    limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+    limit = asyncio.Semaphore(concurrency())
     checks = []
     for entry in spec:
         name = entry["name"]
@@ -240,7 +253,7 @@ async def main_async(args: argparse.Namespace) -> None:
     await self_check(namespaces, spec)
     if os.path.exists(args.control):
         os.unlink(args.control)
-    limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+    limit = asyncio.Semaphore(concurrency())
     control = await asyncio.start_unix_server(answerer(namespaces, limit), path=args.control, limit=1 << 26)
     print("ready", flush=True)
     # Nobody reads stdout after this (the controller may exit while a kept lab runs on).

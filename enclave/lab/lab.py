@@ -763,10 +763,11 @@ SetEnv {env}
         _run(self.in_ns(host, [self._sshd(), "-f", str(self._write_sshd_config(host)), "-E", str(d / "sshd.log")]))
 
     def _start_agent(self) -> None:
-        """The one probe agent, in the fabric namespace (so the teardown finds it): it enters every host's
-        namespace to listen on every probe port there, and each source's namespace to send its probes."""
+        """The one probe agent, in the fabric namespace (so the teardown finds it): it enters every probed host's
+        namespace to listen on every probe port there, and each source's namespace to send its probes. Only the
+        probed hosts (all, or the sample): the others' rules are proven from their kernel, not with packets."""
         spec = []
-        for name in [*(h.name for h in self.hosts), *OUTSIDERS]:
+        for name in [*(h.name for h in self.probe_set.hosts), *OUTSIDERS]:
             is_host = name in self.policy.host_by_name
             spec.append({
                 "name": name,
