@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,35 @@ def test_json_at_size_summarises_per_role_instead_of_listing_every_probe(
     groups = {(g["src"], g["dst"], g["kind"]): g for g in document["probesByRole"]}
     assert groups[("internet", "haproxy-www", "public")]["allowed"] == ["tcp/80"]
     assert sum(g["probes"] for g in groups.values()) == len(report.outcomes)
+
+
+def test_an_agent_that_stops_answering_is_a_harness_error_not_a_drop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller waits as long as results keep coming; a silent agent is named, never read as drops."""
+    import socket
+    import threading
+
+    probes, _ = prod_probes()
+    path = str(tmp_path / "agent.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    sent_one = threading.Event()
+
+    def half_an_agent() -> None:  # answers the first probe, then goes silent
+        conn, _ = server.accept()
+        request = json.loads(conn.makefile().readline())
+        first = request["probes"][0]
+        conn.sendall(json.dumps({"results": [[first[0], False, "timeout"]]}).encode() + b"\n")
+        sent_one.set()
+        time.sleep(3)
+        conn.close()
+
+    threading.Thread(target=half_an_agent, daemon=True).start()
+    monkeypatch.setattr(probe, "AGENT_SILENCE_S", 0.5)
+    batch = probes.probes[:10]
+    with pytest.raises(probe.HarnessError, match=r"sent no result for .* with 9 of 10 probes outstanding"):
+        probe.send_probes({p.source.name: path for p in batch}, batch)
+    assert sent_one.is_set()
+    server.close()
