@@ -138,21 +138,19 @@ def invoking_user() -> str:
         return str(os.getuid())
 
 
-def neighbour_table_overflows() -> int:
+def neighbour_table_overflows() -> tuple[int, int]:
     """How often the kernel's IPv4 and IPv6 neighbour tables were full (table_fulls, summed over CPUs). The
     tables are shared by every namespace, so the machine's counters are the ones to read (read only)."""
-    total = 0
+    totals = []
     for name in ("arp_cache", "ndisc_cache"):
         try:
             lines = Path(f"/proc/net/stat/{name}").read_text().split("\n")
-        except OSError:
-            continue
-        header = lines[0].split()
-        if "table_fulls" not in header:
-            continue
-        column = header.index("table_fulls")
-        total += sum(int(line.split()[column], 16) for line in lines[1:] if line.strip())
-    return total
+            header = lines[0].split()
+            column = header.index("table_fulls")
+            totals.append(sum(int(line.split()[column], 16) for line in lines[1:] if line.strip()))
+        except (OSError, ValueError, IndexError):
+            totals.append(0)
+    return totals[0], totals[1]
 
 
 def _without_comments(text: str) -> str:
@@ -910,7 +908,9 @@ SetEnv {env}
         except HarnessError as exc:
             harness.append(str(exc))
             outcomes = []
-        harness += self.harness_problems(outcomes, neighbour_table_overflows() - overflows_before)
+        overflows_after = neighbour_table_overflows()
+        harness += self.harness_problems(outcomes, overflows_after[0] - overflows_before[0],
+                                         overflows_after[1] - overflows_before[1])
         tests = tests_with_packets(self.policy, self.addresses, self.others, outcomes, probe_set.sample)
         self.timings["probe"] = time.monotonic() - started
         passed = sum(o.passed for o in outcomes)
@@ -988,10 +988,12 @@ SetEnv {env}
 
     # ---------------------------------------------------------------------------------- harness
 
-    def harness_problems(self, outcomes: list[Outcome], overflows: int) -> list[str]:
+    def harness_problems(self, outcomes: list[Outcome], overflows4: int, overflows6: int) -> list[str]:
         """Why the probes of this run cannot be trusted, if they cannot: a lab namespace that could not resolve
-        a neighbour (its packets never left: a drop that is not the firewall's), a static entry gone, or a
-        probe the source's own kernel refused to send."""
+        an IPv4 neighbour (ARP is not filtered by iptables, so its packets never leaving is never the rules'
+        doing), an IPv6 one while the shared IPv6 table overflowed (otherwise an unresolved IPv6 neighbour may
+        well be rules that drop neighbour discovery: a verdict, not a harness failure), a static entry gone, or
+        a probe the source's own kernel refused to send."""
         problems = []
         errors: dict[str, list[str]] = {}
         for o in outcomes:
@@ -1004,7 +1006,9 @@ SetEnv {env}
         wanted = self.neighbour_entries()
 
         def check(name: str) -> list[str]:
-            shown = self.run(name, ["ip", "neigh", "show"], timeout=60).stdout.splitlines()
+            shown = self.run(name, ["ip", "-4", "neigh", "show"], timeout=60).stdout.splitlines()
+            if overflows6:
+                shown += self.run(name, ["ip", "-6", "neigh", "show"], timeout=60).stdout.splitlines()
             unresolved = [line.split()[0] for line in shown if line.rstrip().endswith(("FAILED", "INCOMPLETE"))]
             permanent = sum(line.rstrip().endswith("PERMANENT") for line in shown)
             found = []
@@ -1020,10 +1024,11 @@ SetEnv {env}
         with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
             for found in pool.map(check, participants):
                 problems += found
-        if problems and overflows:
-            problems.append(f"the kernel's neighbour table overflowed {overflows} time(s) during the probes "
-                            "(table_fulls in /proc/net/stat/arp_cache; its 1 024 dynamic entries (gc_thresh3) are "
-                            "shared by every namespace on this machine: `dmesg | grep 'neighbor table overflow'`)")
+        if problems and (overflows4 or overflows6):
+            problems.append(f"the kernel's neighbour tables overflowed {overflows4} (IPv4) and {overflows6} (IPv6) "
+                            "time(s) during the probes (table_fulls in /proc/net/stat/arp_cache and ndisc_cache; "
+                            "their dynamic entries (gc_thresh3) are shared by every namespace on this machine: "
+                            "`dmesg | grep 'neighbor table overflow'`)")
         return problems
 
     def explore_help(self) -> list[str]:
