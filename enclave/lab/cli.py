@@ -92,7 +92,8 @@ def cmd_down(args: argparse.Namespace, console: Console) -> int:
     every = lab_records()
     # Only labs this user started: on a shared machine another person's kept lab is theirs to remove (by its
     # RUN_ID, which names one lab on purpose).
-    records = [r for r in every if r.user in (me, None) or args.run_id == r.run_id]
+    # A lab that recorded no user (an older enclave) is nobody's for sure: it is left to `lab down RUN_ID` too.
+    records = [r for r in every if r.user == me or args.run_id == r.run_id]
     others = [r for r in every if r not in records]
     if args.run_id:
         targets = [args.run_id]
@@ -101,7 +102,8 @@ def cmd_down(args: argparse.Namespace, console: Console) -> int:
         targets = [r.run_id for r in records if r.kept or not r.owner_alive]
         if others:
             console.print(f"left {len(others)} lab(s) of other users alone: "
-                          + ", ".join(f"{r.run_id} ({r.user})" for r in others), markup=False)
+                          + ", ".join(f"{r.run_id} ({r.user or 'unknown user'})" for r in others)
+                          + "; `enclave lab down RUN_ID` removes one of them", markup=False)
     else:
         kept = [r for r in records if r.kept]
         if len(kept) > 1:
