@@ -947,12 +947,16 @@ SetEnv {env}
             d = self.dir / "scratch" / str(n)
             env = {"HOME": str(d), "ENCLAVE_STATE_DIR": str(d / "state"), "ENCLAVE_SYSTEMD_DIR": str(d / "units"),
                    "ENCLAVE_ROLLBACK_SECONDS": "3600"}
-            steps = [WIPE_KERNEL_STATE, baseline_script(baseline_files(self.stack.config, key[0])),
-                     push_script(files, self.stack.name), confirm_script(files, self.stack.name)]
-            for step in steps:
-                _run(self.in_ns("scratch", ["sh", "-s"], env), input=step)
-            tables = _run(self.in_ns("scratch", ["sh", "-c", "iptables-save; ip6tables-save"])).stdout
-            sets = _run(self.in_ns("scratch", ["ipset", "save"])).stdout
+            steps = {"wipe": WIPE_KERNEL_STATE, "boot": baseline_script(baseline_files(self.stack.config, key[0])),
+                     "push": push_script(files, self.stack.name), "confirm": confirm_script(files, self.stack.name)}
+            d.mkdir(parents=True)
+            for name, text in steps.items():
+                (d / f"{name}.sh").write_text(text)
+            # each step as its own `sh` (as each arrives on the host), all in one trip into the namespace
+            run_all = " && ".join(f'sh "{d / name}.sh"' for name in steps)
+            out = _run(self.in_ns("scratch", ["sh", "-c", f'{{ {run_all}; }} >&2 && iptables-save && ip6tables-save && '
+                                                          'echo "#=sets" && ipset save'], env)).stdout
+            tables, _, sets = out.partition("#=sets\n")
             for host in hosts:
                 self._expected[host] = normalized_firewall(tables, sets)
         return self._expected
