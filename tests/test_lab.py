@@ -254,6 +254,13 @@ def test_lab_check_json_lists_every_probe_with_both_verdicts_and_why(
     refused = [p for p in probes if p["src"] == "neighbor" and p["port"] == "tcp/3306"]
     assert refused and all(p["expected"] == p["seen"] == "deny" and p["why"] is None for p in refused)
     assert [t["passed"] for t in report["tests"]] == [True] * 4
+    assert summary["mode"] == "exhaustive" and summary["hostsProven"] == 4 and report["harness"] == []
+    # --sample on the command line: dev has one host per role, so the sample is every host, and it still passes
+    assert main(["lab", "check", "--stack", "dev", "--sample", "--format", "json"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    run_ids.append(sampled["run"])
+    assert sampled["summary"]["mode"] == "sampled" and sampled["ok"] is True
+    assert sorted(sampled["summary"]["sampledHosts"]) == sorted({p["dst"] for p in probes})
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
