@@ -2,7 +2,8 @@
 
 Parts: plan (compile + render by fleet size), dataplane (new connections and packets through the rules; root),
 apply (loading rules; root), program (the Pulumi program under mocks, and which pushes re-run on scaling),
-push (a fleet's pushes in the lab at the engine's parallelism; root, under `flock /tmp/enclave-heavy.lock`).
+push (a fleet's pushes in the lab at the engine's parallelism; root, under `flock /tmp/enclave-heavy.lock`),
+lab (`enclave lab check` from 6 to 1 000 hosts; root, heavy: run it under `flock /tmp/enclave-heavy.lock`).
 With no part, all of them. Each part replaces only its own section of the report, so parts can be rerun alone.
 """
 
@@ -16,13 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import apply_cost, dataplane, plan_cost, program_cost, push_cost
+from . import apply_cost, dataplane, lab_cost, plan_cost, program_cost, push_cost
 from .netns import BenchError
 from .report import Table, machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
-PARTS = ("plan", "dataplane", "apply", "program", "push")
+PARTS = ("plan", "dataplane", "apply", "program", "push", "lab")
 
 HEADER = """# Benchmarks
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer rounds and sizes (about a minute): to try the scripts, not to quote figures")
     parser.add_argument("--plan-sizes", type=_ints, help="hosts per plan stack (default 10,100,1000,5000)")
     parser.add_argument("--program-sizes", type=_ints, help="hosts per mocked program run (default 10,100,1000)")
+    parser.add_argument("--lab-sizes", type=_ints, help="hosts per lab run (default 6,20,100,200,1000)")
     parser.add_argument("--peers", type=_ints, help="peers admitted in the data-plane and apply runs (default 1000,10000)")
     parser.add_argument("--push-sizes", type=_ints, help="hosts per lab push run (default 100; quick 20)")
     parser.add_argument("--rounds", type=int, help="data-plane rounds (default 15, quick 3)")
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "apply": lambda: apply_cost.run(peers, rounds=2 if quick else 5, quick=quick),
         "push": lambda: push_cost.run(args.push_sizes or ((20,) if quick else push_cost.DEFAULT_SIZES)),
         "program": lambda: program_cost.run(args.program_sizes or ((10, 100) if quick else program_cost.DEFAULT_SIZES)),
+        "lab": lambda: lab_cost.run(args.lab_sizes or ((6, 20) if quick else lab_cost.DEFAULT_SIZES)),
     }
     facts = machine_facts()
     for fact in facts:

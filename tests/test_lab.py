@@ -8,6 +8,7 @@ can take turns on it; dev labs are cheaper for the tests that need a lab of thei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -23,9 +24,12 @@ import pytest
 import yaml
 from rich.console import Console
 
-from config.stackfile import load_stack
+from config.stackfile import load_stack, load_stack_file
 from enclave.cli import main
-from enclave.lab.lab import LAB_DIR_ENV, Lab, LabUnavailable, lab_records, preflight, run_namespaces
+from enclave.lab import cli as lab_cli
+from enclave.lab import lab as lab_module
+from enclave.lab.lab import (LAB_DIR_ENV, Lab, LabError, LabUnavailable, invoking_user, lab_records, preflight,
+                             run_namespaces)
 from enclave.lab.probe import LabReport
 from enclave.lab.report import print_report
 from enclave.plan import build_plan
@@ -180,13 +184,13 @@ def test_lab_up_keeps_a_lab_to_explore_and_down_removes_it(
     (record,) = lab_records(tmp_path)
     run_ids.append(record.run_id)
     assert "matches its policy" in out and f"enclave lab down {record.run_id}" in out
-    assert len(run_namespaces(record.run_id)) == 1 + 4 + 3  # fabric, dev's four hosts, three outsiders
+    assert len(run_namespaces(record.run_id)) == 1 + 4 + 3 + 1  # fabric, dev's four hosts, three outsiders, scratch
     # the printed ssh config works from the operator namespace, through the bastion, after the CLI exited
     ssh = ["ip", "netns", "exec", f"enc-{record.run_id}-operator", "ssh", "-F", record.ssh_config, "dev-mysql-1"]
     shown = subprocess.run([*ssh, "iptables -S ENCLAVE-INPUT"], capture_output=True, text=True, timeout=30)
     assert "ssh through bastion tunnel" in shown.stdout, shown.stderr
     assert main(["lab", "down"]) == 0
-    assert f"lab {record.run_id}: removed 8 namespaces" in capsys.readouterr().out
+    assert f"lab {record.run_id}: removed 9 namespaces" in capsys.readouterr().out
     assert run_namespaces(record.run_id) == [] and not (tmp_path / record.run_id).exists()
     assert main(["lab", "down", "ffffff"]) == 2  # an unknown run id is named, not ignored
 
@@ -250,6 +254,13 @@ def test_lab_check_json_lists_every_probe_with_both_verdicts_and_why(
     refused = [p for p in probes if p["src"] == "neighbor" and p["port"] == "tcp/3306"]
     assert refused and all(p["expected"] == p["seen"] == "deny" and p["why"] is None for p in refused)
     assert [t["passed"] for t in report["tests"]] == [True] * 4
+    assert summary["mode"] == "exhaustive" and summary["hostsProven"] == 4 and report["harness"] == []
+    # --sample on the command line: dev has one host per role, so the sample is every host, and it still passes
+    assert main(["lab", "check", "--stack", "dev", "--sample", "--format", "json"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    run_ids.append(sampled["run"])
+    assert sampled["summary"]["mode"] == "sampled" and sampled["ok"] is True
+    assert sorted(sampled["summary"]["sampledHosts"]) == sorted({p["dst"] for p in probes})
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
@@ -275,3 +286,91 @@ def test_an_interrupted_lab_removes_everything(sig: signal.Signals, run_ids: lis
     assert proc.returncode == 130, (out, err)
     assert "interrupted: the lab was removed" in err
     assert run_namespaces(state.parent.name) == [] and not state.parent.exists()
+
+
+# ----------------------------------------------------------------------------------- verdicts at scale
+
+
+def test_a_lab_that_cannot_resolve_its_neighbours_is_a_harness_failure_exit_3(
+    run_ids: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a full neighbour table does to a namespace (its packets never leave, probes time out like drops),
+    injected into one namespace of the lab: the run says the harness failed, exit 3, and blames no rule."""
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(lab_cli, "Lab", functools.partial(Lab, starve_neighbours=["mysql-1"]))
+    code = main(["lab", "check", "--stack", "dev"])
+    out, err = capsys.readouterr()
+    run_ids.extend(re.findall(r"^lab ([0-9a-f]{6}):", out, re.M))
+    assert code == 3
+    assert "HARNESS FAILURE: this run cannot judge the rules" in out
+    assert re.search(r"enc-[0-9a-f]{6}-mysql-1 could not resolve \d+ neighbour\(s\)", out)
+    assert "no verdict on the rules (1 problem(s) above; exit 3)" in out.replace("\n", " ") or "exit 3" in out
+    assert "the pushed rules are wrong" not in out and "FAILS" not in out
+    assert "HARNESS FAILED" in err  # the probe phase says so too
+    assert list(tmp_path.iterdir()) == []  # removed all the same
+
+
+def test_a_sampled_lab_proves_every_host_from_its_kernel_not_only_the_probed_ones(
+    run_ids: list[str], tmp_path: Path
+) -> None:
+    doc = stack_document("dev")
+    doc["config"]["enclave:roles"]["wordpress"]["count"] = 3
+    path = tmp_path / "Pulumi.three.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    stack = load_stack_file(path)
+    files = build_plan(stack).files
+    # wordpress-2 is neither the first nor the last wordpress: no probe goes to or from it
+    with Lab(stack, exhaustive=False, files_override={"wordpress-2": open_to_everyone(files["wordpress-2"], "-p tcp -m tcp --dport 4444")}) as lab:
+        run_ids.append(lab.run_id)
+        assert lab.sample is not None and "wordpress-2" not in lab.sample
+        assert {"wordpress-1", "wordpress-3"} <= set(lab.sample)
+        assert not lab.push_all()
+        report = lab.probe()
+    assert not report.harness and not report.mismatches  # the probes saw nothing wrong...
+    (proof,) = report.failed_proofs  # ...the proof from its kernel did
+    assert proof.host == "wordpress-2"
+    assert "confirmed digest" in proof.detail and "+-A ENCLAVE-INPUT -p tcp -m tcp --dport 4444 -j ACCEPT" in proof.detail
+    assert len(report.host_proofs) == 6 and not report.ok
+    text = rendered(report)
+    assert "5 of 6 hosts: live rules, sets and digest" in text and "wordpress-2: confirmed digest" in text
+
+
+def test_lab_down_all_removes_only_the_callers_labs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(LAB_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    for run_id, user in (("aaa111", invoking_user()), ("bbb222", "someone-else")):
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "lab.json").write_text(json.dumps({
+            "run_id": run_id, "stack": "dev", "owner_pid": 1, "kept": True, "namespaces": [],
+            "ssh_config": "", "user": user}))
+    assert main(["lab", "down", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "lab aaa111: removed" in out and "left 1 lab(s) of other users alone: bbb222 (someone-else)" in out
+    assert not (tmp_path / "aaa111").exists() and (tmp_path / "bbb222" / "lab.json").exists()
+    assert main(["lab", "down", "bbb222"]) == 0  # named, it is removed: the run id says which lab on purpose
+    assert not (tmp_path / "bbb222").exists()
+
+
+def test_a_failing_lab_reports_its_own_error_even_when_the_teardown_fails_too(
+    run_ids: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_destroy = lab_module.destroy_run
+
+    def destroy_then_complain(run_id: str, root: Path | None = None) -> list[str]:
+        real_destroy(run_id, root)
+        raise LabError("teardown trouble")
+
+    def boot_fails(self: Lab, names: object, timeout: float | None = None) -> None:
+        raise LabError("sshd in the lab did not start: original cause")
+
+    monkeypatch.setattr(lab_module, "destroy_run", destroy_then_complain)
+    monkeypatch.setattr(Lab, "_wait_until_ready", boot_fails)
+    lab = Lab(load_stack("dev"))
+    run_ids.append(lab.run_id)
+    with pytest.raises(LabError, match="original cause") as raised:
+        with lab:
+            pass
+    assert "teardown failed too: teardown trouble" in "".join(getattr(raised.value, "__notes__", []))
+    assert run_namespaces(lab.run_id) == []

@@ -12,12 +12,13 @@ from rich.text import Text
 
 from config.stackfile import Stack
 
-from .lab import Lab, LabError, LabUnavailable, destroy_run, lab_records, preflight
-from .probe import LabReport
+from .lab import Lab, LabError, LabUnavailable, destroy_run, invoking_user, lab_records, preflight
+from .probe import HarnessError, LabReport
 from .progress import lab_progress
 from .report import print_report
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 3: the lab's own machinery failed (neighbour table, agent, kernel errors): no verdict on the rules either way
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HARNESS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _stack(args: argparse.Namespace) -> Stack:
@@ -37,6 +38,9 @@ def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[arg
         except LabUnavailable as exc:
             err.print(Text(f"error: {exc}", style="red bold"))
             return EXIT_BAD_INPUT
+        except HarnessError as exc:
+            err.print(Text(f"lab harness failed, no verdict on the rules: {exc}", style="red bold"))
+            return EXIT_HARNESS
         except LabError as exc:
             err.print(Text(f"lab failed: {exc}", style="red bold"))
             return EXIT_FAILED
@@ -47,10 +51,16 @@ def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[arg
     return command
 
 
-def _run_lab(stack: Stack, keep: bool) -> tuple[Lab, LabReport]:
+def _exit_code(report: LabReport) -> int:
+    if report.harness_failed:
+        return EXIT_HARNESS
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _run_lab(stack: Stack, keep: bool, exhaustive: bool | None) -> tuple[Lab, LabReport]:
     # Progress goes to stderr: stdout stays the report alone (and the JSON with --format json).
     with lab_progress(Console(stderr=True)) as progress:
-        with Lab(stack, progress=progress) as lab:
+        with Lab(stack, progress=progress, exhaustive=exhaustive) as lab:
             lab.push_all()
             report = lab.probe()
             if keep:
@@ -59,32 +69,42 @@ def _run_lab(stack: Stack, keep: bool) -> tuple[Lab, LabReport]:
 
 
 def cmd_check(args: argparse.Namespace, console: Console) -> int:
-    lab, report = _run_lab(_stack(args), keep=False)
+    lab, report = _run_lab(_stack(args), keep=False, exhaustive=args.exhaustive)
     if args.format == "json":
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps(report.to_json(), indent=1 if len(report.outcomes) < 2000 else None))
     else:
         print_report(report, console)
-    return EXIT_OK if report.ok else EXIT_FAILED
+    return _exit_code(report)
 
 
 def cmd_up(args: argparse.Namespace, console: Console) -> int:
-    lab, report = _run_lab(_stack(args), keep=True)
+    lab, report = _run_lab(_stack(args), keep=True, exhaustive=args.exhaustive)
     print_report(report, console)
     console.print(f"\n[bold]lab {lab.run_id} is up[/] (stack {escape(lab.stack.name)}). Explore it:")
     for line in lab.explore_help():
         console.print(f"  {line}", markup=False, highlight=False)
     console.print(f"ssh config: {lab.ssh_config_path}; lab directory: {lab.dir}", markup=False, highlight=False)
-    return EXIT_OK if report.ok else EXIT_FAILED
+    return _exit_code(report)
 
 
 def cmd_down(args: argparse.Namespace, console: Console) -> int:
     preflight()
-    records = lab_records()
+    me = invoking_user()
+    every = lab_records()
+    # Only labs this user started: on a shared machine another person's kept lab is theirs to remove (by its
+    # RUN_ID, which names one lab on purpose).
+    # A lab that recorded no user (an older enclave) is nobody's for sure: it is left to `lab down RUN_ID` too.
+    records = [r for r in every if r.user == me or args.run_id == r.run_id]
+    others = [r for r in every if r not in records]
     if args.run_id:
         targets = [args.run_id]
     elif args.all:
         # kept labs, and labs whose controller died; a running `lab check` (or test) cleans up after itself
         targets = [r.run_id for r in records if r.kept or not r.owner_alive]
+        if others:
+            console.print(f"left {len(others)} lab(s) of other users alone: "
+                          + ", ".join(f"{r.run_id} ({r.user or 'unknown user'})" for r in others)
+                          + "; `enclave lab down RUN_ID` removes one of them", markup=False)
     else:
         kept = [r for r in records if r.kept]
         if len(kept) > 1:
@@ -115,15 +135,29 @@ def register(sub: Any, add_stack_arguments: Callable[[argparse.ArgumentParser], 
     )
     add_stack_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text",
-                       help="json: every probe (src, dst, address, port, expected, seen, why) and a summary")
+                       help="json: a summary, each host's proof, the tests, every mismatch, and every probe (src, "
+                            "dst, address, port, expected, seen, why) up to 20 000 (a per-role summary above)")
+    _add_mode(check)
     check.set_defaults(func=_guarded(cmd_check))
 
     up = lab_sub.add_parser("up", help="like check, but keep the lab running to explore it")
     add_stack_arguments(up)
+    _add_mode(up)
     up.set_defaults(func=_guarded(cmd_up))
 
     down = lab_sub.add_parser("down", help="remove a kept lab (the only one, RUN_ID, or --all)")
     down.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run id `enclave lab up` printed")
-    down.add_argument("--all", action="store_true", help="every kept lab, and any whose controller died")
+    down.add_argument("--all", action="store_true",
+                      help="every kept lab of yours, and any of yours whose controller died")
     down.set_defaults(func=_guarded(cmd_down))
 
+
+
+def _add_mode(parser: argparse.ArgumentParser) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--exhaustive", dest="exhaustive", action="store_true", default=None,
+                      help="probe from every host and outsider to every host (the default up to 20 000 probes, "
+                           "about 20 prod-shaped hosts)")
+    mode.add_argument("--sample", dest="exhaustive", action="store_false",
+                      help="probe from and to the first and last host of each role (the default above that); "
+                           "every host's live rules are proven equal to the compiled ones either way")

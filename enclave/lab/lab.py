@@ -5,10 +5,15 @@ Topology (nothing is added to the machine's own namespace; every name carries th
     enc-<run>-fabric       two bridges: `public` (the Internet) and `private` (the VPC)
     enc-<run>-<host>       one per stack host: the public and private interfaces named as in
                            `enclave:interfaces`, veth'd into the fabric's bridges, with the plan's example
-                           addresses (enclave.plan.example_addresses), a real sshd and a probe agent
+                           addresses (enclave.plan.example_addresses), fixed MACs, and a real sshd
     enc-<run>-internet     on the public segment, outside `operators`
     enc-<run>-operator     on the public segment, inside `operators`: where `pulumi up` would run
     enc-<run>-neighbor     on the private segment: another tenant of the shared private network
+    enc-<run>-scratch      a clean kernel the compiled files are loaded into, to learn what each host must show
+
+Every namespace gets permanent neighbour entries for the addresses it talks to (Lab.neighbour_entries), so the
+kernel's neighbour table, shared by every namespace on the machine, never decides a probe. One probe agent in
+the fabric namespace (enclave.lab.agent) listens and sends in every namespace through setns.
 
 Every public address is a /32 (or /128) with an on-link default route, so the plan's public ranges share one
 L2 segment without a router. Veth pairs are created from inside the fabric namespace with the host end
@@ -28,8 +33,10 @@ Namespaces share the filesystem, so each host's sshd gives its sessions their ow
 from __future__ import annotations
 
 import concurrent.futures
+import difflib
 import json
 import os
+import pwd
 import queue as queue_module
 import re
 import secrets
@@ -50,12 +57,13 @@ from config.stackfile import Stack
 
 from ..compiler import Host
 from ..plan import build_plan, outsiders
-from ..push import baseline_script
+from ..push import baseline_script, confirm_script, digest, push_script
 from ..pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PREVIOUS_STDOUT, ENV_PRIVATE_KEY, push_request
 from ..render import RuleFiles, baseline_files
 from ..transport import ENV_KNOWN_HOSTS, ENV_RUNTIME_DIR
 from ..sshconfig import ssh_config
-from .probe import LabReport, plan_probes, probe_ports, send_probes, listen_ports, tests_with_packets
+from .probe import (AddressKind, HarnessError, HostProof, LabReport, Outcome, ProbeSet, exhaustive_probe_count,
+                    listen_ports, plan_probes, probe_ports, sample_hosts, send_probes, tests_with_packets)
 from .progress import LabProgress
 
 NS_PREFIX = "enc-"
@@ -66,6 +74,10 @@ LAB_DIR_DEFAULT = Path("/run/enclave-lab")
 RUN_ID_FORMAT = re.compile(r"[0-9A-Za-z]{1,32}")
 STATE_FILE = "lab.json"
 OUTSIDERS = ("internet", "operator", "neighbor")
+# Exhaustive (every source to every host) while it costs at most this many probes: about 20 prod-shaped hosts,
+# a few seconds. Beyond it the lab samples (first and last host of each role) and proves every host's rules
+# from its kernel, which is as strong (see README, "The lab") and linear in hosts instead of quadratic.
+EXHAUSTIVE_MAX_PROBES = 20_000
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 SSH_USER = "root"  # the push needs root, and the lab's namespaces only know this machine's users
 
@@ -115,6 +127,36 @@ def normalized_firewall(tables: str, sets: str) -> str:
     rules = [re.sub(r" \[\d+:\d+\]$", "", line) for line in tables.splitlines() if not line.startswith("#")]
     members = sorted(re.sub(r" initval 0x[0-9a-f]+", "", line) for line in sets.splitlines() if line.strip())
     return "\n".join(rules + members) + "\n"
+
+
+def invoking_user() -> str:
+    """Who runs this command: the user behind sudo when there is one (the lab itself always runs as root)."""
+    sudo = os.environ.get("SUDO_USER")
+    if sudo:
+        return sudo
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def neighbour_table_overflows() -> tuple[int, int]:
+    """How often the kernel's IPv4 and IPv6 neighbour tables were full (table_fulls, summed over CPUs). The
+    tables are shared by every namespace, so the machine's counters are the ones to read (read only)."""
+    totals = []
+    for name in ("arp_cache", "ndisc_cache"):
+        try:
+            lines = Path(f"/proc/net/stat/{name}").read_text().split("\n")
+            header = lines[0].split()
+            column = header.index("table_fulls")
+            totals.append(sum(int(line.split()[column], 16) for line in lines[1:] if line.strip()))
+        except (OSError, ValueError, IndexError):
+            totals.append(0)
+    return totals[0], totals[1]
+
+
+def _without_comments(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
 
 
 def lab_root() -> Path:
@@ -199,17 +241,27 @@ def namespace_pids(names: Sequence[str]) -> dict[int, str]:
     return found
 
 
-def kill_namespace_processes(names: Sequence[str], deadline_s: float = 5.0) -> None:
-    end = time.monotonic() + deadline_s
+def kill_namespace_processes(names: Sequence[str], stall_s: float = 10.0) -> list[int]:
+    """SIGKILL every process in these namespaces until none is left. Waits as long as processes keep exiting
+    (a thousand sshd take a while on two busy cores); gives up only after `stall_s` without any progress, and
+    returns the survivors (the namespaces are deleted anyway: a process keeps a deleted namespace alive, but
+    never its name)."""
+    last_progress = time.monotonic()
+    previous: set[int] | None = None
     while pids := namespace_pids(names):
+        current = set(pids)
+        if previous is None or len(current) < len(previous) or not current <= previous:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > stall_s:
+            return sorted(current)
+        previous = current
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if time.monotonic() > end:
-            raise LabError(f"processes {sorted(pids)} in {sorted(set(pids.values()))} survive SIGKILL")
         time.sleep(0.02)
+    return []
 
 
 def destroy_run(run_id: str, root: Path | None = None) -> list[str]:
@@ -220,13 +272,15 @@ def destroy_run(run_id: str, root: Path | None = None) -> list[str]:
     if not RUN_ID_FORMAT.fullmatch(run_id):
         raise LabUnavailable(f"{run_id!r} is not a lab run id (letters and digits, as `enclave lab up` prints it)")
     names = run_namespaces(run_id)
-    kill_namespace_processes(names)
+    survivors = kill_namespace_processes(names)
     if names:
-        _run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {n}\n" for n in names), check=False)
+        _run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {n}\n" for n in names), check=False,
+             timeout=120 + len(names) * 0.1)
     left = [n for n in names if netns_exists(n)]
-    if left:
-        raise LabError(f"could not delete namespaces {left}; retry with `enclave lab down {run_id}`")
     shutil.rmtree((root or lab_root()) / run_id, ignore_errors=True)
+    if left or survivors:
+        raise LabError(f"lab {run_id}: could not delete namespaces {left[:10]} ({len(left)})" if left else
+                       f"lab {run_id}: namespaces deleted, but processes {survivors[:10]} survived SIGKILL")
     return names
 
 
@@ -241,6 +295,7 @@ class LabRecord:
     kept: bool
     namespaces: list[str]
     ssh_config: str
+    user: str | None = None  # who started it (`lab down --all` removes only the caller's labs)
 
     @property
     def owner_alive(self) -> bool:
@@ -259,13 +314,18 @@ def lab_records(root: Path | None = None) -> list[LabRecord]:
         try:
             data = json.loads(path.read_text())
             out.append(LabRecord(data["run_id"], data["stack"], path.parent, int(data["owner_pid"]),
-                                 bool(data["kept"]), list(data["namespaces"]), data["ssh_config"]))
+                                 bool(data["kept"]), list(data["namespaces"]), data["ssh_config"], data.get("user")))
         except (OSError, ValueError, KeyError):
             continue
     return out
 
 
 # --------------------------------------------------------------------------------------------- lab
+
+
+def mac(index: int, bridge: str) -> str:
+    """A lab interface's MAC address: fixed, so every namespace can be given its neighbours' in advance."""
+    return f"02:00:{1 if bridge == 'public' else 2:02x}:{index >> 16 & 255:02x}:{index >> 8 & 255:02x}:{index & 255:02x}"
 
 
 def _block_signals() -> set[int | signal.Signals]:
@@ -284,6 +344,11 @@ class Lab:
     host_env: extra environment for every SSH session and console command on the hosts (e.g.
       ENCLAVE_ROLLBACK_SECONDS for a short rollback window in tests).
     progress: told about each phase (network, boot, push per host, probes answered); shows nothing by default.
+    exhaustive: probe every source to every host (True), or the first and last host of each role (False);
+      None (default): exhaustive while that costs at most EXHAUSTIVE_MAX_PROBES probes. Either way every host's
+      live rules, sets and digest are proven equal to the compiled ones.
+    starve_neighbours: a failure injected into the harness, for tests: these namespaces get no static
+      neighbour entries and cannot resolve any neighbour, as when the kernel's shared neighbour table is full.
     """
 
     def __init__(
@@ -295,6 +360,8 @@ class Lab:
         run_id: str | None = None,
         root: Path | None = None,
         progress: LabProgress | None = None,
+        exhaustive: bool | None = None,
+        starve_neighbours: Sequence[str] = (),
     ) -> None:
         self.stack = stack
         self.plan = build_plan(stack)
@@ -316,8 +383,17 @@ class Lab:
         self.push_failures: dict[str, PushFailed] = {}
         self.progress = progress or LabProgress()
         self.kept = False
-        self._agents: dict[str, subprocess.Popen[bytes]] = {}
+        self._agent: subprocess.Popen[bytes] | None = None
         self._previous_handlers: dict[int, Any] = {}
+        if exhaustive is None:
+            exhaustive = exhaustive_probe_count(self.policy, self.addresses, self.others) <= EXHAUSTIVE_MAX_PROBES
+        self.sample: list[str] | None = None if exhaustive else sample_hosts(self.policy)
+        self.probe_set: ProbeSet = plan_probes(self.policy, self.addresses, self.others, self.sample)
+        unknown = sorted(set(starve_neighbours) - {*self.policy.host_by_name, *OUTSIDERS})
+        if unknown:
+            raise ValueError(f"starve_neighbours names unknown hosts {unknown}")
+        self.starved = set(starve_neighbours)
+        self._expected: dict[str, str] = {}  # host -> its normalized firewall as the compiler says it must be
 
     # ------------------------------------------------------------------------------------ names
 
@@ -331,7 +407,9 @@ class Lab:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.namespace(n) for n in ["fabric", *(h.name for h in self.hosts), *OUTSIDERS]]
+        """fabric, every host, the outsiders, and `scratch` (where the compiled files are loaded into a clean
+        kernel to learn exactly what a host's kernel must show)."""
+        return [self.namespace(n) for n in ["fabric", *(h.name for h in self.hosts), *OUTSIDERS, "scratch"]]
 
     def alias(self, host: str) -> str:
         """The host's name in the lab's ssh config (the same as in the Pulumi output `sshConfig`)."""
@@ -348,9 +426,9 @@ class Lab:
     def ssh_config_path(self) -> Path:
         return self.dir / "ssh_config"
 
-    def agent_socket(self, name: str) -> Path:
-        index = ([h.name for h in self.hosts] + list(OUTSIDERS)).index(name)
-        return self.dir / "agents" / f"{index}.sock"  # Unix socket paths are short (108 bytes)
+    def agent_socket(self, name: str | None = None) -> Path:
+        """The control socket of the probe agent serving `name`'s namespace: one agent serves them all."""
+        return self.dir / "agents" / "agent.sock"  # Unix socket paths are short (108 bytes)
 
     def session_env(self, host: str) -> dict[str, str]:
         """What the host's sessions see: its own state directory, unit directory (no systemd here) and home
@@ -372,8 +450,8 @@ class Lab:
                 self._previous_handlers[sig] = signal.signal(sig, _sigterm_as_interrupt)
         try:
             self.up()
-        except BaseException:
-            self.__exit__(None, None, None)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
@@ -381,6 +459,11 @@ class Lab:
         try:
             if not self.kept:
                 self.down()
+        except LabError as teardown:
+            if exc is None:
+                raise
+            # The error that stopped the lab is the one to report; the teardown's rides along with it.
+            exc.add_note(f"and the teardown failed too: {teardown}")
         finally:
             for sig, handler in self._previous_handlers.items():
                 signal.signal(sig, handler)
@@ -402,26 +485,26 @@ class Lab:
         )
         started = time.monotonic()
         names = [*(h.name for h in self.hosts), *OUTSIDERS]
-        self.progress.begin("boot", len(names), "baseline, sshd and probe agent per host")
+        self.progress.begin("boot", len(self.hosts), "baseline and sshd per host, one probe agent for every namespace")
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+        self._start_agent()
         _run_all([(self.in_ns(h.name, ["sh", "-s"], self.session_env(h.name)), self._boot_script(h)) for h in self.hosts])
-        for h in self.hosts:
-            self._start_sshd(h.name)
-        for name in names:
-            self._start_agent(name)
+        _run_all([(self.in_ns(h.name, [self._sshd(), "-f", str(self._write_sshd_config(h.name)),
+                                        "-E", str(self.host_dir(h.name) / "sshd.log")]), None) for h in self.hosts])
         self._wait_until_ready(names)
         self.timings["boot"] = time.monotonic() - started
-        self.progress.end("boot", f"{len(self.hosts)} hosts on their baseline with sshd, {len(names)} probe agents ready")
+        self.progress.end("boot", f"{len(self.hosts)} hosts on their baseline with sshd; one probe agent serves "
+                                  f"{len(names)} namespaces")
 
     def down(self) -> None:
         """Remove everything of this run. Ctrl-C and SIGTERM wait until it is done."""
         started = time.monotonic()
         blocked = _block_signals()
         try:
-            kill_namespace_processes(run_namespaces(self.run_id))
-            for proc in self._agents.values():
-                proc.wait()  # reap: the agents are our children
-            self._agents.clear()
+            if self._agent is not None:
+                self._agent.kill()
+                self._agent.wait()  # reap: the agent is our child
+                self._agent = None
             destroy_run(self.run_id, self.dir.parent)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
@@ -438,6 +521,7 @@ class Lab:
             "stack": self.stack.name,
             "stack_file": str(self.stack.path) if self.stack.path else None,
             "owner_pid": os.getpid(),
+            "user": invoking_user(),
             "kept": self.kept,
             "namespaces": self.namespaces,
             "ssh_config": str(self.ssh_config_path),
@@ -457,9 +541,16 @@ class Lab:
                 f"{exc}; this machine does not let root create network namespaces (a container without "
                 "CAP_SYS_ADMIN?): run the lab on a VM or a full host, or in a container started with --privileged"
             ) from None
-        # Before any interface exists: no duplicate address detection (addresses usable at once).
-        dad = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-        _run_all([(["ip", "netns", "exec", ns, "sysctl", "-qw", *dad], None) for ns in self.namespaces[1:]])
+        # Before any interface exists: no duplicate address detection (addresses usable at once); ping sockets
+        # (ICMP echo without raw sockets) for every group, in the lab's namespaces only.
+        # IPv6 only on the interfaces that have an IPv6 address (the public ones of `ipv6` roles and the
+        # Internet's): every other one would send multicast listener reports, and each report costs an entry in
+        # the kernel's neighbour table that every namespace on this machine shares.
+        sysctls = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+                   "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ping_group_range=0 2147483647"]
+        _run_all([(["ip", "netns", "exec", ns, "sysctl", "-qw", *sysctls], None) for ns in self.namespaces[1:]])
+        with_ipv6 = [h.name for h in self.hosts if self.addresses[h.name].public6]
+        with_ipv6 += [e.name for e in (self.others.internet, self.others.operator) if e.address6]
 
         fabric = [
             "link add public type bridge mcast_snooping 0",
@@ -475,6 +566,7 @@ class Lab:
             fabric.append(f"link add {end} type veth peer name {iface} netns {ns}")
             fabric.append(f"link set {end} master {bridge} up")
             lines = per_ns.setdefault(ns, ["link set lo up"])
+            lines.append(f"link set {iface} address {mac(index, bridge)}")
             for address in addresses:
                 lines.append(f"address add {address} dev {iface}" + (" nodad" if ":" in address else ""))
             lines.append(f"link set {iface} up")
@@ -495,9 +587,88 @@ class Lab:
             )
             plug(n + j, endpoint.name, pub, "public", addrs)
         plug(n + 2, "neighbor", priv, "private", [f"{self.others.neighbor.address}/{prefix}"])
+        for name, entries in self.neighbour_entries().items():
+            per_ns[self.namespace(name)] += [f"neigh replace {address} lladdr {lladdr} dev {iface} nud permanent"
+                                             for iface, address, lladdr in sorted(entries)]
 
-        _run(["ip", "-n", self.namespace("fabric"), "-batch", "-"], input="\n".join(fabric) + "\n")
+        _run(["ip", "-n", self.namespace("fabric"), "-batch", "-"], input="\n".join(fabric) + "\n",
+             timeout=60 + len(fabric) * 0.05)
+        _run_all([(self.in_ns(name, ["sysctl", "-qw", f"net.ipv6.conf.{pub}.disable_ipv6=0"]), None)
+                  for name in with_ipv6])
         _run_all([(["ip", "-n", ns, "-batch", "-"], "\n".join(lines) + "\n") for ns, lines in per_ns.items()])
+        if self.starved:  # the injected fault: these namespaces give up on every neighbour they do not know
+            knobs = [f"net.ipv{v}.neigh.{iface}.{k}=0" for v in (4, 6) for iface in (pub, priv)
+                     for k in ("mcast_solicit", "ucast_solicit", "app_solicit")]
+            for name in sorted(self.starved):
+                ifaces = {"internet": [pub], "operator": [pub], "neighbor": [priv]}.get(name, [pub, priv])
+                _run(self.in_ns(name, ["sysctl", "-qew", *(k for k in knobs if k.split(".")[3] in ifaces)]))
+
+    # ------------------------------------------------------------------------------ neighbours
+
+    def link(self, name: str, kind: AddressKind) -> tuple[str, str, str] | None:
+        """(interface, address, MAC) by which `name` (a host or an outsider) sends and receives on `kind`."""
+        pub, priv = self.interfaces.public, self.interfaces.private
+        names = [h.name for h in self.hosts]
+        n = len(names)
+        if name in self.addresses:
+            a = self.addresses[name]
+            index = self._index[name]
+            address = {"private": a.private, "public": a.public, "public6": a.public6}[kind]
+            iface, bridge = (priv, "private") if kind == "private" else (pub, "public")
+        elif name == "neighbor":
+            if kind != "private":
+                return None
+            index, address, iface, bridge = n + 2, self.others.neighbor.address, priv, "private"
+        else:
+            endpoint = self.others.internet if name == "internet" else self.others.operator
+            if kind == "private":
+                return None
+            index, iface, bridge = (n if name == "internet" else n + 1), pub, "public"
+            address = endpoint.address if kind == "public" else endpoint.address6
+        return (iface, address, mac(index, bridge)) if address else None
+
+    @property
+    def _index(self) -> dict[str, int]:
+        cached: dict[str, int] | None = getattr(self, "_index_cache", None)
+        if cached is None:
+            cached = {h.name: i for i, h in enumerate(self.hosts)}
+            self._index_cache = cached
+        return cached
+
+    def neighbour_pairs(self) -> set[tuple[str, str, AddressKind]]:
+        """(a, b, kind): a and b exchange packets over `kind`: every probe (both ways: the answer comes back),
+        the operator with every host's public address and each bastion with every host's private one (the
+        pushes, direct or through ProxyJump)."""
+        pairs: set[tuple[str, str, AddressKind]] = {(p.source.name, p.target.host, p.target.kind)
+                                                    for p in self.probe_set.probes}
+        bastions = [h.name for h in self.policy.bastion_hosts()]
+        for h in self.hosts:
+            pairs.add(("operator", h.name, "public"))
+            pairs.update((b, h.name, "private") for b in bastions if b != h.name)
+        return pairs
+
+    def neighbour_entries(self) -> dict[str, set[tuple[str, str, str]]]:
+        """The permanent IPv4 neighbour entries each namespace gets: (interface, address, MAC).
+
+        The kernel's neighbour table is shared by every namespace on the machine and holds gc_thresh3 (1 024)
+        dynamic entries, a setting only the machine's own namespace has; a lab of H hosts would need about
+        2·H·(H+3). Permanent entries do not count against it (the kernel exempts them from its garbage
+        collector's limit), so the lab writes what each namespace needs inside that namespace and never relies
+        on the shared table. IPv6 keeps neighbour discovery: proving that the rules let it through is part
+        of the lab's job (and the IPv6 addresses are few).
+        """
+        entries: dict[str, set[tuple[str, str, str]]] = {}
+        for a, b, kind in self.neighbour_pairs():
+            if kind == "public6":
+                continue
+            la, lb = self.link(a, kind), self.link(b, kind)
+            if la is None or lb is None:
+                continue
+            if a not in self.starved:
+                entries.setdefault(a, set()).add((la[0], lb[1], lb[2]))
+            if b not in self.starved:
+                entries.setdefault(b, set()).add((lb[0], la[1], la[2]))
+        return entries
 
     # ---------------------------------------------------------------------------------- hosts
 
@@ -586,45 +757,60 @@ LogLevel VERBOSE
 SetEnv {env}
 """
 
-    def _start_sshd(self, host: str) -> None:
-        d = self.host_dir(host)
-        (d / "sshd_config").write_text(self._sshd_config(host))
+    def _write_sshd_config(self, host: str) -> Path:
+        path = self.host_dir(host) / "sshd_config"
+        path.write_text(self._sshd_config(host))
+        return path
+
+    @staticmethod
+    def _sshd() -> str:
         sshd = tool("sshd")
         assert sshd is not None
-        # sshd daemonizes; its pid file appears once it listens.
-        _run(self.in_ns(host, [sshd, "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")]))
+        return sshd
 
-    def _start_agent(self, name: str) -> None:
-        is_host = name in self.policy.host_by_name
-        argv = [
-            sys.executable,
-            "-m", "enclave.lab.agent",
-            "--control", str(self.agent_socket(name)),
-        ]
-        if is_host:  # outsiders only send
-            argv += ["--tcp", ",".join(map(str, listen_ports(self.ports, "tcp", skip=(22,))))]  # 22: sshd
-            argv += ["--udp", ",".join(map(str, listen_ports(self.ports, "udp")))]
-        log = open(self.dir / "agents" / f"{name}.log", "wb")
+    def _start_sshd(self, host: str) -> None:
+        # sshd daemonizes; its pid file appears once it listens.
+        d = self.host_dir(host)
+        _run(self.in_ns(host, [self._sshd(), "-f", str(self._write_sshd_config(host)), "-E", str(d / "sshd.log")]))
+
+    def _start_agent(self) -> None:
+        """The one probe agent, in the fabric namespace (so the teardown finds it): it enters every probed host's
+        namespace to listen on every probe port there, and each source's namespace to send its probes. Only the
+        probed hosts (all, or the sample): the others' rules are proven from their kernel, not with packets."""
+        spec = []
+        for name in [*(h.name for h in self.probe_set.hosts), *OUTSIDERS]:
+            is_host = name in self.policy.host_by_name
+            spec.append({
+                "name": name,
+                "netns": f"/run/netns/{self.namespace(name)}",
+                # outsiders only send; port 22 is sshd's
+                "tcp": listen_ports(self.ports, "tcp", skip=(22,)) if is_host else [],
+                "udp": listen_ports(self.ports, "udp") if is_host else [],
+            })
+        spec_path = self.dir / "agents" / "namespaces.json"
+        spec_path.write_text(json.dumps(spec))
+        argv = [sys.executable, "-m", "enclave.lab.agent", "--control", str(self.agent_socket()),
+                "--namespaces", str(spec_path)]
+        log = open(self.dir / "agents" / "agent.log", "wb")
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-        self._agents[name] = subprocess.Popen(
-            self.in_ns(name, argv), stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+        self._agent = subprocess.Popen(
+            self.in_ns("fabric", argv), stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
             cwd=PROJECT_ROOT, env=env, start_new_session=True,
         )
         log.close()
 
-    def _wait_until_ready(self, names: Sequence[str], timeout: float = 30) -> None:
-        """Until the agents of `names` said "ready" and the sshd of every host among them wrote its pid file."""
-        end = time.monotonic() + timeout
-        for name in names:
-            proc = self._agents[name]
-            assert proc.stdout is not None
+    def _wait_until_ready(self, names: Sequence[str], timeout: float | None = None) -> None:
+        """Until the probe agent said "ready" (when it is starting) and the sshd of every host among `names`
+        wrote its pid file. The deadline grows with the lab: a thousand hosts boot on two cores for minutes."""
+        end = time.monotonic() + (timeout if timeout is not None else 30 + 0.2 * len(names))
+        proc = self._agent
+        if proc is not None and proc.stdout is not None and not proc.stdout.closed:
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
             line = proc.stdout.readline() if ready else b""
             proc.stdout.close()
             if line.strip() != b"ready":
-                log = (self.dir / "agents" / f"{name}.log").read_text(errors="replace").strip()[-1500:]
-                raise LabError(f"the probe agent in {self.namespace(name)} did not start: {log or 'no output'}")
-            self.progress.advance("boot", detail=f"{name} ready")
+                log = (self.dir / "agents" / "agent.log").read_text(errors="replace").strip()[-1500:]
+                raise HarnessError(f"the probe agent did not start: {log or 'no output'}")
         for host in (n for n in names if n in self.policy.host_by_name):
             pid_file = self.host_dir(host) / "sshd.pid"
             while not pid_file.exists():
@@ -632,20 +818,18 @@ SetEnv {env}
                     log = (self.host_dir(host) / "sshd.log").read_text(errors="replace").strip()[-1500:]
                     raise LabError(f"sshd in {self.namespace(host)} did not start: {log or 'no output'}")
                 time.sleep(0.01)
+            self.progress.advance("boot", detail=f"{host} up")
 
     def reboot(self, host: str) -> None:
         """A reboot: processes and kernel state (rules, sets) gone, the disk (state dir) kept; then the host
-        boots as a droplet does: cloud-init's bootcmd (baseline, or the last confirmed rules), sshd, agent."""
+        boots as a droplet does: cloud-init's bootcmd (baseline, or the last confirmed rules), then sshd. (The
+        probe agent lives in the fabric namespace: its listeners there survive, as a droplet's services restart.)"""
         ns = self.namespace(host)
         kill_namespace_processes([ns])
-        agent = self._agents.pop(host, None)
-        if agent is not None:
-            agent.wait()
         self.console(host, WIPE_KERNEL_STATE)
         (self.host_dir(host) / "sshd.pid").unlink(missing_ok=True)
         self.console(host, self._boot_script(self.policy.host_by_name[host]))
         self._start_sshd(host)
-        self._start_agent(host)
         self._wait_until_ready([host])
 
     # ------------------------------------------------------------------------------------------ ssh
@@ -795,25 +979,149 @@ SetEnv {env}
     # --------------------------------------------------------------------------------------- probe
 
     def probe(self) -> LabReport:
-        """Every flow with real packets, compared with the compiled policy; and the stack's tests."""
+        """Every host's live firewall against the compiled one; every flow with real packets (every pair, or
+        the sample), compared with the compiled policy; the stack's tests; and the harness's health first."""
         started = time.monotonic()
-        probe_set = plan_probes(self.policy, self.addresses, self.others)
-        agents = {name: str(self.agent_socket(name)) for name in [*(h.name for h in self.hosts), *OUTSIDERS]}
-        self.progress.begin("probe", len(probe_set.probes), f"from {len(probe_set.sources)} sources at once")
-        outcomes = send_probes(agents, probe_set.probes, lambda n: self.progress.advance("probe", n))
-        tests = tests_with_packets(self.policy, self.addresses, self.others, outcomes)
+        proofs = self.prove_hosts()
+        self.timings["prove"] = time.monotonic() - started
+        started = time.monotonic()
+        probe_set = self.probe_set
+        agents = {name: str(self.agent_socket()) for name in [*(h.name for h in self.hosts), *OUTSIDERS]}
+        mode = "every pair" if probe_set.exhaustive else f"sample of {len(probe_set.hosts)} hosts"
+        self.progress.begin("probe", len(probe_set.probes), f"from {len(probe_set.sources)} sources at once ({mode})")
+        overflows_before = neighbour_table_overflows()
+        harness: list[str] = []
+        try:
+            outcomes = send_probes(agents, probe_set.probes, lambda n: self.progress.advance("probe", n))
+        except HarnessError as exc:
+            harness.append(str(exc))
+            outcomes = []
+        overflows_after = neighbour_table_overflows()
+        harness += self.harness_problems(outcomes, overflows_after[0] - overflows_before[0],
+                                         overflows_after[1] - overflows_before[1])
+        tests = tests_with_packets(self.policy, self.addresses, self.others, outcomes, probe_set.sample)
         self.timings["probe"] = time.monotonic() - started
         passed = sum(o.passed for o in outcomes)
         wrong = sum(not o.matches for o in outcomes)
-        self.progress.end(
-            "probe",
-            f"{len(outcomes)} probes: {passed} got through, {len(outcomes) - passed} dropped, "
-            + (f"{wrong} disagree with the policy" if wrong else "all as the policy says"),
-        )
+        if harness:
+            verdict = "HARNESS FAILED, no verdict on the rules: " + harness[0]
+        else:
+            verdict = f"{wrong} disagree with the policy" if wrong else "all as the policy says"
+        self.progress.end("probe", f"{len(outcomes)} probes ({mode}): {passed} got through, "
+                                   f"{len(outcomes) - passed} dropped, {verdict}")
         failures = [str(f) for f in self.push_failures.values()]
-        return LabReport(
-            self.stack.name, self.run_id, probe_set, outcomes, tests, self.plan.tests, failures, self.timings
-        )
+        return LabReport(self.stack.name, self.run_id, probe_set, outcomes, tests, self.plan.tests, failures,
+                         self.timings, proofs, harness)
+
+    # ----------------------------------------------------------------------------------- proofs
+
+    def expected_firewalls(self) -> dict[str, str]:
+        """Per host, the normalized firewall (normalized_firewall) the compiler's files must produce.
+
+        Hosts whose files differ only in comments share one; each distinct one is learned once by loading the
+        compiled files into a clean kernel (the `scratch` namespace) exactly as a droplet gets them: the role's
+        boot baseline, then the push and its confirmation. The rule text is the compiler's; the kernel only
+        spells it the way iptables-save and ipset save read it back.
+        """
+        if self._expected:
+            return self._expected
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for h in self.hosts:
+            f = self.plan.files[h.name]
+            key = (h.role, *(_without_comments(t) for t in (f.ipv4, f.ipv6, f.ipsets)), *f.set_names)
+            groups.setdefault(key, []).append(h.name)
+        for n, (key, hosts) in enumerate(groups.items()):
+            files = self.plan.files[hosts[0]]
+            d = self.dir / "scratch" / str(n)
+            env = {"HOME": str(d), "ENCLAVE_STATE_DIR": str(d / "state"), "ENCLAVE_SYSTEMD_DIR": str(d / "units"),
+                   "ENCLAVE_ROLLBACK_SECONDS": "3600"}
+            steps = {"wipe": WIPE_KERNEL_STATE, "boot": baseline_script(baseline_files(self.stack.config, key[0])),
+                     "push": push_script(files, self.stack.name), "confirm": confirm_script(files, self.stack.name)}
+            d.mkdir(parents=True)
+            for name, text in steps.items():
+                (d / f"{name}.sh").write_text(text)
+            # each step as its own `sh` (as each arrives on the host), all in one trip into the namespace
+            run_all = " && ".join(f'sh "{d / name}.sh"' for name in steps)
+            out = _run(self.in_ns("scratch", ["sh", "-c", f'{{ {run_all}; }} >&2 && iptables-save && ip6tables-save && '
+                                                          'echo "#=sets" && ipset save'], env)).stdout
+            tables, _, sets = out.partition("#=sets\n")
+            for host in hosts:
+                self._expected[host] = normalized_firewall(tables, sets)
+        return self._expected
+
+    def live_firewall(self, host: str) -> tuple[str, str]:
+        """The host's normalized firewall read from its kernel, and the digest of its confirmed rules."""
+        out = self.console(host, 'iptables-save; ip6tables-save; echo "#=sets"; ipset save; echo "#=digest"; '
+                                 'cat "$ENCLAVE_STATE_DIR/confirmed/digest" 2>/dev/null; true').stdout
+        tables, _, rest = out.partition("#=sets\n")
+        sets, _, confirmed = rest.partition("#=digest\n")
+        return normalized_firewall(tables, sets), confirmed.strip()
+
+    def prove_hosts(self) -> list[HostProof]:
+        """EVERY host, whatever the probes sample: its live rules and sets (iptables-save, ip6tables-save,
+        ipset save) equal the compiler's, and its confirmed digest is the compiled files' digest."""
+        expected = self.expected_firewalls()
+
+        def prove(host: str) -> HostProof:
+            live, confirmed = self.live_firewall(host)
+            want = digest(self.plan.files[host])
+            problems = []
+            if confirmed != want:
+                problems.append(f"confirmed digest {confirmed or 'missing'}, compiled {want}")
+            if live != expected[host]:
+                diff = list(difflib.unified_diff(expected[host].splitlines(), live.splitlines(), "compiled", "live",
+                                                 n=0, lineterm=""))[2:]
+                changed = [line for line in diff if not line.startswith("@@")]
+                problems.append(f"{len(changed)} line(s) differ from the compiled rules: " + "; ".join(changed[:6]))
+            return HostProof(host, not problems, "; ".join(problems) or f"rules, sets and digest {want} as compiled")
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(prove, [h.name for h in self.hosts]))
+
+    # ---------------------------------------------------------------------------------- harness
+
+    def harness_problems(self, outcomes: list[Outcome], overflows4: int, overflows6: int) -> list[str]:
+        """Why the probes of this run cannot be trusted, if they cannot: a lab namespace that could not resolve
+        an IPv4 neighbour (ARP is not filtered by iptables, so its packets never leaving is never the rules'
+        doing), an IPv6 one while the shared IPv6 table overflowed (otherwise an unresolved IPv6 neighbour may
+        well be rules that drop neighbour discovery: a verdict, not a harness failure), a static entry gone, or
+        a probe the source's own kernel refused to send."""
+        problems = []
+        errors: dict[str, list[str]] = {}
+        for o in outcomes:
+            if o.kernel_error:
+                errors.setdefault(o.detail, []).append(o.probe.describe())
+        for detail, probes in sorted(errors.items()):
+            problems.append(f"{len(probes)} probe(s) failed in the sending kernel ({detail}), e.g. {probes[0]}")
+        participants = sorted({*(h.name for h in self.probe_set.hosts), *OUTSIDERS,
+                               *(h.name for h in self.policy.bastion_hosts())})
+        wanted = self.neighbour_entries()
+
+        def check(name: str) -> list[str]:
+            shown = self.run(name, ["ip", "-4", "neigh", "show"], timeout=60).stdout.splitlines()
+            if overflows6:
+                shown += self.run(name, ["ip", "-6", "neigh", "show"], timeout=60).stdout.splitlines()
+            unresolved = [line.split()[0] for line in shown if line.rstrip().endswith(("FAILED", "INCOMPLETE"))]
+            permanent = sum(line.rstrip().endswith("PERMANENT") for line in shown)
+            found = []
+            if unresolved:
+                found.append(f"{self.namespace(name)} could not resolve {len(unresolved)} neighbour(s) "
+                             f"({', '.join(unresolved[:4])}): its packets to them never left, and those probes "
+                             "timed out as if a firewall had dropped them")
+            if permanent < len(wanted.get(name, ())):
+                found.append(f"{self.namespace(name)} has {permanent} of its {len(wanted[name])} static "
+                             "neighbour entries")
+            return found
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            for found in pool.map(check, participants):
+                problems += found
+        if problems and (overflows4 or overflows6):
+            problems.append(f"the kernel's neighbour tables overflowed {overflows4} (IPv4) and {overflows6} (IPv6) "
+                            "time(s) during the probes (table_fulls in /proc/net/stat/arp_cache and ndisc_cache; "
+                            "their dynamic entries (gc_thresh3) are shared by every namespace on this machine: "
+                            "`dmesg | grep 'neighbor table overflow'`)")
+        return problems
 
     def explore_help(self) -> list[str]:
         """Commands an operator can paste to look around a kept lab, each with what it shows."""

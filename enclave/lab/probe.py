@@ -70,6 +70,11 @@ class Outcome:
     def matches(self) -> bool:
         return self.passed == (self.probe.expected is not None)
 
+    @property
+    def kernel_error(self) -> bool:
+        """The source's kernel could not send it (not a verdict of any firewall): a failure of the harness."""
+        return not self.detail.split(" (twice")[0] in FIREWALL_DETAILS
+
     def describe(self) -> str:
         p = self.probe
         expected = "allow" if p.expected else "deny"
@@ -89,6 +94,11 @@ class ProbeSet:
     declared: list[PortSpec]  # what the stack declares (ssh included)
     never_declared: int
     probes: list[Probe]
+    sample: list[str] | None = None  # the sampled hosts; None: every host (exhaustive)
+
+    @property
+    def exhaustive(self) -> bool:
+        return self.sample is None
 
 
 # --------------------------------------------------------------------------------------------- planning
@@ -142,20 +152,63 @@ def targets_from(src: Endpoint, dst: Host, addresses: dict[str, Addresses]) -> l
     return out
 
 
-def plan_probes(policy: Policy, addresses: dict[str, Addresses], others: Outsiders) -> ProbeSet:
-    """From every host and outsider to every other host, on every address it can reach, every probe port."""
+def sample_hosts(policy: Policy) -> list[str]:
+    """The hosts probes are sent from and to when the lab samples: the first and the last host of every role,
+    and every host a declaration or a test names on its own (a rule about `mysql-3` is only proven by mysql-3).
+
+    Every host of a role gets the same rule text (only set members differ, and those are proven host by host
+    from the kernel), so these hosts exercise every (source role, destination role, address, port) there is.
+    """
+    named = {f.source.name for f in policy.flows if f.source.kind == "host"}
+    for test in policy.stack.tests:
+        named.update(n for n in (test.sources, test.to) if n in policy.host_by_name)
+    chosen: set[str] = set()
+    by_role: dict[str, list[Host]] = {}
+    for h in policy.hosts:
+        by_role.setdefault(h.role, []).append(h)
+    for hosts in by_role.values():
+        chosen.update({hosts[0].name, hosts[-1].name})
+    chosen |= named
+    return [h.name for h in policy.hosts if h.name in chosen]
+
+
+def plan_probes(policy: Policy, addresses: dict[str, Addresses], others: Outsiders,
+                sample: list[str] | None = None) -> ProbeSet:
+    """From every host and outsider to every other host, on every address it can reach, every probe port.
+
+    sample: only these hosts send and receive host-to-host probes and receive the outsiders' (sample_hosts);
+    None probes every pair (exhaustive).
+    """
     ports, never = probe_ports(policy)
-    sources = [host_endpoint(h, addresses) for h in policy.hosts] + [others.internet, others.operator, others.neighbor]
+    hosts = [h for h in policy.hosts if sample is None or h.name in set(sample)]
+    sources = [host_endpoint(h, addresses) for h in hosts] + [others.internet, others.operator, others.neighbor]
     probes = []
     for src in sources:
-        for dst in policy.hosts:
+        for dst in hosts:
             if src.kind == "host" and src.name == dst.name:
                 continue  # a host reaching itself goes over loopback, which is always open
             for target in targets_from(src, dst, addresses):
                 for port in ports:
                     expected = decide(policy, src, dst, port, target.interface, target.family)
                     probes.append(Probe(src, target, port, expected))
-    return ProbeSet(sources, list(policy.hosts), ports, declared_ports(policy), never, probes)
+    return ProbeSet(sources, hosts, ports, declared_ports(policy), never, probes, None if sample is None else list(sample))
+
+
+def exhaustive_probe_count(policy: Policy, addresses: dict[str, Addresses], others: Outsiders) -> int:
+    """How many probes an exhaustive run sends, counted without deciding any of them."""
+    ports, _ = probe_ports(policy)
+    sources = [host_endpoint(h, addresses) for h in policy.hosts] + [others.internet, others.operator, others.neighbor]
+    hosts_v6 = sum(1 for h in policy.hosts if addresses[h.name].public6)
+    n = len(policy.hosts)
+    targets = 0
+    for src in sources:
+        private = src.kind in ("host", "neighbor")
+        public = src.kind != "neighbor" and bool(src.address)
+        public6 = src.kind != "neighbor" and bool(src.address6)
+        others_n = n - (1 if src.kind == "host" else 0)
+        six = hosts_v6 - (1 if src.kind == "host" and src.address6 else 0)
+        targets += others_n * (private + public) + (six if public6 else 0)
+    return targets * len(ports)
 
 
 def listen_ports(ports: list[PortSpec], proto: str, skip: tuple[int, ...] = ()) -> list[int]:
@@ -165,45 +218,73 @@ def listen_ports(ports: list[PortSpec], proto: str, skip: tuple[int, ...] = ()) 
 # ---------------------------------------------------------------------------------------------- sending
 
 
-async def _ask_agent(socket_path: str, batch: list[tuple[int, Probe]], timeout: float) -> dict[int, tuple[bool, str]]:
-    reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 24)
+class HarnessError(Exception):
+    """The lab's own machinery failed (an agent stopped answering, the kernel refused a packet): no verdict on
+    the rules can be drawn from this run (exit 3)."""
+
+
+# What the firewall can make of a probe. Anything else (enobufs, ehostunreach, enetunreach…) is the source's
+# own kernel failing to send it (a full neighbour table, a missing route): the harness, not the rules.
+FIREWALL_DETAILS = ("connected", "reply", "timeout", "refused (REJECT or no listener)",
+                    "blocked by the source's own OUTPUT rules")
+# However many probes are queued, the agent streams results as they finish; this long without the next line,
+# it is lost (a busy machine delays a line by seconds, not by a minute).
+AGENT_SILENCE_S = 60.0
+
+
+async def _ask_agent(socket_path: str, batch: list[tuple[int, Probe]], timeout: float,
+                     on_answer: Callable[[int], None] | None) -> dict[int, tuple[bool, str]]:
+    reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 26)
+    results: dict[int, tuple[bool, str]] = {}
     try:
-        request = [[i, p.port.proto, p.target.address, p.port.low, timeout] for i, p in batch]
+        request = [[i, p.source.name, p.port.proto, p.target.address, p.port.low, timeout] for i, p in batch]
         writer.write(json.dumps({"probes": request}).encode() + b"\n")
         await writer.drain()
-        # Every probe ends by its own timeout; the margin covers a busy machine, not a lost agent forever.
-        line = await asyncio.wait_for(reader.readline(), timeout * 4 + 30)
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), AGENT_SILENCE_S + timeout)
+            except asyncio.TimeoutError:
+                raise HarnessError(
+                    f"the probe agent ({socket_path}) sent no result for {AGENT_SILENCE_S + timeout:g} s with "
+                    f"{len(batch) - len(results)} of {len(batch)} probes outstanding"
+                ) from None
+            if not line:
+                raise HarnessError(f"the probe agent ({socket_path}) closed the connection with "
+                                   f"{len(batch) - len(results)} probes outstanding (see agents/agent.log)")
+            message = json.loads(line)
+            if "done" in message:
+                break
+            for i, passed, detail in message["results"]:
+                results[int(i)] = (bool(passed), str(detail))
+            if on_answer is not None:
+                on_answer(len(message["results"]))
     finally:
         writer.close()
-    if not line:
-        raise RuntimeError(f"the probe agent at {socket_path} closed the connection (see its log next to it)")
-    return {int(i): (bool(passed), str(detail)) for i, passed, detail in json.loads(line)["results"]}
+    if len(results) != len(batch):
+        raise HarnessError(f"the probe agent answered {len(results)} of {len(batch)} probes")
+    return results
 
 
 async def _send(agents: dict[str, str], probes: list[Probe], timeout: float,
                 on_answer: Callable[[int], None] | None = None) -> list[tuple[bool, str]]:
     batches: dict[str, list[tuple[int, Probe]]] = {}
     for i, probe in enumerate(probes):
-        batches.setdefault(probe.source.name, []).append((i, probe))
-
-    async def ask(name: str, batch: list[tuple[int, Probe]]) -> dict[int, tuple[bool, str]]:
-        answer = await _ask_agent(agents[name], batch, timeout)
-        if on_answer is not None:
-            on_answer(len(batch))
-        return answer
-
-    answers = await asyncio.gather(*(ask(name, batch) for name, batch in batches.items()))
+        batches.setdefault(agents[probe.source.name], []).append((i, probe))
+    answers = await asyncio.gather(*(_ask_agent(path, batch, timeout, on_answer) for path, batch in batches.items()))
     merged = {i: verdict for answer in answers for i, verdict in answer.items()}
     return [merged[i] for i in range(len(probes))]
 
 
 def send_probes(agents: dict[str, str], probes: list[Probe],
                 on_answer: Callable[[int], None] | None = None) -> list[Outcome]:
-    """Every probe at once, each from its source's agent; admitted probes that timed out get a second, longer try.
+    """Every probe at once, each from its source's namespace; admitted probes that timed out get a second, longer try.
 
-    `agents` maps a source name (host or outsider) to its agent's control socket; `on_answer(n)` hears when a
-    source's n probes have their first verdict (the lab's progress display).
+    `agents` maps a source name (host or outsider) to the control socket of the agent serving its namespace;
+    `on_answer(n)` hears when n more probes have their first verdict (the lab's progress display). Raises
+    HarnessError when an agent stops answering.
     """
+    if not probes:
+        return []
     verdicts = asyncio.run(_send(agents, probes, PROBE_TIMEOUT, on_answer))
     outcomes = [Outcome(p, passed, detail) for p, (passed, detail) in zip(probes, verdicts)]
     again = [i for i, o in enumerate(outcomes) if not o.passed and o.probe.expected is not None and o.detail == "timeout"]
@@ -218,19 +299,26 @@ def send_probes(agents: dict[str, str], probes: list[Probe],
 
 
 def tests_with_packets(
-    policy: Policy, addresses: dict[str, Addresses], others: Outsiders, outcomes: list[Outcome]
+    policy: Policy, addresses: dict[str, Addresses], others: Outsiders, outcomes: list[Outcome],
+    sample: list[str] | None = None,
 ) -> list[TestResult]:
-    """The stack's `tests`, judged by real packets: each pair it names, on the address the source would use."""
+    """The stack's `tests`, judged by real packets: each pair it names, on the address the source would use
+    (with a sample: each pair among the sampled hosts; the other hosts' rules are proven equal to theirs)."""
     by_key = {o.probe.key: o for o in outcomes}
+    sampled = None if sample is None else set(sample)
     results = []
     for i, test in enumerate(policy.stack.tests):
         allowed: list[str] = []
         denied: list[str] = []
         for src in endpoints_for(test.sources, policy, others, addresses):
             kind: AddressKind = arrival_interface(src)
+            if sampled is not None and src.kind == "host" and src.name not in sampled:
+                continue
             for dst in policy.hosts_of(test.to):
                 if src.kind == "host" and src.name == dst.name:
                     continue  # loopback, always open
+                if sampled is not None and dst.name not in sampled:
+                    continue
                 outcome = by_key.get((src.name, dst.name, kind, test.port))
                 if outcome is None:
                     denied.append(f"{src.name}->{dst.name} (not probed: {src.name} has no {kind} route to it)")
@@ -246,6 +334,18 @@ def tests_with_packets(
 # ----------------------------------------------------------------------------------------------- report
 
 
+@dataclass(frozen=True)
+class HostProof:
+    """One host's live firewall, read back from its kernel, against what the compiler says it must be."""
+
+    host: str
+    ok: bool
+    detail: str  # what differs (the first lines of a diff), or what was compared
+
+
+MAX_LISTED_PROBES = 20_000  # above this, --format json lists the mismatches, not every probe
+
+
 @dataclass
 class LabReport:
     stack_name: str
@@ -256,6 +356,8 @@ class LabReport:
     policy_tests: list[TestResult]  # the same tests, judged by the compiled policy (as `enclave plan` does)
     push_failures: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    host_proofs: list[HostProof] = field(default_factory=list)  # every host's live rules, sets and digest
+    harness: list[str] = field(default_factory=list)  # why this run cannot judge the rules, if it cannot
 
     @property
     def mismatches(self) -> list[Outcome]:
@@ -266,29 +368,48 @@ class LabReport:
         return [t for t in self.tests if not t.passed]
 
     @property
+    def failed_proofs(self) -> list[HostProof]:
+        return [p for p in self.host_proofs if not p.ok]
+
+    @property
+    def harness_failed(self) -> bool:
+        return bool(self.harness)
+
+    @property
     def ok(self) -> bool:
-        return not self.mismatches and not self.failed_tests and not self.push_failures
+        return (not self.harness and not self.mismatches and not self.failed_tests and not self.push_failures
+                and not self.failed_proofs)
 
     def to_json(self) -> dict[str, Any]:
-        """`enclave lab check --format json`: every probe with both verdicts and the flow behind the expected
-        one, the stack's tests judged by packets and by the policy, the failed pushes, and a summary."""
+        """`enclave lab check --format json`: a summary, the harness's health, every host's proof, the stack's
+        tests judged by packets and by the policy, the failed pushes, every mismatch with the flow behind its
+        expected verdict, and every probe while there are at most MAX_LISTED_PROBES of them (a summary per
+        source and destination role otherwise)."""
         by_policy = {t.index: t for t in self.policy_tests}
         passed = sum(o.passed for o in self.outcomes)
-        return {
+        listed = len(self.outcomes) <= MAX_LISTED_PROBES
+        document: dict[str, Any] = {
             "stack": self.stack_name,
             "run": self.run_id,
             "ok": self.ok,
+            "harnessFailed": self.harness_failed,
             "summary": {
+                "mode": "exhaustive" if self.probe_set.exhaustive else "sampled",
+                "sampledHosts": self.probe_set.sample,
                 "probes": len(self.outcomes),
                 "gotThrough": passed,
                 "dropped": len(self.outcomes) - passed,
                 "mismatches": len(self.mismatches),
+                "hostsProven": sum(p.ok for p in self.host_proofs),
+                "hostsFailed": len(self.failed_proofs),
                 "tests": len(self.tests),
                 "testsFailed": len(self.failed_tests),
                 "pushFailures": len(self.push_failures),
                 "seconds": {phase: round(seconds, 3) for phase, seconds in self.timings.items()},
             },
+            "harness": self.harness,
             "pushFailures": self.push_failures,
+            "hostsFailed": [{"host": p.host, "detail": p.detail} for p in self.failed_proofs],
             "tests": [
                 {
                     "test": t.describe(),
@@ -300,20 +421,47 @@ class LabReport:
                 }
                 for t in self.tests
             ],
-            "probes": [
-                {
-                    "src": o.probe.source.name,
-                    "dst": o.probe.target.host,
-                    "address": o.probe.target.address,
-                    "kind": o.probe.target.kind,
-                    "port": str(o.probe.port),
-                    "expected": "allow" if o.probe.expected else "deny",
-                    "seen": "allow" if o.passed else "deny",
-                    "matches": o.matches,
-                    "detail": o.detail,
-                    "why": o.probe.expected.why if o.probe.expected else None,
-                    "flow": f"{o.probe.expected.source} -> {o.probe.expected.role}" if o.probe.expected else None,
-                }
-                for o in self.outcomes
-            ],
+            "mismatches": [_probe_json(o) for o in self.mismatches[:MAX_LISTED_PROBES]],
         }
+        if listed:
+            document["probes"] = [_probe_json(o) for o in self.outcomes]
+        else:
+            document["probesByRole"] = role_summary(self)
+        return document
+
+
+def _probe_json(o: Outcome) -> dict[str, Any]:
+    return {
+        "src": o.probe.source.name,
+        "dst": o.probe.target.host,
+        "address": o.probe.target.address,
+        "kind": o.probe.target.kind,
+        "port": str(o.probe.port),
+        "expected": "allow" if o.probe.expected else "deny",
+        "seen": "allow" if o.passed else "deny",
+        "matches": o.matches,
+        "detail": o.detail,
+        "why": o.probe.expected.why if o.probe.expected else None,
+        "flow": f"{o.probe.expected.source} -> {o.probe.expected.role}" if o.probe.expected else None,
+    }
+
+
+def source_group(report: LabReport, name: str) -> str:
+    """A host's role, or the outsider's name: the rows of the role x role matrix."""
+    host = next((h for h in report.probe_set.hosts if h.name == name), None)
+    return host.role if host is not None else name
+
+
+def role_summary(report: LabReport) -> list[dict[str, Any]]:
+    """Per (source role or outsider, destination role, address kind): probes, what got through, mismatches."""
+    roles = {h.name: h.role for h in report.probe_set.hosts}
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for o in report.outcomes:
+        key = (roles.get(o.probe.source.name, o.probe.source.name), roles[o.probe.target.host], o.probe.target.kind)
+        g = groups.setdefault(key, {"src": key[0], "dst": key[1], "kind": key[2], "probes": 0, "allowed": set(),
+                                    "mismatches": 0})
+        g["probes"] += 1
+        g["mismatches"] += not o.matches
+        if o.passed:
+            g["allowed"].add(str(o.probe.port))
+    return [{**g, "allowed": sorted(g["allowed"])} for g in groups.values()]

@@ -1,8 +1,8 @@
 """What the lab is doing while it builds, pushes and probes: shown on stderr, never mixed into the report.
 
-The lab announces four phases: `network` (namespaces, bridges, veths), `boot` (each host's baseline, sshd and
-probe agent; the outsiders' agents), `push` (one step per host, confirmed or failed) and `probe` (one step per
-probe answered). On a terminal they are rich progress bars; otherwise (CI logs, pipes) one plain line per
+The lab announces four phases: `network` (namespaces, bridges, veths, neighbour entries), `boot` (each host's
+baseline and sshd, the one probe agent), `push` (one step per host, confirmed or failed) and `probe` (one step
+per probe answered). On a terminal they are rich progress bars; otherwise (CI logs, pipes) one plain line per
 phase once it is done, so a log shows where the time went and which host failed without control characters.
 """
 

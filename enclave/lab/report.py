@@ -10,7 +10,7 @@ from rich.text import Text
 
 from config.schema import PortSpec
 
-from .probe import AddressKind, LabReport, Outcome, probe_numbers
+from .probe import AddressKind, LabReport, Outcome, probe_numbers, source_group
 
 SHORT: dict[AddressKind, str] = {"private": "priv", "public": "pub", "public6": "pub6"}
 MAX_LISTED_MISMATCHES = 40
@@ -59,6 +59,64 @@ def _cell(outcomes: list[Outcome], declared: list[PortSpec]) -> Text:
     return text
 
 
+CELL_WIDTH = 26  # what a host column needs to stay readable (`pub tcp 22,80 icmp` per line)
+
+
+def fits(report: LabReport, width: int) -> bool:
+    """Whether the host-by-host matrix fits a terminal this wide."""
+    return 14 + CELL_WIDTH * len(report.probe_set.hosts) <= width
+
+
+def role_matrix(report: LabReport) -> Table:
+    """Sources grouped by role (outsiders alone) x destination roles: what got through from every probed pair
+    of the group, and under it the hosts that did otherwise (each mismatch, named host to host)."""
+    ps = report.probe_set
+    roles = list(dict.fromkeys(h.role for h in ps.hosts))
+    hosts_of = {r: [h.name for h in ps.hosts if h.role == r] for r in roles}
+    sampled = "" if ps.exhaustive else " (sampled hosts)"
+    table = Table(
+        title=f"stack {report.stack_name}: what got through, per source role (rows) and destination role "
+              f"(columns){sampled}",
+        title_justify="left",
+        show_lines=True,
+    )
+    table.add_column("from \\ to", style="bold")
+    for r in roles:
+        shown = hosts_of[r] if len(hosts_of[r]) <= 3 else [hosts_of[r][0], "…", hosts_of[r][-1]]
+        table.add_column(f"{r} ({', '.join(shown)})")
+    cells: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
+    role_of = {h.name: h.role for h in ps.hosts}
+    for o in report.outcomes:
+        cells[(source_group(report, o.probe.source.name), role_of[o.probe.target.host])].append(o)
+    rows = list(dict.fromkeys(source_group(report, s.name) for s in ps.sources))
+    for row in rows:
+        table.add_row(row, *(_group_cell(cells[(row, r)], ps.declared) for r in roles))
+    return table
+
+
+def _group_cell(outcomes: list[Outcome], declared: list[PortSpec]) -> Text:
+    if not outcomes:
+        return Text("·", style="dim")
+    text = Text()
+    for kind in ("private", "public", "public6"):
+        group = [o for o in outcomes if o.probe.target.kind == kind]
+        if not group:
+            continue
+        passed = sorted({o.probe.port for o in group if o.passed and o.matches})
+        if text:
+            text.append("\n")
+        text.append(f"{SHORT[kind]} ", style="dim")
+        text.append(port_summary(passed, declared) or "-", style="green" if passed else "dim")
+        wrong = [o for o in group if not o.matches]
+        for o in wrong[:3]:
+            want, got = ("allow", "deny") if o.probe.expected else ("deny", "allow")
+            text.append(f"\n✗ {o.probe.source.name}->{o.probe.target.host} {o.probe.port}: expected {want}, seen {got}",
+                        style="bold red")
+        if len(wrong) > 3:
+            text.append(f"\n✗ … {len(wrong) - 3} more", style="bold red")
+    return text
+
+
 def matrix(report: LabReport) -> Table:
     ps = report.probe_set
     declared = ps.declared
@@ -92,16 +150,36 @@ def tests_table(report: LabReport) -> Table:
 
 
 def print_report(report: LabReport, console: Console) -> None:
-    console.print(matrix(report))
+    if report.harness:
+        # First and alone: nothing below may be read as a verdict on the rules.
+        console.print(Text("HARNESS FAILURE: this run cannot judge the rules (the probes below prove nothing "
+                           "either way); fix the cause and run it again:", style="bold red"))
+        for problem in report.harness:
+            console.print(Text(f"  {problem}", style="red"))
+    ps = report.probe_set
+    by_host = fits(report, console.width)
+    console.print(matrix(report) if by_host else role_matrix(report))
+    where = "destination host" if by_host else "destination role, from every probed pair of the group"
+    sample = ("" if ps.exhaustive else
+              f" Sampled: probes from and to {', '.join(ps.sample or [])} (the first and last host of each role, "
+              "and hosts named on their own); every other host is proven by its rules below.")
     console.print(
         Text(
-            "cells: the ports that got through, per address of the destination host: priv = private, pub = public "
+            f"cells: the ports that got through, per address of the {where}: priv = private, pub = public "
             "IPv4, pub6 = public IPv6; '-' nothing got through, '·' not probed (the host itself); a red ✗ line is a "
             "mismatch. Probed on every address: every declared port over tcp and udp, ssh, port "
-            f"{report.probe_set.never_declared} (declared nowhere) and icmp echo.",
+            f"{ps.never_declared} (declared nowhere) and icmp echo.{sample}",
             style="dim",
         )
     )
+    proven = sum(p.ok for p in report.host_proofs)
+    if report.host_proofs:
+        console.print(Text(f"{proven} of {len(report.host_proofs)} hosts: live rules, sets and digest, read back "
+                           "from the kernel, equal the compiled ones", style="green" if proven == len(report.host_proofs) else "red"))
+    for p in report.failed_proofs[:MAX_LISTED_MISMATCHES]:
+        console.print(Text(f"  {p.host}: {p.detail}", style="red"))
+    if len(report.failed_proofs) > MAX_LISTED_MISMATCHES:
+        console.print(f"  … and {len(report.failed_proofs) - MAX_LISTED_MISMATCHES} more hosts")
     if report.tests:
         console.print(tests_table(report))
     for failure in report.push_failures:
@@ -118,6 +196,8 @@ def print_report(report: LabReport, console: Console) -> None:
         by_policy = policy.get(t.index)
         if by_policy is not None and not by_policy.passed:
             blame = f"the compiled policy says {by_policy.seen} too: the expectation or the declarations are wrong"
+        elif report.harness:
+            blame = "but the harness failed: this proves nothing about the rules"
         else:
             blame = "the compiled policy agrees with the test: the pushed rules are wrong"
         console.print(Text(f"{t.describe()}, but real packets say {t.seen} ({blame}): {t.detail}", style="red"))
@@ -132,16 +212,21 @@ def summary(report: LabReport) -> Text:
     tests = f"{sum(t.passed for t in report.tests)}/{len(report.tests)} tests pass with real packets"
     if report.push_failures:
         tests += f"; {len(report.push_failures)} push(es) failed"
-    if report.ok:
+    if report.harness:
+        head = (f"lab {report.run_id}: stack {report.stack_name}: HARNESS FAILURE, no verdict on the rules "
+                f"({len(report.harness)} problem(s) above; exit 3)")
+        style = "bold red"
+    elif report.ok:
         head = (
             f"lab {report.run_id}: stack {report.stack_name} matches its policy: {n} probes "
-            f"({allowed} got through, {n - allowed} dropped), {tests}"
+            f"({allowed} got through, {n - allowed} dropped), {len(report.host_proofs)} hosts' rules proven, {tests}"
         )
         style = "bold green"
     else:
         head = (
             f"lab {report.run_id}: stack {report.stack_name} FAILS: {len(report.mismatches)} of {n} probes "
-            f"disagree with the compiled policy, {tests}"
+            f"disagree with the compiled policy, {len(report.failed_proofs)} host(s) differ from their compiled "
+            f"rules, {tests}"
         )
         style = "bold red"
     return Text(f"{head}\ntime: {timings} (total {total:.1f} s)", style=style)
