@@ -91,7 +91,16 @@ def lab(run_ids: list[str], dev6: Stack) -> Iterator[Lab]:
 
 
 def take_ras(lab: Lab) -> None:
-    """Hosts whose kernels act on every RA that reaches them, and count the RAs that reach each interface."""
+    """Hosts whose kernels act on every RA that reaches them, and count the RAs that reach each interface.
+
+    The lab turns IPv6 off on interfaces that carry no IPv6 address (their multicast reports would fill the
+    kernel's shared neighbour table at size); a droplet has link-local IPv6 on both interfaces, so it is turned
+    back on here, on every host and sender interface of this small lab, before anything is sent.
+    """
+    for name in [*lab.files, "neighbor", "internet"]:
+        lab.run(name, ["sysctl", "-qw", *(f"net.ipv6.conf.{i}.disable_ipv6=0" for i in INTERFACES
+                                          if name not in ("neighbor", "internet") or i == segment_iface(lab, name))],
+                check=True)
     for host in lab.files:
         sysctls = [f"net.ipv6.conf.{i}.{key}" for i in INTERFACES for key in ("accept_ra=2", "autoconf=1",
                                                                                "accept_ra_defrtr=1")]
