@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -89,6 +90,16 @@ def baseline(role: str) -> str:
     return baseline_script(baseline_files(load_stack("prod").config, role))
 
 
+def run_unit(host: Host, unit: str) -> subprocess.CompletedProcess[str]:
+    """ExecStart as systemd runs it: only the unit's Environment= (no ENCLAVE_STATE_DIR of the test's own), `$$`
+    unescaped to `$`."""
+    lines = unit.splitlines()
+    exec_start = next(line.split("=", 1)[1] for line in lines if line.startswith("ExecStart=")).replace("$$", "$")
+    env = [line.split("=", 1)[1] for line in lines if line.startswith("Environment=")]
+    argv = ["ip", "netns", "exec", host.ns, "env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", *env, *shlex.split(exec_start)]
+    return subprocess.run(argv, text=True, capture_output=True)
+
+
 def push_and_confirm(host: Host, files: RuleFiles) -> None:
     host.sh(push_script(files, "prod"))
     assert "confirmed" in host.sh(confirm_script(files, "prod")).stdout
@@ -119,7 +130,7 @@ def test_pushing_the_same_rules_twice_changes_nothing(host: Host, prod_files: di
     host.sh(baseline("mysql"))
     push_and_confirm(host, prod_files["mysql-1"])
     first = host.save()
-    assert "--match-set enclave-wordpress src" in first
+    assert re.search(r"--match-set enclave-wordpress\.[0-9a-z]{3} src", first)
     push_and_confirm(host, prod_files["mysql-1"])
     assert host.save() == first
 
@@ -169,9 +180,8 @@ def test_a_reboot_restores_the_confirmed_rules_exactly(host: Host, prod_files: d
     host.reboot()
     assert "ENCLAVE" not in host.sh("iptables-save").stdout
     unit = (host.root / "units" / UNIT_NAME).read_text()
-    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
     assert "Before=network-pre.target" in unit
-    host.sh(exec_start)
+    run_unit(host, unit)
     assert host.save() == confirmed
 
 
@@ -187,4 +197,4 @@ def test_restricted_egress_drops_new_outbound_on_the_private_interface(host: Hos
     push_and_confirm(host, prod_files["haproxy-www-1"])
     rules = host.sh("iptables -S").stdout
     assert "-P OUTPUT DROP" in rules
-    assert "-A ENCLAVE-OUTPUT -o eth1 -p tcp -m tcp --dport 80 -m set --match-set enclave-wordpress dst" in rules
+    assert re.search(r"-A ENCLAVE-OUTPUT -o eth1 -p tcp -m tcp --dport 80 -m set --match-set enclave-wordpress\.[0-9a-z]{3} dst", rules)
