@@ -297,6 +297,12 @@ restore_chain() {{
   return 2
 }}
 
+# store DIR: DIR (just proven) becomes $STATE/rules/<digest>, unless that holds exactly these files already.
+store() {{
+  t="$STATE/rules/$(cat "$1/digest")"
+  if intact "$t" && cmp -s "$1/SHA256SUMS" "$t/SHA256SUMS"; then return 0; fi
+  rm -rf "$t.old" && {{ [ ! -e "$t" ] || mv -T "$t" "$t.old"; }} && mv -T "$1" "$t" && sync "$STATE/rules" && rm -rf "$t.old"
+}}
 lock() {{ exec 9>>"$STATE/lock" && flock 9; }}
 pending_field() {{ awk -v n="$1" 'NR == 1 {{ print $n }}' "$STATE/pending" 2>/dev/null; }}
 
@@ -307,12 +313,15 @@ restore|--restore)
   # Closed first: whatever happens next, even kill -9, leaves the policies on DROP.
   for t in iptables ip6tables; do $t -w -P INPUT DROP; $t -w -P FORWARD DROP; done
   mkdir -p "$STATE" && lock
-  checkpoint restore:closed
   # Restoring (a reboot) voids a push still pending: a late confirm must not promote rules no longer in force.
   if [ -e "$STATE/pending" ]; then
     write_file "$STATE/rolled-back" "rules $(pending_field 1) were dropped unconfirmed when the host restarted on its confirmed rules" || true
     rm -f "$STATE/pending"
   fi
+  # then the built-in closed rules (loopback, replies, the baseline's SSH): killed from here on, the host is
+  # closed and still reachable as its baseline says
+  closed
+  checkpoint restore:closed
   restore_chain; rc=$?
   checkpoint restore:done
   [ $rc = 0 ] || echo "enclave restore in $STATE: no confirmed or baseline rules could be applied; in force: $now" >&2
@@ -322,7 +331,7 @@ baseline)
   dir=$1; d=$(cat "$dir/digest" 2>/dev/null)
   mkdir -p "$STATE/rules" && lock
   intact "$dir" || {{ echo "enclave baseline $d: damaged in transit; not installed" >&2; exit 1; }}
-  if ! intact "$STATE/rules/$d"; then rm -rf "$STATE/rules/$d" && mv -T "$dir" "$STATE/rules/$d"; fi
+  store "$dir" || {{ echo "enclave baseline $d: could not be stored in $STATE (disk full?)" >&2; exit 1; }}
   flip "$STATE/baseline" "rules/$d"
   ;;
 push)
@@ -336,13 +345,10 @@ push)
     intact "$base" && why=$(prove "$base") || {{ say "the baseline $(cat "$base/digest") was rejected; nothing was changed: $why"; exit 1; }}
   fi
   checkpoint push:proven
-  if ! intact "$STATE/rules/$d"; then
-    rm -rf "$STATE/rules/$d" && mv -T "$dir" "$STATE/rules/$d" && sync "$STATE/rules" \
-      || {{ say "could not store the rules in $STATE/rules (disk full?); nothing was changed"; exit 1; }}
-  fi
+  store "$dir" || {{ say "could not store the rules in $STATE/rules (disk full?); nothing was changed"; exit 1; }}
   if [ -n "$base" ]; then
     b=$(cat "$base/digest")
-    {{ intact "$STATE/rules/$b" || {{ rm -rf "$STATE/rules/$b" && mv -T "$base" "$STATE/rules/$b"; }}; }} && flip "$STATE/baseline" "rules/$b" \
+    store "$base" && flip "$STATE/baseline" "rules/$b" \
       || {{ say "could not store the baseline in $STATE (disk full?); nothing was changed"; exit 1; }}
   fi
   # Pending before anything changes, and the timer armed before the rules do: whatever is in force unconfirmed
@@ -372,6 +378,10 @@ rollback)
   lock
   [ "$(pending_field 2)" = "$token" ] || exit 0
   d=$(pending_field 1)
+  # a confirm that promoted these rules and was killed before it cleared "pending": they are proven, keep them
+  if [ "$(readlink "$STATE/confirmed")" = "rules/$d" ] && [ "$(cat "$STATE/in-force" 2>/dev/null)" = "$d" ]; then
+    rm -f "$STATE/pending"; exit 0
+  fi
   checkpoint rollback:locked
   restore_chain; rc=$?
   write_file "$STATE/rolled-back" "rules $d were rolled back after $window s without confirmation; in force now: $now" || true

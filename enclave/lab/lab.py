@@ -620,9 +620,11 @@ SetEnv {env}
                     raise LabError(f"sshd in {self.namespace(host)} did not start: {log or 'no output'}")
                 time.sleep(0.01)
 
-    def reboot(self, host: str) -> None:
+    def reboot(self, host: str, *, boot_env: Mapping[str, str] | None = None) -> None:
         """A reboot: processes and kernel state (rules, sets) gone, the disk (state dir) kept; then the host
-        boots as a droplet does: cloud-init's bootcmd (baseline, or the last confirmed rules), sshd, agent."""
+        boots as a droplet does: cloud-init's bootcmd (baseline, or the last confirmed rules), sshd, agent.
+
+        boot_env: extra environment for the boot script only (e.g. the fault-injection tests' kill point)."""
         ns = self.namespace(host)
         kill_namespace_processes([ns])
         agent = self._agents.pop(host, None)
@@ -630,7 +632,8 @@ SetEnv {env}
             agent.wait()
         self.console(host, WIPE_KERNEL_STATE)
         (self.host_dir(host) / "sshd.pid").unlink(missing_ok=True)
-        self.console(host, self._boot_script(self.policy.host_by_name[host]))
+        boot = [f"{k}={v}" for k, v in (boot_env or {}).items()]
+        self.run(host, ["env", *boot, "sh", "-s"], input=self._boot_script(self.policy.host_by_name[host]), check=not boot)
         self._start_sshd(host)
         self._start_agent(host)
         self._wait_until_ready([host])
