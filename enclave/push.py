@@ -255,6 +255,7 @@ apply() {{
   jumps || {{ why="could not place the jumps to enclave's chains"; return 1; }}
   stage "$1" || {{ unstage; why="could not create the sets $(cat "$1/sets" | tr '\n' ' ')"; return 1; }}
   checkpoint apply:sets
+  rm -f "$STATE/in-force"  # from here until it is written again, "unknown" rather than wrong
   out=$(iptables-restore -w --noflush < "$1/rules.v4" 2>&1) || {{ unstage; why="IPv4 rules failed to apply: $out"; return 1; }}
   checkpoint apply:v4
   out=$(ip6tables-restore -w --noflush < "$1/rules.v6" 2>&1) || {{ why="IPv6 rules failed to apply: $out"; return 1; }}
@@ -267,6 +268,7 @@ apply() {{
 # closed: the built-in last resort. Policies DROP; ENCLAVE-INPUT admits loopback, replies, neighbour discovery and
 # the baseline's SSH accept lines (by a strict pattern, so a damaged baseline still yields them; none: console).
 closed() {{
+  rm -f "$STATE/in-force"
   for t in iptables ip6tables; do $t -w -P INPUT DROP; $t -w -P FORWARD DROP; done
   ssh_re='^-A {CHAIN_PREFIX}-INPUT( -i [A-Za-z0-9_.@-]+)?( -s [0-9A-Fa-f.:/]+)?( -i [A-Za-z0-9_.@-]+)? -p tcp -m tcp --dport 22( -m comment --comment "[^"]*")? -j ACCEPT$'
   for f in 4 6; do
@@ -412,7 +414,7 @@ confirm)
     elif [ -s "$STATE/rolled-back" ]; then
       why=$(cat "$STATE/rolled-back")
     else
-      why="they were never applied here (in force: ${{inforce:-nothing recorded}})"
+      why="they are not pending here; in force: ${{inforce:-not recorded}} (confirmed: $(readlink "$STATE/confirmed" | sed 's|^rules/||'))"
     fi
     say "are not in force: $why"
     echo "The host is on its last confirmed rules. If the new rules cut SSH from the bastion, fix the stack and run pulumi up again." >&2
