@@ -353,14 +353,15 @@ push)
     store "$base" && flip "$STATE/baseline" "rules/$b" \
       || {{ say "could not store the baseline in $STATE (disk full?); nothing was changed"; exit 1; }}
   fi
-  # Pending before anything changes, and the timer armed before the rules do: whatever is in force unconfirmed
-  # always has a rollback armed. The token tells this push from an earlier push of the same rules.
+  # The timer armed, then "pending" written, both before the rules change: whatever is in force unconfirmed
+  # always has a rollback armed, and a pending record never outlives its timer. The token tells this push from
+  # an earlier push of the same rules (the timer acts only if "pending" still holds its token).
   token="$d.$(date +%s).$$"
-  write_file "$STATE/pending" "$d $token staged" || {{ say "could not record the pending push in $STATE (disk full?); nothing was changed"; exit 1; }}
-  checkpoint push:staged
   # the timer neither holds this lock (fd 9) nor may the test hook take it for the push it outlives
   ENCLAVE_TOP_PID="" setsid sh "$STATE/apply.sh" rollback "$token" "$window" </dev/null >/dev/null 2>&1 9>&- &
   checkpoint push:armed
+  write_file "$STATE/pending" "$d $token staged" || {{ say "could not record the pending push in $STATE (disk full?); nothing was changed"; exit 1; }}
+  checkpoint push:staged
   if ! apply "$STATE/rules/$d"; then
     failed=$why
     restore_chain

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavail
 WINDOW_S = 4
 HOST = "wordpress-1"
 LONG = os.environ.get("ENCLAVE_FAULTS_LONG") == "1"
-PUSH_STEPS = ["push:locked", "push:proven", "push:staged", "push:armed", "apply:sets", "apply:v4", "apply:v6",
+PUSH_STEPS = ["push:locked", "push:proven", "push:armed", "push:staged", "apply:sets", "apply:v4", "apply:v6",
               "push:applied", "push:pending"]
 # the steps `make test` runs; the others only with `make test-faults-long`
 SHORT = {"push:armed", "apply:sets", "apply:v4", "push:pending", "confirm:promoted", "restore:closed"}
