@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup apt test typecheck unit plan lab bench bench-setup clean
+.PHONY: setup apt test typecheck unit test-faults-long plan lab bench bench-setup clean
 
 setup: apt $(VENV)/.synced
 
@@ -42,6 +42,11 @@ unit: setup
 
 # The test command (CI runs it): type-check the program against the Pulumi SDKs, then every test.
 test: typecheck unit
+
+# Every fault-injection step of tests/test_lab_faults.py (kill -9 and reboot at each step of push, confirm and
+# restore); `make test` runs a representative subset. Root, about 6 minutes on 2 shared cores.
+test-faults-long: setup
+	ENCLAVE_FAULTS_LONG=1 $(VENV)/bin/pytest -q tests/test_lab_faults.py
 
 plan: setup
 	$(ENCLAVE) plan --stack $(STACK)

@@ -162,6 +162,7 @@ APPLY_SH = rf"""#!/bin/sh
 #   apply.sh rollback TOKEN WINDOW           (the timer) restore the confirmed rules unless TOKEN was confirmed
 #   apply.sh restore (or --restore)          boot: close, void a pending push, restore confirmed/baseline/closed
 #   apply.sh baseline DIR                    install DIR as the baseline (first boot)
+#   apply.sh DIR                             prove and apply a rule directory by hand
 set -u
 umask 077
 {STATE}
@@ -358,7 +359,7 @@ push)
   # an earlier push of the same rules (the timer acts only if "pending" still holds its token).
   token="$d.$(date +%s).$$"
   # the timer neither holds this lock (fd 9) nor may the test hook take it for the push it outlives
-  ENCLAVE_TOP_PID="" setsid sh "$STATE/apply.sh" rollback "$token" "$window" </dev/null >/dev/null 2>&1 9>&- &
+  ENCLAVE_TOP_PID="" setsid sh "$STATE/apply.sh" rollback "$token" "$window" enclave-rollback </dev/null >/dev/null 2>&1 9>&- &
   checkpoint push:armed
   write_file "$STATE/pending" "$d $token staged" || {{ say "could not record the pending push in $STATE (disk full?); nothing was changed"; exit 1; }}
   checkpoint push:staged
@@ -422,7 +423,15 @@ confirm)
     exit 1
   fi
   ;;
-*) echo "enclave: usage: apply.sh push|confirm|rollback|restore|baseline ..."; exit 2 ;;
+*)
+  if [ -d "$cmd" ]; then  # apply.sh DIR: prove and apply a rule directory by hand (pending left alone)
+    ME="enclave apply $(about "$cmd")"
+    mkdir -p "$STATE" && lock
+    why=$(prove "$cmd") || {{ say "rejected; nothing was changed: $why"; exit 1; }}
+    apply "$cmd" || {{ say "failed to apply: $why"; exit 1; }}
+    exit 0
+  fi
+  echo "enclave: usage: apply.sh push|confirm|rollback|restore|baseline ..."; exit 2 ;;
 esac
 exit 0
 """
