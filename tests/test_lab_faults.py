@@ -86,6 +86,7 @@ class Rules:
 def rules(lab: Lab) -> Rules:
     old = lab.files[HOST]
     neighbor = lab.others.neighbor.address
+    assert neighbor is not None
     haproxy = lab.addresses["haproxy-www-1"].private
     new = without_rule(old, "roles.wordpress.ingress[0]")
     new = dataclasses.replace(new, ipsets=new.ipsets.replace(
