@@ -302,13 +302,14 @@ closed() {{
 
 # restore_chain: the confirmed rules, else the baseline, else closed. Sets $now to what is in force afterwards.
 restore_chain() {{
+  # (sh has no local variables: these names are used nowhere else)
   for slot in confirmed baseline; do
-    d="$STATE/$slot"
-    [ -e "$d" ] || continue
-    if ! intact "$d"; then echo "enclave restore: $slot rules $(about "$d") are damaged (SHA256SUMS do not hold); skipped" >&2; continue; fi
-    if ! why=$(prove "$d"); then echo "enclave restore: $slot rules $(about "$d") rejected by the kernel: $why; skipped" >&2; continue; fi
-    if apply "$d"; then now="$slot rules $(cat "$d/digest")"; return 0; fi
-    echo "enclave restore: $slot rules $(about "$d") failed to apply: $why" >&2
+    slot_dir="$STATE/$slot"
+    [ -e "$slot_dir" ] || continue
+    if ! intact "$slot_dir"; then echo "enclave restore: $slot rules $(about "$slot_dir") are damaged (SHA256SUMS do not hold); skipped" >&2; continue; fi
+    if ! why=$(prove "$slot_dir"); then echo "enclave restore: $slot rules $(about "$slot_dir") rejected by the kernel: $why; skipped" >&2; continue; fi
+    if apply "$slot_dir"; then now="$slot rules $(cat "$slot_dir/digest")"; return 0; fi
+    echo "enclave restore: $slot rules $(about "$slot_dir") failed to apply: $why" >&2
   done
   closed
   now="the built-in closed rules (SSH only as the baseline allows)"
@@ -317,9 +318,9 @@ restore_chain() {{
 
 # store DIR: DIR (just proven) becomes $STATE/rules/<digest>, unless that holds exactly these files already.
 store() {{
-  t="$STATE/rules/$(cat "$1/digest")"
-  if intact "$t" && cmp -s "$1/SHA256SUMS" "$t/SHA256SUMS"; then return 0; fi
-  rm -rf "$t.old" && {{ [ ! -e "$t" ] || mv -T "$t" "$t.old"; }} && mv -T "$1" "$t" && sync "$STATE/rules" && rm -rf "$t.old"
+  stored="$STATE/rules/$(cat "$1/digest")"
+  if intact "$stored" && cmp -s "$1/SHA256SUMS" "$stored/SHA256SUMS"; then return 0; fi
+  rm -rf "$stored.old" && {{ [ ! -e "$stored" ] || mv -T "$stored" "$stored.old"; }} && mv -T "$1" "$stored" && sync "$STATE/rules" && rm -rf "$stored.old"
 }}
 lock() {{ exec 9>>"$STATE/lock" && flock 9; }}
 pending_field() {{ awk -v n="$1" 'NR == 1 {{ print $n }}' "$STATE/pending" 2>/dev/null; }}
@@ -499,9 +500,9 @@ def install_helpers() -> str:
         + 'UNITS="${ENCLAVE_SYSTEMD_DIR:-/etc/systemd/system}"\n'
         + 'if [ -n "${ENCLAVE_SYSTEMD_DIR:-}" ] || [ -d /run/systemd/system ]; then\n'
         # the unit restores from this state directory, whatever it is
-        + f'mkdir -p "$UNITS"\ncat > "$UNITS/{UNIT_NAME}.tmp" <<{HEREDOC}\n'
+        + f'mkdir -p "$UNITS"\ncat > "$UNITS/{UNIT_NAME}.tmp.$$" <<{HEREDOC}\n'
         + UNIT.replace(f"ENCLAVE_STATE_DIR={STATE_DIR_DEFAULT}", "ENCLAVE_STATE_DIR=$STATE").replace("$$", "\\$\\$")
-        + f'{HEREDOC}\nmv -f "$UNITS/{UNIT_NAME}.tmp" "$UNITS/{UNIT_NAME}"\n'
+        + f'{HEREDOC}\nmv -f "$UNITS/{UNIT_NAME}.tmp.$$" "$UNITS/{UNIT_NAME}"\n'
         + f'[ -n "${{ENCLAVE_SYSTEMD_DIR:-}}" ] || {{ systemctl daemon-reload && systemctl enable {UNIT_NAME}; }} >/dev/null 2>&1 || true\n'
         + "fi\n"
     )

@@ -109,16 +109,12 @@ def state(lab: Lab, name: str) -> str | None:
 
 
 def wait_until_settled(lab: Lab, timeout: float = WINDOW_S + 30) -> None:
-    """Until no push is pending (its confirm or its timer acted) and no timer of it still sleeps."""
+    """Until no push is pending: its confirm or its timer acted. (A timer still sleeping then is harmless: it
+    acts only if "pending" holds its own token, and tokens are never reused.)"""
     end = time.monotonic() + timeout
-    while (lab.state_dir(HOST) / "pending").exists() or timers(lab):
+    while (lab.state_dir(HOST) / "pending").exists():
         assert time.monotonic() < end, "a push stayed pending past its window"
         time.sleep(0.2)
-
-
-def timers(lab: Lab) -> list[str]:
-    listing = lab.console(HOST, "ps -eo args 2>/dev/null || true", check=False).stdout
-    return [line for line in listing.splitlines() if "apply.sh rollback" in line and str(lab.state_dir(HOST)) in line]
 
 
 def probe_host(lab: Lab) -> list[Outcome]:
@@ -350,7 +346,7 @@ def test_two_interleaved_pushes_neither_confirmed_roll_back_to_the_confirmed_rul
 def test_concurrent_pushes_serialise_and_only_the_last_can_be_confirmed(lab: Lab, rules: Rules) -> None:
     other = without_rule(rules.old, "roles.wordpress.ingress[0]")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda f: push(lab, f, window_s=30), [rules.new, other]))
+        results = list(pool.map(lambda f: push(lab, f, window_s=20), [rules.new, other]))
     assert [code for code, _ in results] == [0, 0], results
     last = digest(rules.new) if state(lab, "in-force") == digest(rules.new) else digest(other)
     winner, loser = (rules.new, other) if last == digest(rules.new) else (other, rules.new)

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,12 +46,14 @@ class Host:
             **os.environ,
             "ENCLAVE_STATE_DIR": str(self.root / "state"),
             "ENCLAVE_SYSTEMD_DIR": str(self.root / "units"),
-            "ENCLAVE_ROLLBACK_SECONDS": "1",
+            # long enough for a confirm on a loaded machine; the rollback tests set their own
+            "ENCLAVE_ROLLBACK_SECONDS": "60",
         }
 
-    def sh(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def sh(self, script: str, check: bool = True, window_s: int | None = None) -> subprocess.CompletedProcess[str]:
+        env = self.env if window_s is None else {**self.env, "ENCLAVE_ROLLBACK_SECONDS": str(window_s)}
         result = subprocess.run(
-            ["ip", "netns", "exec", self.ns, "sh", "-s"], input=script, text=True, capture_output=True, env=self.env
+            ["ip", "netns", "exec", self.ns, "sh", "-s"], input=script, text=True, capture_output=True, env=env
         )
         if check and result.returncode != 0:
             raise AssertionError(f"exit {result.returncode}: {result.stderr}")
@@ -68,6 +71,13 @@ class Host:
     @property
     def state(self) -> Path:
         return self.root / "state"
+
+    def wait_until_settled(self, timeout: float = 60) -> None:
+        """Until the pending push is gone: confirmed, or rolled back by its timer."""
+        end = time.monotonic() + timeout
+        while (self.state / "pending").exists():
+            assert time.monotonic() < end, "a push stayed pending past its window"
+            time.sleep(0.1)
 
 
 @pytest.fixture
@@ -167,9 +177,9 @@ def test_an_unconfirmed_push_rolls_back_to_the_confirmed_rules(host: Host, prod_
     confirmed = host.save()
     # a push whose rules would forget the bastion: nobody confirms it
     cut = dataclasses.replace(good, ipv4="\n".join(l for l in good.ipv4.splitlines() if "--dport 22 " not in l) + "\n")
-    host.sh(push_script(cut, "prod"))
+    host.sh(push_script(cut, "prod"), window_s=1)
     assert "--dport 22 " not in host.sh("iptables -S ENCLAVE-INPUT").stdout
-    subprocess.run(["sleep", "2.5"], check=True)
+    host.wait_until_settled()
     assert host.save() == confirmed
     late = host.sh(confirm_script(cut, "prod"), check=False)
     assert late.returncode == 1 and "rolled back" in late.stderr
@@ -253,9 +263,7 @@ def test_a_full_disk_changes_nothing_and_a_retry_converges(host: Host, small_dis
     assert host.save() == before and not (small_disk / "pending").exists()
     (small_disk / "filler").unlink()
     # applied, then the disk fills before the confirmation: the confirm only renames, and gets through
-    pushed = subprocess.run(["ip", "netns", "exec", host.ns, "sh", "-s"], input=push_script(new, "prod"), text=True,
-                            capture_output=True, env={**host.env, "ENCLAVE_ROLLBACK_SECONDS": "30"})
-    assert pushed.returncode == 0, pushed.stderr
+    host.sh(push_script(new, "prod"))
     fill(small_disk)
     confirmed = host.sh(confirm_script(new, "prod"), check=False)
     (small_disk / "filler").unlink()
@@ -272,9 +280,9 @@ def test_a_rollback_on_a_full_disk_says_what_is_in_force(host: Host, small_disk:
     host.sh(baseline("mysql"))
     push_and_confirm(host, good)
     before = host.save()
-    host.sh(push_script(cut_ssh(good), "prod"))
+    host.sh(push_script(cut_ssh(good), "prod"), window_s=1)
     fill(small_disk)
-    subprocess.run(["sleep", "2.5"], check=True)  # the 1 s window
+    host.wait_until_settled()
     assert host.save() == before
     late = host.sh(confirm_script(cut_ssh(good), "prod"), check=False)
     assert late.returncode == 1
