@@ -44,7 +44,7 @@ unit: setup
 test: typecheck unit
 
 # Every fault-injection step of tests/test_lab_faults.py (kill -9 and reboot at each step of push, confirm and
-# restore); `make test` runs a representative subset. Root, about 6 minutes on 2 shared cores.
+# restore); `make test` runs a representative subset. Root, about 4 minutes on 2 shared cores.
 test-faults-long: setup
 	ENCLAVE_FAULTS_LONG=1 $(VENV)/bin/pytest -q tests/test_lab_faults.py
 
