@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup apt test typecheck unit fuzz plan lab bench bench-setup clean
+.PHONY: setup apt test typecheck unit fuzz test-faults-long plan lab bench bench-setup clean
 
 setup: apt $(VENV)/.synced
 
@@ -48,6 +48,11 @@ test: typecheck unit
 FUZZ_EXAMPLES ?= 2000
 fuzz: setup
 	ENCLAVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+
+# Every fault-injection step of tests/test_lab_faults.py (kill -9 and reboot at each step of push, confirm and
+# restore); `make test` runs a representative subset. Root, about 4 minutes on 2 shared cores.
+test-faults-long: setup
+	ENCLAVE_FAULTS_LONG=1 $(VENV)/bin/pytest -q tests/test_lab_faults.py
 
 plan: setup
 	$(ENCLAVE) plan --stack $(STACK)

@@ -201,10 +201,13 @@ def run(request: PushRequest, transport: Transport, previous_stdout: str | None 
     deadline = started + request.deadline_s
     d = digest(request.files)
     shell = _remote_shell(request.user)
-    # The host-side scripts (enclave/push.py) take the key to authorize and the baseline to refresh once their
-    # keyword arguments land; until then the push installs the rules only.
-    pushed_script = push_script(request.files, request.stack)
-    confirm_text = confirm_script(request.files, request.stack)
+    # The push also refreshes the host's baseline (a recovery then restores today's operators) and authorizes
+    # the stack's current key for the login user; the confirm, logging in with that key, retires the key enclave
+    # authorized before (key rotation, enclave/push.py).
+    pushed_script = push_script(request.files, request.stack, baseline=request.baseline, ssh_user=request.user,
+                                ssh_public_key=request.public_key)
+    confirm_text = confirm_script(request.files, request.stack, ssh_user=request.user,
+                                  ssh_public_key=request.public_key)
 
     routes = push_routes(request, previous_stdout)
     attempts, backoff = 0, BACKOFF_FIRST_S

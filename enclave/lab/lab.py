@@ -691,7 +691,8 @@ class Lab:
 
     def _boot_script(self, host: Host) -> str:
         """What cloud-init's bootcmd runs on every boot: the role's baseline, or the last confirmed rules."""
-        return baseline_script(baseline_files(self.stack.config, host.role))
+        return baseline_script(baseline_files(self.stack.config, host.role),
+                               bastion=self.stack.config.roles[host.role].bastion)
 
     def _make_keys(self) -> None:
         """The stack's key pair (the secret `sshPrivateKey`, handed to each push run in its environment), each
@@ -820,15 +821,18 @@ SetEnv {env}
                 time.sleep(0.01)
             self.progress.advance("boot", detail=f"{host} up")
 
-    def reboot(self, host: str) -> None:
+    def reboot(self, host: str, *, boot_env: Mapping[str, str] | None = None) -> None:
         """A reboot: processes and kernel state (rules, sets) gone, the disk (state dir) kept; then the host
         boots as a droplet does: cloud-init's bootcmd (baseline, or the last confirmed rules), then sshd. (The
-        probe agent lives in the fabric namespace: its listeners there survive, as a droplet's services restart.)"""
+        probe agent lives in the fabric namespace: its listeners there survive, as a droplet's services restart.)
+
+        boot_env: extra environment for the boot script only (e.g. the fault-injection tests' kill point)."""
         ns = self.namespace(host)
         kill_namespace_processes([ns])
         self.console(host, WIPE_KERNEL_STATE)
         (self.host_dir(host) / "sshd.pid").unlink(missing_ok=True)
-        self.console(host, self._boot_script(self.policy.host_by_name[host]))
+        boot = [f"{k}={v}" for k, v in (boot_env or {}).items()]
+        self.run(host, ["env", *boot, "sh", "-s"], input=self._boot_script(self.policy.host_by_name[host]), check=not boot)
         self._start_sshd(host)
         self._wait_until_ready([host])
 
@@ -1035,8 +1039,10 @@ SetEnv {env}
             d = self.dir / "scratch" / str(n)
             env = {"HOME": str(d), "ENCLAVE_STATE_DIR": str(d / "state"), "ENCLAVE_SYSTEMD_DIR": str(d / "units"),
                    "ENCLAVE_ROLLBACK_SECONDS": "3600"}
-            steps = {"wipe": WIPE_KERNEL_STATE, "boot": baseline_script(baseline_files(self.stack.config, key[0])),
-                     "push": push_script(files, self.stack.name), "confirm": confirm_script(files, self.stack.name)}
+            baseline = baseline_files(self.stack.config, key[0])
+            steps = {"wipe": WIPE_KERNEL_STATE, "boot": baseline_script(baseline),
+                     "push": push_script(files, self.stack.name, baseline=baseline),
+                     "confirm": confirm_script(files, self.stack.name)}
             d.mkdir(parents=True)
             for name, text in steps.items():
                 (d / f"{name}.sh").write_text(text)
