@@ -44,7 +44,6 @@ import pulumi
 from pulumi_command import local
 
 from enclave.compiler import Addresses, Host, Policy
-from enclave.plan import example_addresses
 from enclave.pushrun import COMMAND, PushRequest
 from enclave.render import Renderer, RuleFiles
 
@@ -90,18 +89,29 @@ class HostRuleFiles:
 
     Peers usually come as whole roles (an ipset per source role), so the addresses of a role are joined once,
     stripped of their droplet dependencies, and shared: a large fleet costs one join per role, and each push
-    carries one value per peer role rather than one dependency per peer droplet.
+    carries one value per peer role rather than one dependency per peer droplet. Hosts that name the same peer
+    roles (every host of a role, usually) share one Renderer, so a role's set contents are built once, not once
+    per host.
     """
 
-    def __init__(self, policy: Policy, addresses: dict[str, pulumi.Output[Addresses]], stack_name: str) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        addresses: dict[str, pulumi.Output[Addresses]],
+        stack_name: str,
+        stand_ins: Mapping[str, RuleFiles],
+    ) -> None:
+        """`stand_ins`: every host's files rendered with any addresses (the plan's example ones): which hosts'
+        addresses a host's rules contain does not depend on the addresses themselves, so they answer it for
+        every host before any droplet exists."""
         self.policy = policy
         self.addresses = addresses
         self.stack_name = stack_name
-        # Which hosts' addresses each host's rules contain does not depend on the addresses themselves: one
-        # render with stand-ins answers it for every host before any droplet exists.
-        stand_ins = Renderer(policy, example_addresses(policy), stack_name).render_all()
         self._peers = {name: files.peers for name, files in stand_ins.items()}
         self._role_addresses: dict[str, pulumi.Output[Mapping[str, Any]]] = {}
+        # keyed by the identities of the joined address maps a host's rules need; the maps are kept with their
+        # Renderer so an id is never reused while its entry lives
+        self._renderers: dict[tuple[int, ...], tuple[list[Mapping[str, Addresses]], Renderer]] = {}
 
     def _joined(self, names: Sequence[str]) -> pulumi.Output[Mapping[str, Any]]:
         joined = pulumi.Output.all(**{name: self.addresses[name] for name in names})
@@ -114,20 +124,24 @@ class HostRuleFiles:
             self._role_addresses[role] = self._joined([h.name for h in self.policy.hosts if h.role == role])
         return self._role_addresses[role]
 
-    def files(self, host: Host) -> pulumi.Output[RuleFiles]:
-        policy, stack_name = self.policy, self.stack_name
-
-        def render(parts: list[Mapping[str, Addresses]]) -> RuleFiles:
+    def _renderer(self, parts: list[Mapping[str, Addresses]]) -> Renderer:
+        key = tuple(id(part) for part in parts)
+        if key not in self._renderers:
             known = {name: address for part in parts for name, address in part.items()}
-            return Renderer(policy, known, stack_name).render(host)
+            self._renderers[key] = (parts, Renderer(self.policy, known, self.stack_name))
+        return self._renderers[key][1]
+
+    def files(self, host: Host) -> pulumi.Output[RuleFiles]:
+        def render(parts: list[Mapping[str, Addresses]]) -> RuleFiles:
+            return self._renderer(parts).render(host)
 
         by_role: dict[str, list[str]] = {}
         for name in self._peers[host.name]:
-            by_role.setdefault(policy.host_by_name[name].role, []).append(name)
+            by_role.setdefault(self.policy.host_by_name[name].role, []).append(name)
         parts: list[pulumi.Output[Mapping[str, Any]]] = []
         single: list[str] = []
-        for role, names in by_role.items():
-            if len(names) == policy.stack.roles[role].count:
+        for role, names in sorted(by_role.items()):  # one order for every host: one Renderer per peer roles
+            if len(names) == self.policy.stack.roles[role].count:
                 parts.append(self._role(role))
             else:
                 single += names

@@ -151,7 +151,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
         stack = settings.config
         policy = settings.plan.policy
         bastions = policy.bastion_hosts()
-        rules = HostRuleFiles(policy, addresses, settings.name)
+        rules = HostRuleFiles(policy, addresses, settings.name, settings.plan.files)
         # Jump hosts in preference order: the first bastion (the one `ssh_config` jumps through) first, so
         # pushrun dials through it and falls back to the others (and to the one in PULUMI_COMMAND_STDOUT).
         jumps = [addresses[b.name].apply(lambda a: a.public) for b in bastions]
