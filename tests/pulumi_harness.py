@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import hashlib
 import ipaddress
 import json
@@ -207,11 +208,14 @@ def _run(
         with contextlib.chdir(cwd):
             runpy.run_path(str(PROGRAM), run_name="__main__")
 
+    thresholds = gc.get_threshold()  # __main__ tunes the GC for its own process; this one runs many programs
     try:
         _sync_await(run_pulumi_func(program))
     except Exception as exc:  # the program's own error is the result under test
         run.error = exc
         return run
+    finally:
+        gc.set_threshold(*thresholds)
     root = get_root_resource()
     assert root is not None
     for key, value in root.outputs.items():  # type: ignore[attr-defined]
