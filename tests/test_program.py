@@ -1,7 +1,7 @@
 """The Pulumi program under the SDK's mocks: what `pulumi up` would create, push and export for a stack.
 
 Each test runs the real `__main__.py` (tests/pulumi_harness.py) and checks the registrations the engine would
-receive, against the core (compile_policy, Renderer, push_script, ssh_config, build_plan) for the mocked
+receive, against the core (compile_policy, Renderer, PushRequest, ssh_config, build_plan) for the mocked
 addresses.
 """
 
