@@ -5,10 +5,17 @@ EnclaveNetwork (components/network.py: VPC, droplets, one firewall push per drop
 operator needs next: the hosts' addresses, the bastion, an OpenSSH config and the flow table.
 """
 
+import gc
+
 import pulumi
 
 from components.network import EnclaveNetwork
 from components.stack_config import read_stack_settings
+
+# The program holds a few hundred objects per host (Outputs, futures, tasks) until it ends; with the default
+# thresholds the cyclic GC rescans them all so often that a 3 000-host stack spent a third of its CPU time there
+# (docs/benchmarks.md). Collect less often: the garbage it lets wait is bounded by the first threshold.
+gc.set_threshold(100_000, 50, 1000)
 
 settings = read_stack_settings()
 network = EnclaveNetwork(settings)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer rounds and sizes (about a minute): to try the scripts, not to quote figures")
     parser.add_argument("--plan-sizes", type=_ints, help="hosts per plan stack (default 10,100,1000,5000)")
-    parser.add_argument("--program-sizes", type=_ints, help="hosts per mocked program run (default 10,100,1000)")
+    parser.add_argument("--program-sizes", type=_ints, help="hosts per mocked program run (default 10,100,1000,3000)")
     parser.add_argument("--lab-sizes", type=_ints, help="hosts per lab run (default 6,20,100,200,1000)")
     parser.add_argument("--peers", type=_ints, help="peers admitted in the data-plane and apply runs (default 1000,10000)")
     parser.add_argument("--push-sizes", type=_ints, help="hosts per lab push run (default 100; quick 20)")

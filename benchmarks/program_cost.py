@@ -5,8 +5,9 @@ Uses the program's own test harness (tests/pulumi_harness.py: the real `__main__
 peak resident memory (ru_maxrss) is its own.
 
 Scaling change: prod, then prod with one more instance of a role, for each role in turn and for all roles at
-once. A push re-runs when its `command:remote:Command` inputs change (its stdin is the push script), so the
-hosts whose inputs differ between the two runs are the pushes `pulumi up` would re-run. They are compared
+once. A push re-runs when the inputs of its `command:local:Command` change (its stdin is the host's push
+request, rule files included), so the hosts whose inputs differ between the two runs are the pushes `pulumi up`
+would re-run. They are compared
 with what the policy says must change: the hosts that accept traffic from the grown role (their ipsets list
 its addresses) and the hosts whose restricted egress may send to it.
 """
@@ -29,9 +30,9 @@ from enclave.plan import droplet_name, example_addresses
 from .fleet import MAX_PER_ROLE, prod_shaped, prod_values
 from .report import Table, mib, ms
 
-COMMAND = "command:remote:Command"
+COMMAND = "command:local:Command"
 DROPLET = "digitalocean:index/droplet:Droplet"
-DEFAULT_SIZES = (10, 100, 1000)
+DEFAULT_SIZES = (10, 100, 1000, 3000)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -70,20 +71,30 @@ def run_once(hosts: int) -> dict[str, Any]:
     config = h.pulumi_config(_document(values))
     policy = compile_policy(h.enclave_config(config))
     addresses = _addresses("bench", policy)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     run = h.run_program("bench", config, addresses=addresses)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if run.error is not None:
         raise RuntimeError(f"the program failed under mocks: {run.error}")
     pushes = _push_inputs(run)
-    stdin_bytes = sum(len(str(r.inputs.get("stdin", ""))) for r in run.of_type(COMMAND))
+    commands = run.of_type(COMMAND)
+    # What the state keeps per push: its inputs as the engine received them (secrets still wrapped: the engine
+    # stores their ciphertext, about as long) and its dependencies' URNs; pulumi-command echoes the inputs back
+    # as outputs (CommandOutputs embeds CommandInputs), plus stdout, one short JSON line.
+    input_bytes = sum(len(json.dumps(r.inputs, sort_keys=True, default=str)) for r in commands)
+    dependency_bytes = sum(len(json.dumps(r.dependencies)) for r in commands)
+    stdin_bytes = sum(len(str(r.inputs.get("stdin", ""))) for r in commands)
     return {
         "hosts": hosts,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "maxrss_bytes": peak_rss_bytes(),
         "resources": len(run.registrations),
         "pushes": len(pushes),
         "stdin_bytes": stdin_bytes,
+        "input_bytes": input_bytes,
+        "dependency_bytes": dependency_bytes,
+        "dependencies": sum(len(r.dependencies) for r in commands),
     }
 
 
@@ -102,12 +113,8 @@ def _in_subprocess(hosts: int) -> dict[str, Any]:
 
 
 def _push_inputs(run: Any) -> dict[str, str]:
-    """FirewallPush name (the droplet's) -> the inputs of its commands as text (what the engine diffs)."""
-    commands: dict[str, list[str]] = {}
-    for r in run.of_type(COMMAND):
-        push = r.parent.rpartition("::")[2]  # the URN of the FirewallPush the command belongs to
-        commands.setdefault(push, []).append(r.name + json.dumps(r.inputs, sort_keys=True, default=str))
-    return {push: "\n".join(sorted(texts)) for push, texts in commands.items()}
+    """Droplet name -> the inputs of its push (`<droplet>-push`) as text: what the engine diffs."""
+    return {r.name.removesuffix("-push"): json.dumps(r.inputs, sort_keys=True, default=str) for r in run.of_type(COMMAND)}
 
 
 def _droplet_inputs(run: Any) -> dict[str, str]:
@@ -190,8 +197,8 @@ def scaling_change(generated_hosts: int = 100) -> Table:
     table = Table(
         "Scaling change: which pushes re-run when a role grows",
         "The program under mocks, then again with one more instance of the role(s) in the first column (prod, "
-        f"and a {generated_hosts}-host prod-shaped stack). A push re-runs when its commands' inputs change (the push "
-        "script is their stdin). *expected* are the existing hosts whose rules name the grown role's addresses "
+        f"and a {generated_hosts}-host prod-shaped stack). A push re-runs when its local command's inputs change (its "
+        "stdin is the host's push request, rule files included). *expected* are the existing hosts whose rules name the grown role's addresses "
         "(they accept from it, or their restricted egress sends to it); every host accepts SSH from the bastion "
         "role, so growing the bastion re-pushes everyone. Existing droplets must not change at all.",
         ["stack: grown role(s)", "new hosts", "pushes re-run (existing hosts)", "expected", "droplets changed", "match"],
@@ -216,9 +223,13 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, echo: bool = True) -> list[Table
         "The Pulumi program under mocks, by fleet size",
         "The real `__main__.py` on prod-shaped stacks (as in the plan table), engine and providers replaced by "
         "the SDK's mocks (tests/pulumi_harness.py), each size in a fresh process: wall time of the program run "
-        "(everything registered and every output resolved) and the process's peak resident memory.",
-        ["hosts", "time", "per host", "peak memory (RSS)", "resources registered", "command scripts, all hosts",
-         "time per MiB of scripts"],
+        "(everything registered and every output resolved) and the process's peak resident memory. One push per "
+        "host (a `command:local:Command`). *Push state per host*: what the state keeps for one push, from the "
+        "inputs the mocks recorded: the inputs (stdin is the compressed push request; the secret environment "
+        "counted at its plain size), the same again as outputs (pulumi-command echoes its inputs), and the "
+        "dependencies' URNs.",
+        ["hosts", "time", "CPU time", "per host", "peak memory (RSS)", "resources registered",
+         "dependencies per push", "push state per host"],
     )
     results = []
     for hosts in sizes:
@@ -226,23 +237,33 @@ def run(sizes: tuple[int, ...] = DEFAULT_SIZES, echo: bool = True) -> list[Table
         results.append(r)
         if echo:
             print(f"program: {hosts:>6,} hosts  {ms(r['seconds'])}  rss {mib(r['maxrss_bytes'])}", flush=True)
+        per_host = (2 * r["input_bytes"] + r["dependency_bytes"]) / hosts
         cost.rows.append([
-            f"{hosts:,}", f"**{ms(r['seconds'])}**", ms(r["seconds"] / hosts), mib(r["maxrss_bytes"]),
-            f"{r['resources']:,}", mib(r["stdin_bytes"]), f"{r['seconds'] / (r['stdin_bytes'] / 2**20):.1f} s",
+            f"{hosts:,}", f"**{ms(r['seconds'])}**", ms(r["cpu_seconds"]), ms(r["seconds"] / hosts),
+            mib(r["maxrss_bytes"]),
+            f"{r['resources']:,}", f"{r['dependencies'] / hosts:.1f}", f"{per_host / 1024:.1f} KiB",
         ])
-    big = [r for r in results if r["hosts"] == 1000]
-    if big:
+    by_size = {r["hosts"]: r for r in results}
+    if 1000 in by_size:
+        k = by_size[1000]
+        fast, small = k["seconds"] < 15, k["maxrss_bytes"] < 600 * 2**20
         cost.notes.append(
-            f"1,000 hosts: {ms(big[0]['seconds'])} (target < 60 s: **{'met' if big[0]['seconds'] < 60 else 'MISSED'}**)."
+            f"1,000 hosts: {ms(k['seconds'])} (target < 15 s: **{'met' if fast else 'MISSED'}**) and "
+            f"{mib(k['maxrss_bytes'])} (target < 600 MiB: **{'met' if small else 'MISSED'}**)."
         )
-    if len(results) >= 2:
-        a, b = results[-2], results[-1]
-        cost.notes.append(
-            f"{a['hosts']:,} → {b['hosts']:,} hosts: time ×{b['seconds'] / a['seconds']:.1f} for ×{b['hosts'] / a['hosts']:.0f} "
-            f"hosts and ×{b['stdin_bytes'] / a['stdin_bytes']:.0f} script bytes. Each push carries its peers' addresses "
-            "(and Pulumi records each as a dependency), so the program's work grows with hosts × peers, the size of "
-            "what it pushes; past the fixed start-up cost, time per MiB of scripts stays flat."
-        )
+        if 3000 in by_size:
+            ratio = by_size[3000]["seconds"] / k["seconds"]
+            cpu_ratio = by_size[3000]["cpu_seconds"] / k["cpu_seconds"]
+            cost.notes.append(
+                f"3,000 hosts: {ms(by_size[3000]['seconds'])}, ×{ratio:.2f} the 1,000-host time (target < ×3: "
+                f"**{'met' if ratio < 3 else 'MISSED'}**; CPU time ×{cpu_ratio:.2f}, which other work on a shared "
+                "machine disturbs less than wall time). A push's dependencies are its own droplet, the bastions' "
+                "droplets and pushes, whatever the fleet; its peers' addresses are values in its request (one joined "
+                "value per peer role, carrying no resources), so the SDK's per-dependency bookkeeping no longer grows "
+                "with hosts × peers. What still grows faster than hosts is the data itself: each host's rules list its "
+                f"peers' addresses, so the push requests total ×{by_size[3000]['stdin_bytes'] / k['stdin_bytes']:.1f} "
+                "the bytes for ×3 hosts, and rendering, packing and serialising them is the part above linear."
+            )
     tables = [cost, scaling_change()]
     if echo:
         print("program: scaling change measured", flush=True)

@@ -5,38 +5,45 @@
     ├── digitalocean:SshKey           enclave-<stack>     sshPublicKey, installed on every droplet at creation
     ├── digitalocean:Droplet          <stack>-<role>-<n>  one per host, in the VPC, tagged enclave, enclave-<stack>,
     │                                                     enclave-<stack>-<role> and the role's own tags
-    ├── enclave:index:FirewallPush    <stack>-<role>-<n>  one per host: its rules, pushed over SSH
-    │   ├── command:remote:Command    <stack>-<role>-<n>-apply    validate, arm rollback, apply
-    │   └── command:remote:Command    <stack>-<role>-<n>-confirm  new SSH connection: keep the rules
+    ├── command:local:Command         <stack>-<role>-<n>-push  one per host: `.venv/bin/python -m enclave.pushrun`
+    │                                                     pushes its rules over SSH and confirms them over a new
+    │                                                     connection, in one run (components/firewall.py)
     └── digitalocean:Firewall         enclave-<stack>-<role>  only with enclave:cloudFirewall: true, one per role
                                                           (components/cloud_firewall.py)
 
 Scaling is additive: a droplet's inputs come from its role alone (never from its peers), so adding a host
 changes no existing droplet, and removing one removes the highest-numbered. Firewall changes only ever touch
-FirewallPush resources. Droplets boot closed: their user data (cloud-init) applies the role's baseline, which
-depends on no peer. Bastions are pushed and confirmed first, on their public address; every other host is pushed on its
-private address through the first bastion (the one `ssh_config` jumps through), or on its public address when
-the stack has no bastion.
+push commands. Droplets boot closed: their user data (cloud-init) applies the role's baseline, which depends on
+no peer. Bastions are pushed and confirmed first, on their public address; every other host's push waits for
+every bastion's and goes to its private address through the bastions (the first one, which `ssh_config` jumps
+through, preferred), or to its public address when the stack has no bastion.
+
+A push's URN, which `enclave audit` prints in `pulumi up --replace` commands, is
+`urn:pulumi:<stack>::enclave::enclave:index:EnclaveNetwork$command:local:Command::<stack>-<role>-<n>-push`
+(`firewall.push_urn`); keep the names stable.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
 import pulumi
 import pulumi_digitalocean as digitalocean
-from pulumi_command import remote
+from pulumi_command import local
 
+from config.schema import StackConfig
 from enclave.cloudfirewall import role_tag
 from enclave.compiler import Addresses, Host
 from enclave.plan import droplet_name
 from enclave.push import cloud_config
-from enclave.render import baseline_files
+from enclave.pushrun import ENV_PREVIOUS_PRIVATE_KEY, ENV_PRIVATE_KEY, PushRequest
+from enclave.render import RuleFiles, baseline_files
 from enclave.sshconfig import jump_host, ssh_config
 
 from .cloud_firewall import role_firewalls
-from .firewall import FirewallPush, HostRuleFiles, SshLogin, bastion_hop, ssh_connection
+from .firewall import HostRuleFiles, push_command, push_request
 from .stack_config import StackSettings
 
 TAG = "enclave"
@@ -47,6 +54,18 @@ def host_tags(stack_name: str, role: str, extra: list[str]) -> list[str]:
     # a shared tag like `enclave` would otherwise belong to whichever stack created it first.
     # role_tag: the tag cloud firewalls select a role's droplets by.
     return [TAG, f"{TAG}-{stack_name}", role_tag(stack_name, role), *extra]
+
+
+def user_data(stack: StackConfig, role: str) -> str:
+    """A droplet's cloud-init: the role's baseline (never a peer), so it never changes when the fleet does; a
+    non-root `sshUser` created with the stack's key and passwordless sudo (DigitalOcean installs keys for root
+    only); on bastions, sshd's MaxStartups raised for the pushes that all arrive at once."""
+    return cloud_config(
+        baseline_files(stack, role),
+        ssh_user=stack.ssh_user,
+        ssh_public_key=stack.ssh_public_key,
+        bastion=stack.roles[role].bastion,
+    )
 
 
 def _addresses(droplet: digitalocean.Droplet, ipv6: bool) -> pulumi.Output[Addresses]:
@@ -94,7 +113,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
                 ipv6=role.ipv6,
                 ssh_keys=[self.ssh_key.fingerprint],
                 tags=host_tags(name, host.role, role.tags),
-                user_data=cloud_config(baseline_files(stack, host.role)),
+                user_data=user_data(stack, host.role),
                 opts=pulumi.ResourceOptions(
                     parent=self,
                     # user_data: the first-boot baseline (cloud-init) never depends on peers, and a change to it
@@ -128,31 +147,57 @@ class EnclaveNetwork(pulumi.ComponentResource):
 
     def _push_firewalls(
         self, settings: StackSettings, addresses: dict[str, pulumi.Output[Addresses]]
-    ) -> dict[str, FirewallPush]:
-        """One FirewallPush per host; bastions first, everyone else through the jump host."""
+    ) -> dict[str, local.Command]:
+        """One push per host; bastions first, every other host after all of them, through them."""
+        stack = settings.config
         policy = settings.plan.policy
-        login = SshLogin(settings.config.ssh_user, settings.ssh_private_key)
-        jump = jump_host(policy)
         bastions = policy.bastion_hosts()
-        others = [h for h in policy.hosts if h not in bastions]
-        pushes: dict[str, FirewallPush] = {}
-        rules = HostRuleFiles(policy, addresses, settings.name)
+        rules = HostRuleFiles(policy, addresses, settings.name, settings.plan.files)
+        # Jump hosts in preference order: the first bastion (the one `ssh_config` jumps through) first, so
+        # pushrun dials through it and falls back to the others (and to the one in PULUMI_COMMAND_STDOUT).
+        jumps = [addresses[b.name].apply(lambda a: a.public) for b in bastions]
+        environment = self._push_environment(settings)
+        baselines = {role: baseline_files(stack, role) for role in stack.roles}
+        pushes: dict[str, local.Command] = {}
 
-        def push(host: Host, connection: remote.ConnectionArgs, after: list[pulumi.Resource]) -> None:
-            pushes[host.name] = FirewallPush(
-                droplet_name(settings.name, host),
-                connection=connection,
-                files=rules.files(host),
-                stack_name=settings.name,
-                user=login.user,
+        def push(host: Host, address: pulumi.Output[str], via: list[pulumi.Output[str]], after: list[local.Command]) -> None:
+            baseline = baselines[host.role]
+
+            def request(files: RuleFiles, dial: str, jump_addresses: tuple[str, ...]) -> PushRequest:
+                return PushRequest(
+                    stack=settings.name,
+                    host=host.name,
+                    user=stack.ssh_user,
+                    address=dial,
+                    bastions=jump_addresses,
+                    files=files,
+                    baseline=baseline,
+                    public_key=stack.ssh_public_key,
+                    deadline_s=stack.push_timeout,
+                )
+
+            droplet = droplet_name(settings.name, host)
+            pushes[host.name] = push_command(
+                droplet,
+                request=push_request(request, rules.files(host), address, via),
+                environment=environment,
                 after=after,
-                opts=pulumi.ResourceOptions(parent=self),
+                parent=self,
             )
 
         for host in bastions:
-            push(host, ssh_connection(addresses[host.name].apply(lambda a: a.public), login), [])
-        via = bastion_hop(addresses[jump.name].apply(lambda a: a.public), login) if jump else None
-        for host in others:
-            address = addresses[host.name].apply(lambda a: a.private if jump else a.public)
-            push(host, ssh_connection(address, login, via), [pushes[jump.name]] if jump else [])
+            push(host, addresses[host.name].apply(lambda a: a.public), [], [])
+        bastion_pushes = [pushes[b.name] for b in bastions]
+        for host in policy.hosts:
+            if host.name not in pushes:
+                address = addresses[host.name].apply(lambda a: a.private if bastions else a.public)
+                push(host, address, jumps, bastion_pushes)
         return pushes
+
+    @staticmethod
+    def _push_environment(settings: StackSettings) -> pulumi.Output[Mapping[str, str]]:
+        """The pushes' environment: the private key (and, while rotating, the previous one), one secret."""
+        keys: dict[str, pulumi.Input[str]] = {ENV_PRIVATE_KEY: settings.ssh_private_key}
+        if settings.ssh_previous_private_key is not None:
+            keys[ENV_PREVIOUS_PRIVATE_KEY] = settings.ssh_previous_private_key
+        return pulumi.Output.secret(pulumi.Output.all(**keys).apply(lambda env: dict(env)))

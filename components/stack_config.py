@@ -7,7 +7,10 @@ The CLI, the lab and this program validate a stack with the same `config.schema.
   arrive as JSON text and are decoded before validation.
 - Every `enclave:` key is validated, so a misspelt key (`enclave:role`) is an error, not silently ignored.
 - `enclave:sshPrivateKey` must exist and be a Pulumi secret; it is read with `require_secret` and only ever
-  travels inside secret Outputs.
+  travels inside secret Outputs. `enclave:sshPreviousPrivateKey` (set only while rotating the key) likewise,
+  when present.
+- The pushes run `.venv/bin/python` relative to the project directory (components/firewall.py says why that is
+  where pulumi-command runs them); the program runs in that same directory, so it checks the venv is there.
 - The stack's own `tests` must pass against the compiled policy, as `enclave plan` requires.
 - With `enclave:cloudFirewall: true`, DigitalOcean's firewall limits are checked as the CLI checks them.
 
@@ -18,6 +21,7 @@ key to fix, before the program registers a single resource.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +40,10 @@ from config.schema import (
 from config.stackfile import Stack, stack_file_issues
 from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
 from enclave.plan import Plan, build_plan
+from enclave.pushrun import COMMAND
 
 PRIVATE_KEY = "sshPrivateKey"
+PREVIOUS_PRIVATE_KEY = "sshPreviousPrivateKey"
 
 
 class InvalidStack(pulumi.RunError):
@@ -51,13 +57,14 @@ class InvalidStack(pulumi.RunError):
 @dataclass(frozen=True)
 class StackSettings:
     """A validated stack, ready to build: its name, its model, its plan, its cloud firewalls (if enabled)
-    and the SSH key (a secret Output)."""
+    and the SSH key (a secret Output), with the previous key while rotating (a secret Output, or None)."""
 
     name: str
     config: StackConfig
     plan: Plan
     cloud_firewalls: list[CloudFirewall]
     ssh_private_key: pulumi.Output[str]
+    ssh_previous_private_key: pulumi.Output[str] | None = None
 
 
 def _decode(value: Any) -> Any:
@@ -79,11 +86,14 @@ def pulumi_config_values() -> dict[str, Any]:
     return {**get_config_env(), **CONFIG.get()}
 
 
-def _private_key_issues(values: dict[str, Any]) -> list[StackIssue]:
-    key = f"{NAMESPACE}:{PRIVATE_KEY}"
-    set_secret = f"pulumi config set --secret {key} < ~/.ssh/enclave-<stack>"
-    value = values.get(PRIVATE_KEY)
+def _private_key_issues(values: dict[str, Any], name: str = PRIVATE_KEY) -> list[StackIssue]:
+    key = f"{NAMESPACE}:{name}"
+    file = "~/.ssh/enclave-<stack>" + (".old" if name == PREVIOUS_PRIVATE_KEY else "")
+    set_secret = f"pulumi config set --secret {key} < {file}"
+    value = values.get(name)
     if value is None:
+        if name == PREVIOUS_PRIVATE_KEY:
+            return []  # only set while rotating
         return [StackIssue(key, f"required secret is missing; set it with `{set_secret}`")]
     problems = []
     if not is_config_secret(key):
@@ -94,6 +104,19 @@ def _private_key_issues(values: dict[str, Any]) -> list[StackIssue]:
             StackIssue(key, f"is not a private key file (-----BEGIN ... PRIVATE KEY-----); set it with `{set_secret}`")
         )
     return problems
+
+
+def _push_command_issues() -> list[StackIssue]:
+    interpreter = COMMAND.split()[0]
+    if os.access(interpreter, os.X_OK):
+        return []
+    return [
+        StackIssue(
+            "(project directory)",
+            f"{interpreter} is missing here ({os.getcwd()}); every host's push runs `{COMMAND}` from the project "
+            "directory, where Pulumi.yaml is: run `make setup` there, and `pulumi up` from that checkout",
+        )
+    ]
 
 
 def read_stack_settings(stack_name: str | None = None) -> StackSettings:
@@ -114,6 +137,8 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
     issues += stack_name_issues(name, config)
     issues += stack_file_issues(name)  # the stack file as written: refused if YAML versions read it differently
     issues += _private_key_issues(values)
+    issues += _private_key_issues(values, PREVIOUS_PRIVATE_KEY)
+    issues += _push_command_issues()
     if issues or config is None:
         raise InvalidStack(StackError(issues, source))
 
@@ -136,4 +161,7 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
         firewalls = check_cloud_firewalls(name, plan.policy)
     except StackError as exc:
         raise InvalidStack(exc) from None
-    return StackSettings(name, config, plan, firewalls, pulumi.Config(NAMESPACE).require_secret(PRIVATE_KEY))
+    project = pulumi.Config(NAMESPACE)
+    return StackSettings(
+        name, config, plan, firewalls, project.require_secret(PRIVATE_KEY), project.get_secret(PREVIOUS_PRIVATE_KEY)
+    )

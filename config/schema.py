@@ -276,6 +276,9 @@ class StackConfig(_Strict):
     tests: list[PolicyTest] = Field(default_factory=list, max_length=MAX_TESTS)
     log_drops: bool = False
     cloud_firewall: bool = False
+    # How long one host's push (`pulumi up`'s local command) may keep dialing and retrying, booting droplet
+    # included, before it fails naming the host. A fresh droplet needs a minute or two before sshd answers.
+    push_timeout: int = Field(default=600, ge=60, le=86_400)
 
     @field_validator("vpc_ip_range", mode="before")
     @classmethod
@@ -580,9 +583,10 @@ class StackConfig(_Strict):
 
 # -------------------------------------------------------------------------------------------- loading
 
-# Keys that live in the stack file but are not part of the model: the SSH private key is a Pulumi secret
-# read by the program itself (and never by the CLI, which cannot decrypt it).
-SECRET_KEYS = frozenset({"sshPrivateKey"})
+# Keys that live in the stack file but are not part of the model: the SSH private keys (the current one and,
+# while rotating, the previous one) are Pulumi secrets read by the program itself (never by the CLI, which
+# cannot decrypt them).
+SECRET_KEYS = frozenset({"sshPrivateKey", "sshPreviousPrivateKey"})
 
 
 def _what(value: object) -> str:

@@ -65,7 +65,8 @@ def _pack_files(files: RuleFiles) -> str:
         [files.host, files.ipv4, files.ipv6, files.ipsets, list(files.set_names), list(files.peers)],
         separators=(",", ":"),
     )
-    return base64.b64encode(zlib.compress(text.encode(), 9)).decode()
+    # level 6, not 9: as small within 1% on rule files, 4x faster (level 9 was 26 s of a 3 000-host mocked run)
+    return base64.b64encode(zlib.compress(text.encode(), 6)).decode()
 
 
 def _unpack_files(packed: str) -> RuleFiles:

@@ -12,7 +12,9 @@ new root stack, so runs in one process cannot see each other's config, resources
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import gc
 import hashlib
 import ipaddress
 import json
@@ -44,7 +46,7 @@ TEST_PRIVATE_KEY = (
     "b3BlbnNzaC1rZXktdjEAAAAAdGVzdC1vbmx5LW5vdC1hLXJlYWwta2V5LWVuY2xhdmU=\n"
     "-----END OPENSSH PRIVATE KEY-----\n"
 )
-SECRET_KEYS = ["enclave:sshPrivateKey", "digitalocean:token"]
+SECRET_KEYS = ["enclave:sshPrivateKey", "enclave:sshPreviousPrivateKey", "digitalocean:token"]
 
 
 def pulumi_config(document: dict[str, Any], private_key: str | None = TEST_PRIVATE_KEY) -> dict[str, str]:
@@ -140,8 +142,14 @@ class DropletMocks(mocks.Mocks):
                 state["ipv6Address"] = a.public6
         elif args.typ == "digitalocean:index/sshKey:SshKey":
             state["fingerprint"] = "3b:16:e4:bf:8b:00:8b:b8:59:8c:a9:d3:f0:19:fa:45"
-        elif args.typ == "command:remote:Command":
-            state = {"stdout": "applied", "stderr": ""}  # the connection (and its key) is not echoed back
+        elif args.typ == "command:local:Command":
+            # what pushrun prints once the host confirmed; the environment (the keys) is not echoed back
+            stdin = args.inputs.get("stdin")
+            state = {"stdout": "", "stderr": ""}
+            if isinstance(stdin, str):  # (unknown in a preview until the droplets it names exist)
+                request = json.loads(stdin)
+                via = request["bastions"][0] if request["bastions"] else None
+                state["stdout"] = json.dumps({"host": request["host"], "digest": "mock", "via": via})
         if args.typ == "digitalocean:index/droplet:Droplet":  # droplet ids are numbers (firewalls use them)
             return str(int(hashlib.sha256(args.name.encode()).hexdigest()[:8], 16)), state
         return f"{args.name}-id", state
@@ -177,7 +185,12 @@ class _Capture(logging.Handler):
 
 
 def _run(
-    stack_name: str, config: dict[str, str], secret_keys: list[str], addresses: dict[str, Addresses], preview: bool
+    stack_name: str,
+    config: dict[str, str],
+    secret_keys: list[str],
+    addresses: dict[str, Addresses],
+    preview: bool,
+    cwd: Path,
 ) -> ProgramRun:
     reset_options(project=PROJECT, stack=stack_name)
     pulumi.runtime.set_all_config(config, secret_keys)
@@ -190,13 +203,19 @@ def _run(
     mocks.set_mocks(monitor.mocks, project=PROJECT, stack=stack_name, preview=preview, logger=logger, monitor=monitor)
 
     def program() -> None:
-        runpy.run_path(str(PROGRAM), run_name="__main__")
+        # The engine runs the program (and starts pulumi-command) in the project directory; the program checks
+        # the push command's interpreter there.
+        with contextlib.chdir(cwd):
+            runpy.run_path(str(PROGRAM), run_name="__main__")
 
+    thresholds = gc.get_threshold()  # __main__ tunes the GC for its own process; this one runs many programs
     try:
         _sync_await(run_pulumi_func(program))
     except Exception as exc:  # the program's own error is the result under test
         run.error = exc
         return run
+    finally:
+        gc.set_threshold(*thresholds)
     root = get_root_resource()
     assert root is not None
     for key, value in root.outputs.items():  # type: ignore[attr-defined]
@@ -224,11 +243,13 @@ def run_program(
     secret_keys: list[str] | None = None,
     addresses: dict[str, Addresses] | None = None,
     preview_creating: set[str] | None = None,
+    cwd: Path = ROOT,
 ) -> ProgramRun:
     """Run `__main__.py` for one stack under mocks, in a fresh copy of the pristine runtime context.
 
     `preview_creating` makes it a `pulumi preview` in which these droplets are still to be created, so their
-    addresses are unknown (every other droplet exists, with its addresses known from the state).
+    addresses are unknown (every other droplet exists, with its addresses known from the state). `cwd`: where
+    the engine would run it (the project directory, unless a test says otherwise).
     """
     if addresses is None:
         try:
@@ -238,7 +259,8 @@ def run_program(
     if preview_creating is not None:
         addresses = {name: a for name, a in addresses.items() if name not in preview_creating}
     keys = SECRET_KEYS if secret_keys is None else secret_keys
-    return PRISTINE.copy().run(_run_in_own_loop, stack_name, config, keys, addresses, preview_creating is not None)
+    preview = preview_creating is not None
+    return PRISTINE.copy().run(_run_in_own_loop, stack_name, config, keys, addresses, preview, cwd)
 
 
 def stack_config_map(name: str) -> dict[str, str]:

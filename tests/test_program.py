@@ -1,28 +1,33 @@
 """The Pulumi program under the SDK's mocks: what `pulumi up` would create, push and export for a stack.
 
 Each test runs the real `__main__.py` (tests/pulumi_harness.py) and checks the registrations the engine would
-receive, against the core (compile_policy, Renderer, push_script, ssh_config, build_plan) for the mocked
+receive, against the core (compile_policy, Renderer, PushRequest, ssh_config, build_plan) for the mocked
 addresses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from components.firewall import push_resource_name, push_urn
 from config.schema import StackError
 from config.stackfile import Stack
 from enclave.cloudfirewall import cloud_firewalls, role_tag
 from enclave.compiler import compile_policy
 from enclave.plan import build_plan, droplet_name
-from enclave.push import cloud_config, confirm_script, push_script
-from enclave.render import Renderer, baseline_files
+from enclave.push import cloud_config, push_script
+from enclave.pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PRIVATE_KEY, PushRequest
+from enclave.render import Renderer, RuleFiles, baseline_files
 from enclave.sshconfig import jump_host, ssh_config
 
 from .conftest import stack_document
 from .pulumi_harness import (
+    ROOT,
     TEST_PRIVATE_KEY,
     ProgramRun,
     Registration,
@@ -37,30 +42,39 @@ from .pulumi_harness import (
 )
 
 NETWORK = "enclave:index:EnclaveNetwork"
-PUSH = "enclave:index:FirewallPush"
 VPC = "digitalocean:index/vpc:Vpc"
 SSH_KEY = "digitalocean:index/sshKey:SshKey"
 DROPLET = "digitalocean:index/droplet:Droplet"
-COMMAND = "command:remote:Command"
+PUSH = "command:local:Command"
+REMOTE_COMMAND = "command:remote:Command"
 FIREWALL = "digitalocean:index/firewall:Firewall"
+# Not a usable key either; what the previous key of a rotation looks like.
+OLD_PRIVATE_KEY = TEST_PRIVATE_KEY.replace("b3BlbnNzaC1rZXkt", "b2xkLWtleS1vbGQt")
 
 
-def run_ok(stack_name: str, config: dict[str, str]) -> ProgramRun:
-    run = run_program(stack_name, config)
+def run_ok(stack_name: str, config: dict[str, str], **kwargs: Any) -> ProgramRun:
+    run = run_program(stack_name, config, **kwargs)
     assert run.error is None, run.error
     return run
 
 
-def connection(command: Registration) -> dict[str, Any]:
-    value = command.inputs["connection"]
-    assert is_secret(value), f"{command.name}: the connection holds the private key and must be a secret"
-    inner: dict[str, Any] = value["value"]
+def request(push: Registration) -> PushRequest:
+    """What the push's run reads on stdin (stored in plain text: it must hold no secret)."""
+    stdin = push.inputs["stdin"]
+    assert isinstance(stdin, str), f"{push.name}: stdin is {stdin!r}"
+    return PushRequest.from_stdin(stdin)
+
+
+def environment(push: Registration) -> dict[str, str]:
+    value = push.inputs["environment"]
+    assert is_secret(value), f"{push.name}: the environment holds the private key and must be a secret"
+    inner: dict[str, str] = value["value"]
     return inner
 
 
-def host_of(command_name: str, stack_name: str = "prod") -> str:
-    """`prod-mysql-1-apply` / `prod-mysql-1-confirm` -> `mysql-1`."""
-    return command_name.removeprefix(f"{stack_name}-").removesuffix("-apply").removesuffix("-confirm")
+def host_of(push_name: str, stack_name: str = "prod") -> str:
+    """`prod-mysql-1-push` -> `mysql-1`."""
+    return push_name.removeprefix(f"{stack_name}-").removesuffix("-push")
 
 
 def config_with(name: str, edit: Any) -> dict[str, str]:
@@ -69,12 +83,17 @@ def config_with(name: str, edit: Any) -> dict[str, str]:
     return pulumi_config(document)
 
 
+def droplet_dependencies(run: ProgramRun, push: Registration) -> set[str]:
+    droplets = {r.urn: r.name for r in run.of_type(DROPLET)}
+    return {droplets[d] for d in push.dependencies if d in droplets}
+
+
 # ------------------------------------------------------------------------------------------ resources
 
 
 @pytest.mark.parametrize("stack_name", ["dev", "prod"])
 def test_resources_for_each_stack(stack_name: str) -> None:
-    """One VPC, one key, a droplet and a firewall push per host, all inside the stack's EnclaveNetwork."""
+    """One VPC, one key, a droplet and ONE push (a local command) per host, all inside the stack's EnclaveNetwork."""
     config = stack_config_map(stack_name)
     stack = enclave_config(config)
     policy = compile_policy(stack)
@@ -85,16 +104,18 @@ def test_resources_for_each_stack(stack_name: str) -> None:
         counts[r.type] = counts.get(r.type, 0) + 1
     n = len(policy.hosts)
     assert n == sum(role.count for role in stack.roles.values())
-    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n, COMMAND: 2 * n}  # apply + confirm
+    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n}
+    assert REMOTE_COMMAND not in counts
 
     network = run.of_type(NETWORK)[0]
     for r in run.registrations:
-        if r.type in (VPC, SSH_KEY, DROPLET, PUSH):
+        if r.type != NETWORK:
             assert r.parent == network.urn, r.name
+    # the names `enclave audit` prints in `pulumi up --replace`: stable, and the URN push_urn computes
     pushes = run.by_name(PUSH)
-    for command in run.of_type(COMMAND):
-        push_name = command.name.removesuffix("-apply").removesuffix("-confirm")
-        assert command.parent == pushes[push_name].urn
+    assert set(pushes) == {push_resource_name(droplet_name(stack_name, h)) for h in policy.hosts}
+    for push in pushes.values():
+        assert push.urn == push_urn(stack_name, push.name.removesuffix("-push"))
 
     vpc = run.of_type(VPC)[0].inputs
     assert vpc["ipRange"] == str(stack.vpc_ip_range) and vpc["region"] == stack.region
@@ -121,7 +142,7 @@ def test_resources_for_each_stack(stack_name: str) -> None:
 
 
 @pytest.mark.parametrize("stack_name", ["dev", "prod"])
-def test_each_push_reaches_its_host_through_the_bastion_with_the_compilers_rules(stack_name: str) -> None:
+def test_each_push_runs_pushrun_with_the_compilers_rules_bastions_first(stack_name: str) -> None:
     config = stack_config_map(stack_name)
     stack = enclave_config(config)
     policy = compile_policy(stack)
@@ -132,32 +153,31 @@ def test_each_push_reaches_its_host_through_the_bastion_with_the_compilers_rules
 
     jump = jump_host(policy)
     assert jump is not None and jump.role == "tunnel"
-    commands = run.by_name(COMMAND)
-    jump_push = commands[f"{droplet_name(stack_name, jump)}-apply"]
+    bastions = policy.bastion_hosts()
+    pushes = run.by_name(PUSH)
+    bastion_pushes = {pushes[push_resource_name(droplet_name(stack_name, b))].urn for b in bastions}
     for host in policy.hosts:
-        command = commands[f"{droplet_name(stack_name, host)}-apply"]
-        conn = connection(command)
-        assert command.inputs["create"] == "sh -s"  # sshUser root
-        assert command.inputs["stdin"] == push_script(renderer.render(host), stack_name)
-        # the confirmation: its own resource (a new SSH connection), same target, only after the apply
-        confirm = commands[f"{droplet_name(stack_name, host)}-confirm"]
-        assert confirm.inputs["stdin"] == confirm_script(renderer.render(host), stack_name)
-        assert connection(confirm) == conn and command.urn in confirm.dependencies
-        assert conn["user"] == stack.ssh_user and conn["privateKey"] == TEST_PRIVATE_KEY
-        assert conn["dialErrorLimit"] >= 20 and conn["perDialTimeout"] >= 10  # droplets take a while to boot
+        push = pushes[push_resource_name(droplet_name(stack_name, host))]
+        # one run of the shared module, relative to the project directory; re-run on change, nothing on delete
+        assert push.inputs["create"] == COMMAND and "update" not in push.inputs and "delete" not in push.inputs
+        assert "triggers" not in push.inputs and "dir" not in push.inputs  # a replace would lose the last stdout
+        assert push.inputs["addPreviousOutputInEnv"] is True
+        assert environment(push) == {ENV_PRIVATE_KEY: TEST_PRIVATE_KEY}
+        got = request(push)
+        assert got.stack == stack_name and got.host == host.name and got.user == stack.ssh_user
+        assert got.files == renderer.render(host)  # exactly what the compiler renders for these addresses
+        assert got.baseline == baseline_files(stack, host.role)  # the push refreshes the host's baseline
+        assert got.public_key == stack.ssh_public_key and got.deadline_s == stack.push_timeout == 600
         if stack.roles[host.role].bastion:
-            assert conn["host"] == known[host.name].public and "proxy" not in conn
-            assert jump_push.urn not in command.dependencies
+            assert got.address == known[host.name].public and got.bastions == ()
+            assert not bastion_pushes & set(push.dependencies)
         else:
-            assert conn["host"] == known[host.name].private
-            proxy = conn["proxy"]
-            assert proxy["host"] == known[jump.name].public
-            assert proxy["user"] == stack.ssh_user and proxy["privateKey"] == TEST_PRIVATE_KEY
-            assert proxy["dialErrorLimit"] >= 20
-            assert jump_push.urn in command.dependencies, f"{host.name} is pushed before its bastion"
-            # the bastion's rules are confirmed before anything goes through it
-            jump_confirm = commands[f"{droplet_name(stack_name, jump)}-confirm"]
-            assert jump_confirm.urn in command.dependencies, f"{host.name} is pushed before its bastion is confirmed"
+            assert got.address == known[host.name].private
+            # every bastion's public address, the one ssh_config jumps through first (bastion replacement)
+            assert got.bastions == tuple(known[b.name].public for b in bastions)
+            assert got.bastions[0] == known[jump.name].public
+            # the bastions' pushes (which confirm before they exit) come first
+            assert bastion_pushes <= set(push.dependencies), f"{host.name} is pushed before its bastion"
 
 
 def test_without_a_bastion_every_host_is_pushed_on_its_public_address() -> None:
@@ -170,33 +190,34 @@ def test_without_a_bastion_every_host_is_pushed_on_its_public_address() -> None:
     addresses = mocked_addresses("dev", enclave_config(config))
     renderer = Renderer(policy, {h.name: addresses[f"dev-{h.name}"] for h in policy.hosts}, "dev")
     run = run_ok("dev", config)
-    commands = run.by_name(COMMAND)
-    assert len(commands) == 2 * len(policy.hosts)
+    pushes = run.by_name(PUSH)
+    assert len(pushes) == len(policy.hosts)
     for host in policy.hosts:
-        command = commands[f"dev-{host.name}-apply"]
-        conn = connection(command)
-        assert conn["host"] == addresses[f"dev-{host.name}"].public and "proxy" not in conn
-        # tunnel-1 now names no peer in its rules: its script is rendered without waiting for any address
-        assert command.inputs["stdin"] == push_script(renderer.render(host), "dev")
-        assert not [d for d in command.dependencies if d.endswith("-apply")]  # no push waits for another
+        push = pushes[f"dev-{host.name}-push"]
+        got = request(push)
+        assert got.address == addresses[f"dev-{host.name}"].public and got.bastions == ()
+        # tunnel-1 now names no peer in its rules: its request is rendered without waiting for any address
+        assert got.files == renderer.render(host)
+        assert not set(push.dependencies) & {p.urn for p in pushes.values()}  # no push waits for another
     assert run.outputs["bastion"] is None
 
 
 def test_scalar_settings_and_a_non_root_login() -> None:
-    """Top-level scalars arrive as strings (logDrops "true"); a non-root sshUser pushes through sudo."""
+    """Top-level scalars arrive as strings (logDrops "true", pushTimeout "900"); a non-root sshUser is the
+    login every push request names (the host side uses sudo)."""
 
     def admin(config: dict[str, Any]) -> None:
         config["enclave:sshUser"] = "admin"
         config["enclave:logDrops"] = True
+        config["enclave:pushTimeout"] = 900
 
     config = config_with("dev", admin)
-    assert config["enclave:logDrops"] == "true"
+    assert config["enclave:logDrops"] == "true" and config["enclave:pushTimeout"] == "900"
     run = run_ok("dev", config)
-    for command in run.of_type(COMMAND):
-        assert command.inputs["create"] == "sudo -n sh -s"
-        assert connection(command)["user"] == "admin"
-        if command.name.endswith("-apply"):  # the rules travel with the apply; confirm names their digest
-            assert 'LOG --log-prefix "enclave-drop: "' in command.inputs["stdin"]
+    for push in run.of_type(PUSH):
+        got = request(push)
+        assert got.user == "admin" and got.deadline_s == 900
+        assert 'LOG --log-prefix "enclave-drop: "' in got.files.ipv4
     assert "User admin" in run.outputs["sshConfig"]
 
 
@@ -269,16 +290,66 @@ def test_outputs_hosts_bastion_ssh_config_and_flows() -> None:
     assert any(f["from"] == "wordpress" and f["to"] == "mysql" and f["ports"] == ["tcp/3306"] for f in run.outputs["flows"])
 
 
-def test_the_private_key_stays_secret() -> None:
-    run = run_ok("prod", stack_config_map("prod"))
-    commands = run.of_type(COMMAND)
-    assert commands
-    for command in commands:
-        connection(command)  # wrapped as a secret when it reaches the engine
+def _rotating(config: dict[str, Any]) -> None:
+    config["enclave:sshPreviousPrivateKey"] = OLD_PRIVATE_KEY
+
+
+def test_the_private_keys_stay_secret_and_no_input_names_this_machine() -> None:
+    """What `pulumi stack export` would show in clear: no key, no path of the operator's checkout."""
+    run = run_ok("prod", config_with("prod", _rotating))
+    pushes = run.of_type(PUSH)
+    assert pushes
+    home = str(Path.home())
+    for push in pushes:
+        # both keys reach the push, only inside the one secret input
+        assert environment(push) == {ENV_PRIVATE_KEY: TEST_PRIVATE_KEY, ENV_PREVIOUS_PRIVATE_KEY: OLD_PRIVATE_KEY}
+        # relative to the project directory: another checkout (or colleague) runs the very same inputs
+        assert not push.inputs["create"].startswith(("/", "~"))
+        decoded = repr(request(push))  # the rule files, unpacked
+        assert str(ROOT) not in decoded and home not in decoded
     for r in run.registrations:
-        assert not any(TEST_PRIVATE_KEY.strip() in s for s in plain_strings(r.inputs)), r.name
+        for text in plain_strings(r.inputs):
+            for secret in (TEST_PRIVATE_KEY.strip(), OLD_PRIVATE_KEY.strip()):
+                assert secret not in text, r.name
+            assert str(ROOT) not in text and home not in text, r.name
     assert TEST_PRIVATE_KEY.strip() not in json.dumps(run.outputs)
     assert not any("PRIVATE KEY" in line for line in run.log)
+
+
+def test_push_inputs_are_small() -> None:
+    """The stored request carries the rule files compressed, not the push script, once."""
+    stack = enclave_config(stack_config_map("prod"))
+    run = run_ok("prod", stack_config_map("prod"))
+    for push in run.of_type(PUSH):
+        got = request(push)
+        script = push_script(got.files, "prod")
+        assert len(push.inputs["stdin"]) < len(script) / 2, push.name
+        assert got.baseline == baseline_files(stack, host_of(push.name).rpartition("-")[0])
+
+
+def test_key_rotation_gives_every_push_both_keys_and_re_runs_them() -> None:
+    """Rotating: the previous key joins the environment (each push logs in with whichever works and installs
+    the new public key, which is in its request), so every push runs again."""
+    before = run_ok("prod", stack_config_map("prod")).by_name(PUSH)
+    new_public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG5ldy1rZXktbm90LXJlYWwtZm9yLXRlc3RzLW9ubHk= ops@example"
+
+    def rotate(config: dict[str, Any]) -> None:
+        _rotating(config)
+        config["enclave:sshPublicKey"] = new_public
+
+    after = run_ok("prod", config_with("prod", rotate)).by_name(PUSH)
+    assert set(after) == set(before)
+    for name, push in after.items():
+        assert request(push).public_key == new_public
+        assert ENV_PREVIOUS_PRIVATE_KEY in environment(push) and ENV_PREVIOUS_PRIVATE_KEY not in environment(before[name])
+        assert push.inputs["stdin"] != before[name].inputs["stdin"]
+
+
+def test_the_push_command_needs_the_project_venv() -> None:
+    """pulumi-command runs `.venv/bin/python` from the project directory: elsewhere, the program stops first."""
+    run = run_program("prod", stack_config_map("prod"), cwd=ROOT / "docs")
+    assert run.registrations == []
+    assert run.error is not None and "(project directory)" in str(run.error) and "make setup" in str(run.error)
 
 
 # -------------------------------------------------------------------------------------------- scaling
@@ -314,42 +385,44 @@ def test_scaling_2_to_3_is_additive_and_re_pushes_only_hosts_whose_peers_changed
     for typ in (VPC, SSH_KEY):
         assert after.of_type(typ)[0].inputs == before.of_type(typ)[0].inputs
 
-    old_push, new_push = before.by_name(COMMAND), after.by_name(COMMAND)
-    assert set(new_push) - set(old_push) == {f"prod-{role}-3-apply", f"prod-{role}-3-confirm"}
+    # a push re-runs when its inputs change (pulumi-command's update runs `create` again)
+    old_push, new_push = before.by_name(PUSH), after.by_name(PUSH)
+    assert set(new_push) - set(old_push) == {f"prod-{role}-3-push"}
     re_pushed = {host_of(n) for n in old_push if new_push[n].inputs != old_push[n].inputs}
     assert re_pushed == changed
-    for n in old_push:  # apply and confirm of a host change together, or not at all
-        twin = n.replace("-apply", "-confirm") if n.endswith("-apply") else n.replace("-confirm", "-apply")
-        assert (new_push[n].inputs != old_push[n].inputs) == (new_push[twin].inputs != old_push[twin].inputs)
+    for n in old_push:  # and only ever because the rules changed: same address, bastions, baseline, key
+        got, was = request(new_push[n]), request(old_push[n])
+        assert dataclasses.replace(got, files=was.files) == was
+        assert (got.files != was.files) == (host_of(n) in changed)
 
     # the same answer from the core: the hosts whose rendered rules differ between the two stacks
-    def rules(config: dict[str, str]) -> dict[str, str]:
+    def rules(config: dict[str, str]) -> dict[str, RuleFiles]:
         stack = enclave_config(config)
         policy = compile_policy(stack)
         addresses = mocked_addresses("prod", stack)
         renderer = Renderer(policy, {h.name: addresses[f"prod-{h.name}"] for h in policy.hosts}, "prod")
-        return {h.name: push_script(renderer.render(h), "prod") for h in policy.hosts}
+        return {h.name: renderer.render(h) for h in policy.hosts}
 
     rules_before, rules_after = rules(scale(2)), rules(scale(3))
     assert {h for h in rules_before if rules_before[h] != rules_after[h]} == changed
 
-    # Unchanged pushes do not even depend on the new droplet, so `pulumi preview` (where its addresses are
-    # still unknown) shows them unchanged too.
-    new_droplet = new[f"prod-{role}-3"].urn
-    for name, command in new_push.items():
+    # Pushes depend on their peers per role, not per droplet: no push but its own depends on the new droplet
+    # (which is what made 3 000 hosts cost the SDK's dependency bookkeeping quadratic time).
+    for name, push in new_push.items():
         host = host_of(name)
-        assert (new_droplet in command.dependencies) == (host in changed or host == f"{role}-3"), name
+        assert ("prod-" + f"{role}-3" in droplet_dependencies(after, push)) == (host == f"{role}-3"), name
 
 
 def test_preview_of_scaling_shows_only_the_pushes_that_will_change() -> None:
     """In `pulumi preview` the new droplet's addresses are unknown: only pushes that need them are unknown."""
-    applied = run_ok("prod", _wordpress(2)).by_name(COMMAND)
+    applied = run_ok("prod", _wordpress(2)).by_name(PUSH)
     preview = run_program("prod", _wordpress(3), preview_creating={"prod-wordpress-3"})
     assert preview.error is None, preview.error
-    commands = preview.by_name(COMMAND)
-    unknown = {host_of(n) for n, c in commands.items() if is_unknown(c.inputs["stdin"])}
+    pushes = preview.by_name(PUSH)
+    unknown = {host_of(n) for n, c in pushes.items() if is_unknown(c.inputs["stdin"])}
     assert unknown == {"haproxy-www-1", "wordpress-1", "wordpress-2", "mysql-1", "mysql-2", "wordpress-3"}
-    assert commands["prod-tunnel-1-apply"].inputs == applied["prod-tunnel-1-apply"].inputs  # shown unchanged
+    for name in ("prod-tunnel-1-push",):  # shown unchanged, secret environment included
+        assert pushes[name].inputs == applied[name].inputs
 
 
 # ------------------------------------------------------------------------------------------ bad stacks
@@ -396,6 +469,14 @@ def _unchanged(config: dict[str, Any]) -> None:
     pass
 
 
+def _previous_key_as_public(config: dict[str, Any]) -> None:
+    config["enclave:sshPreviousPrivateKey"] = "ssh-ed25519 AAAA old@example"
+
+
+def _short_push_timeout(config: dict[str, Any]) -> None:
+    config["enclave:pushTimeout"] = 5
+
+
 @pytest.mark.parametrize(
     ("stack_name", "edit", "secret_keys", "expected"),
     [
@@ -404,20 +485,37 @@ def _unchanged(config: dict[str, Any]) -> None:
         ("prod", _failing_test, None, "enclave:tests[10]: tests[10]: internet -> mysql tcp/3306 expect allow"),
         ("Prod_1", _unchanged, None, "(stack name): 'Prod_1'"),
         ("prod", _too_many_cloud_firewall_rules, None, "enclave:roles.mysql.ingress: with enclave:cloudFirewall"),
+        ("prod", _previous_key_as_public, None, "enclave:sshPreviousPrivateKey: is not a private key"),
+        ("prod", _rotating, ["enclave:sshPrivateKey"], "enclave:sshPreviousPrivateKey: is stored in plain text"),
+        ("prod", _short_push_timeout, None, "enclave:pushTimeout: Input should be greater than or equal to 60"),
     ],
-    ids=["public-key-as-private", "key-not-secret", "failing-stack-test", "stack-name", "cloud-firewall-limit"],
+    ids=[
+        "public-key-as-private",
+        "key-not-secret",
+        "failing-stack-test",
+        "stack-name",
+        "cloud-firewall-limit",
+        "previous-key-as-public",
+        "previous-key-not-secret",
+        "push-timeout-too-short",
+    ],
 )
 def test_the_program_refuses(stack_name: str, edit: Any, secret_keys: list[str] | None, expected: str) -> None:
     config = config_with("prod", edit)
     run = run_program(stack_name, config, secret_keys=secret_keys, addresses={})
     assert run.registrations == []
     assert run.error is not None and expected in str(run.error), run.error
-    assert TEST_PRIVATE_KEY.strip() not in str(run.error) and "AAAA" not in str(run.error)
+    for secret in (TEST_PRIVATE_KEY.strip(), OLD_PRIVATE_KEY.strip(), "AAAA"):
+        assert secret not in str(run.error)
 
 
-def test_rendering_depends_only_on_named_peers() -> None:
-    """The push of a host that nobody names in its rules (the bastion) waits for no other droplet."""
+def test_a_push_depends_on_the_droplets_it_dials_not_on_its_peers() -> None:
+    """Peers' addresses are values in the request, not dependencies on every peer droplet: a push's engine
+    dependencies are its own droplet, the bastions' (which it dials through) and the bastions' pushes."""
     run = run_ok("prod", stack_config_map("prod"))
-    tunnel = run.by_name(COMMAND)["prod-tunnel-1-apply"]
-    droplets = {r.urn: r.name for r in run.of_type(DROPLET)}
-    assert [droplets[d] for d in tunnel.dependencies if d in droplets] == ["prod-tunnel-1"]
+    policy = compile_policy(enclave_config(stack_config_map("prod")))
+    bastions = {droplet_name("prod", b) for b in policy.bastion_hosts()}
+    for push in run.of_type(PUSH):
+        own = push.name.removesuffix("-push")
+        assert droplet_dependencies(run, push) == ({own} | bastions if own not in bastions else {own}), push.name
+    assert request(run.by_name(PUSH)["prod-mysql-1-push"]).files.peers  # though its rules name peers
