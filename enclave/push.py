@@ -229,15 +229,21 @@ prove() {{
 # jumps: make INPUT/OUTPUT jump to enclave's chains. A missing jump goes right after the last rule that jumps to
 # another tool's chain (fail2ban's f2b-*, Docker, ufw), else first, so ban chains are consulted before enclave's
 # accepts; an existing jump stays where it is. An empty enclave chain returns, so this changes no verdict.
+# jump_at TABLE CHAIN: where a missing jump to enclave's chain goes (printed), or nothing when it is there: just
+# after the last rule that jumps to another tool's chain (fail2ban's f2b-*, Docker's, ufw's), else first, so ban
+# chains are consulted before enclave's accepts.
+jump_at() {{
+  $1 -w -C $2 -j {CHAIN_PREFIX}-$2 2>/dev/null && return 0
+  $1 -w -S | awk -v c=$2 '$1 == "-N" {{ user[$2] = 1 }}
+    $1 == "-A" && $2 == c {{ n++; for (i = 3; i < NF; i++) if ($i == "-j" && ($(i+1) in user) && $(i+1) !~ /^{CHAIN_PREFIX}-/) last = n }}
+    END {{ print last + 1 }}'
+}}
 jumps() {{
   for t in iptables ip6tables; do
     for c in INPUT OUTPUT; do
       $t -w -n -L {CHAIN_PREFIX}-$c >/dev/null 2>&1 || $t -w -N {CHAIN_PREFIX}-$c || return 1
-      $t -w -C $c -j {CHAIN_PREFIX}-$c 2>/dev/null && continue
-      at=$($t -w -S | awk -v c=$c '$1 == "-N" {{ user[$2] = 1 }}
-        $1 == "-A" && $2 == c {{ n++; for (i = 3; i < NF; i++) if ($i == "-j" && ($(i+1) in user) && $(i+1) !~ /^{CHAIN_PREFIX}-/) last = n }}
-        END {{ print last + 1 }}')
-      $t -w -I $c "$at" -j {CHAIN_PREFIX}-$c || return 1
+      at=$(jump_at $t $c)
+      [ -z "$at" ] || $t -w -I $c "$at" -j {CHAIN_PREFIX}-$c || return 1
     done
   done
 }}
@@ -286,21 +292,33 @@ apply() {{
   sweep "$1"
 }}
 
-# closed: the built-in last resort. Policies DROP; ENCLAVE-INPUT admits loopback, replies, neighbour discovery and
-# the baseline's SSH accept lines (by a strict pattern, so a damaged baseline still yields them; none: console).
-closed() {{
-  rm -f "$STATE/in-force"
-  for t in iptables ip6tables; do $t -w -P INPUT DROP; $t -w -P FORWARD DROP; done
+# closed: the built-in last resort. Policies DROP; ENCLAVE-INPUT admits loopback, replies, neighbour solicitations
+# and advertisements (IPv6 cannot resolve its neighbours without them; never router advertisements, which would
+# let any neighbour become the gateway) and the baseline's SSH accept lines (by a strict pattern, so a damaged
+# baseline still yields them; none: console). One iptables-restore per family sets the policies, fills the chains
+# and adds a missing jump together: no moment where the policy drops what the chain would admit (loopback at boot).
+closed_rules() {{
   ssh_re='^-A {CHAIN_PREFIX}-INPUT( -i [A-Za-z0-9_.@-]+)?( -s [0-9A-Fa-f.:/]+)?( -i [A-Za-z0-9_.@-]+)? -p tcp -m tcp --dport 22( -m comment --comment "[^"]*")? -j ACCEPT$'
   for f in 4 6; do
     t=iptables; [ $f = 6 ] && t=ip6tables
     nd=""
-    [ $f = 6 ] && for x in 133 134 135 136; do nd="$nd
+    [ $f = 6 ] && for x in 135 136; do nd="$nd
 -A {CHAIN_PREFIX}-INPUT -p ipv6-icmp -m icmp6 --icmpv6-type $x -m hl --hl-eq 255 -j ACCEPT"; done
     ssh=$(cat "$STATE/baseline/rules.v$f" 2>/dev/null | grep -E "$ssh_re")
-    printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:{CHAIN_PREFIX}-INPUT - [0:0]\n:{CHAIN_PREFIX}-OUTPUT - [0:0]\n-A {CHAIN_PREFIX}-INPUT -i lo -j ACCEPT\n-A {CHAIN_PREFIX}-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A {CHAIN_PREFIX}-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A {CHAIN_PREFIX}-OUTPUT -o lo -j ACCEPT\n-A {CHAIN_PREFIX}-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\nCOMMIT\n' "$nd" "$ssh" \
-      | grep -v '^$' | $t-restore -w --noflush || say "the closed rules failed to apply for IPv$f; policies are DROP"
+    jump=""
+    for c in INPUT OUTPUT; do
+      at=$(jump_at $t $c)
+      [ -z "$at" ] || jump="$jump
+-I $c $at -j {CHAIN_PREFIX}-$c"
+    done
+    printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:{CHAIN_PREFIX}-INPUT - [0:0]\n:{CHAIN_PREFIX}-OUTPUT - [0:0]\n-A {CHAIN_PREFIX}-INPUT -i lo -j ACCEPT\n-A {CHAIN_PREFIX}-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A {CHAIN_PREFIX}-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A {CHAIN_PREFIX}-OUTPUT -o lo -j ACCEPT\n-A {CHAIN_PREFIX}-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\nCOMMIT\n' "$nd" "$ssh" "$jump" \
+      | grep -v '^$' | $t-restore -w --noflush \
+      || {{ say "the closed rules failed to apply for IPv$f; policies are DROP"; $t -w -P INPUT DROP; $t -w -P FORWARD DROP; }}
   done
+}}
+closed() {{
+  rm -f "$STATE/in-force"
+  closed_rules
   jumps
   write_file "$STATE/in-force" "closed" || true
 }}
@@ -334,8 +352,8 @@ cmd=${{1:-}}
 [ $# -gt 0 ] && shift
 case "$cmd" in
 restore|--restore)
-  # Closed first: whatever happens next, even kill -9, leaves the policies on DROP.
-  for t in iptables ip6tables; do $t -w -P INPUT DROP; $t -w -P FORWARD DROP; done
+  # Closed first (one transaction per family): whatever happens next, even kill -9, leaves the policies on DROP.
+  closed_rules
   mkdir -p "$STATE" && lock
   # Restoring (a reboot) voids a push still pending: a late confirm must not promote rules no longer in force.
   if [ -e "$STATE/pending" ]; then
@@ -678,5 +696,6 @@ def _cloud_config(baseline: RuleFiles, ssh_user: str, ssh_public_key: str | None
         if ssh_public_key:
             _key_fields(ssh_public_key)
             user["ssh_authorized_keys"] = [" ".join(ssh_public_key.split())]
-        document["users"] = [user]
+        # "default" first: a users list replaces the image's own, and root's keys (DigitalOcean's) come with it
+        document["users"] = ["default", user]
     return "#cloud-config\n" + yaml.safe_dump(document, default_flow_style=False, width=1 << 16)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from components.firewall import push_resource_name, push_urn
 from config.schema import StackError
@@ -135,8 +136,13 @@ def test_resources_for_each_stack(stack_name: str) -> None:
         assert len(d.inputs["sshKeys"]) == 1 and ":" in d.inputs["sshKeys"][0]  # the SshKey's fingerprint
         assert d.inputs["tags"][:3] == ["enclave", f"enclave-{stack_name}", f"enclave-{stack_name}-{host.role}"]
         assert d.inputs["tags"][3:] == role.tags
-        # droplets boot closed: cloud-init applies the role's baseline, which names no peer
-        assert d.inputs["userData"] == cloud_config(baseline_files(stack, host.role))
+        # droplets boot closed: cloud-init applies the role's baseline, which names no peer; bastions raise
+        # sshd's MaxStartups for the pushes that all arrive at once
+        assert d.inputs["userData"] == cloud_config(
+            baseline_files(stack, host.role), ssh_user=stack.ssh_user, ssh_public_key=stack.ssh_public_key,
+            bastion=role.bastion,
+        )
+        assert ("MaxStartups" in d.inputs["userData"]) is role.bastion
         # a new cloud-init baseline (or key) applies to new droplets, never rebuilds running ones
         assert "userData" in d.ignore_changes
 
@@ -219,6 +225,13 @@ def test_scalar_settings_and_a_non_root_login() -> None:
         assert got.user == "admin" and got.deadline_s == 900
         assert 'LOG --log-prefix "enclave-drop: "' in got.files.ipv4
     assert "User admin" in run.outputs["sshConfig"]
+    # DigitalOcean installs the key for root only: cloud-init creates the login with the key and sudo
+    public_key = enclave_config(config).ssh_public_key
+    for droplet in run.of_type(DROPLET):
+        users = yaml.safe_load(droplet.inputs["userData"])["users"]
+        assert [(u["name"], u["ssh_authorized_keys"], u["sudo"]) for u in users if isinstance(u, dict)] == [
+            ("admin", [public_key], "ALL=(ALL) NOPASSWD:ALL")
+        ]
 
 
 def test_cloud_firewalls_when_enabled() -> None:

@@ -364,7 +364,8 @@ def test_key_rotation_authorizes_the_new_key_then_removes_only_enclaves_old_one(
 def test_cloud_config_creates_a_sudo_user_with_the_key_and_raises_maxstartups_on_bastions(host: Host) -> None:
     config = load_stack("prod").config
     data = yaml.safe_load(cloud_config(baseline_files(config, "tunnel"), ssh_user="deploy", ssh_public_key=KEY_NEW, bastion=True))
-    (user,) = data["users"]
+    default, user = data["users"]
+    assert default == "default"  # the image's own users (root with DigitalOcean's keys) stay
     assert user["name"] == "deploy" and user["sudo"] == "ALL=(ALL) NOPASSWD:ALL"
     assert user["ssh_authorized_keys"] == [KEY_NEW]
     assert "users" not in yaml.safe_load(cloud_config(baseline_files(config, "tunnel")))  # root: DigitalOcean's keys
