@@ -35,7 +35,7 @@ from config.stackfile import Stack
 
 from .compiler import Addresses, Policy
 from .plan import droplet_name
-from .push import STATE, _heredoc, digest
+from .push import STATE, _heredoc, digest, host_files
 from .pushrun import _remote_shell, push_request
 from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
 from .transport import SSH_FAILED, Transport
@@ -59,7 +59,9 @@ def push_urn(stack: str, droplet: str) -> str:
 
 def audit_script(files: RuleFiles) -> str:
     """Read-only: prints each section after a `== name` line. The compiled files are loaded only inside a
-    scratch network namespace (its own netfilter tables and ipsets), which disappears with its `sh`."""
+    scratch network namespace (its own netfilter tables and ipsets), which disappears with its `sh`. They are
+    loaded as they land on the host (enclave.push.host_files: each set named by a hash of its members)."""
+    on_host = host_files(files)
     return f"""#!/bin/sh
 # enclave audit: host {files.host}, compiled rules {digest(files)} (reads only)
 set -u
@@ -72,7 +74,7 @@ echo "== live4"; iptables-save -t filter
 echo "== live6"; ip6tables-save -t filter
 echo "== sets"; ipset save
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
-{_heredoc('"$tmp/ipsets"', files.ipsets)}{_heredoc('"$tmp/rules.v4"', files.ipv4)}{_heredoc('"$tmp/rules.v6"', files.ipv6)}unshare -n sh -c '
+{_heredoc('"$tmp/ipsets"', on_host["ipsets"])}{_heredoc('"$tmp/rules.v4"', on_host["rules.v4"])}{_heredoc('"$tmp/rules.v6"', on_host["rules.v6"])}unshare -n sh -c '
   ipset restore < "$1/ipsets" >&2 || exit 1
   echo "== want4"; iptables-restore -w < "$1/rules.v4" >&2 && iptables-save -t filter
   echo "== want6"; ip6tables-restore -w < "$1/rules.v6" >&2 && ip6tables-save -t filter
@@ -99,15 +101,15 @@ def _jumps(lines: list[str]) -> set[str]:
     return {line for line in lines if re.fullmatch(rf"-A (INPUT|OUTPUT) -j {CHAIN_PREFIX}-\1", line)}
 
 
-def _members(lines: list[str], staged: bool) -> dict[str, set[str]]:
+def _members(lines: list[str]) -> dict[str, set[str]]:
+    """enclave's sets and their members from `ipset save` (staging twins of a push in progress left out)."""
     out: dict[str, set[str]] = {}
     for line in lines:
         parts = line.split()
         if len(parts) >= 2 and parts[0] in ("create", "add") and parts[1].startswith(SET_PREFIX):
             name = parts[1]
-            if staged != name.endswith(".new"):
+            if name.endswith(".new"):
                 continue
-            name = name.removesuffix(".new")
             members = out.setdefault(name, set())
             if parts[0] == "add":
                 members.add(" ".join(parts[2:]))
@@ -165,7 +167,7 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
                 drift.append(f"missing rule ({family}): … and {len(missing) - 5} more")
             if not foreign and not missing and live != wanted:
                 drift.append(f"{family} rules in another order than compiled")
-    live_sets, wanted_sets = _members(sections.get("sets", []), False), _members(sections["wantsets"], True)
+    live_sets, wanted_sets = _members(sections.get("sets", [])), _members(sections["wantsets"])
     for name in sorted(set(wanted_sets) | set(live_sets)):
         if name not in wanted_sets:
             continue  # a set of a previous push, destroyed once no rule uses it
