@@ -73,6 +73,9 @@ LAB_DIR_DEFAULT = Path("/run/enclave-lab")
 # and digits only, so `enclave lab down ..` (or `/`) can never point the deletion outside the lab root.
 RUN_ID_FORMAT = re.compile(r"[0-9A-Za-z]{1,32}")
 STATE_FILE = "lab.json"
+# A push run's runtime directory holds ControlMaster sockets: <dir>/cm-<22 chars> plus ssh's 17-character
+# temporary suffix must fit a Unix socket path (107 bytes).
+RUNTIME_DIR_MAX = 60
 OUTSIDERS = ("internet", "operator", "neighbor")
 # Exhaustive (every source to every host) while it costs at most this many probes: about 20 prod-shaped hosts,
 # a few seconds. Beyond it the lab samples (first and last host of each role) and proves every host's rules
@@ -264,6 +267,12 @@ def kill_namespace_processes(names: Sequence[str], stall_s: float = 10.0) -> lis
     return []
 
 
+def short_runtime_dir(run_id: str) -> Path:
+    """Where a lab whose directory is too long for a Unix socket path keeps its push runs' ControlMaster
+    sockets (a lab under pytest's tmp_path): named by the run id alone, so destroy_run removes it too."""
+    return Path(f"/tmp/enc-{run_id}")
+
+
 def destroy_run(run_id: str, root: Path | None = None) -> list[str]:
     """Remove one lab run: kill every process in its namespaces, delete them, delete its directory.
 
@@ -278,6 +287,7 @@ def destroy_run(run_id: str, root: Path | None = None) -> list[str]:
              timeout=120 + len(names) * 0.1)
     left = [n for n in names if netns_exists(n)]
     shutil.rmtree((root or lab_root()) / run_id, ignore_errors=True)
+    shutil.rmtree(short_runtime_dir(run_id), ignore_errors=True)
     if left or survivors:
         raise LabError(f"lab {run_id}: could not delete namespaces {left[:10]} ({len(left)})" if left else
                        f"lab {run_id}: namespaces deleted, but processes {survivors[:10]} survived SIGKILL")
@@ -856,9 +866,12 @@ SetEnv {env}
         """The environment of a push run (or `enclave audit`) from the operator namespace: the lab's own runtime
         directory (two labs of one stack share addresses, so they must not share ControlMaster sockets) and its
         known_hosts (as a first push leaves it)."""
+        runtime = self.dir / "s"
+        if len(str(runtime)) > RUNTIME_DIR_MAX:  # the ControlMaster socket's path must fit in 107 bytes
+            runtime = short_runtime_dir(self.run_id)
         return {
             **os.environ,
-            ENV_RUNTIME_DIR: str(self.dir / "s"),  # short: the ControlMaster socket's path must fit in 90 bytes
+            ENV_RUNTIME_DIR: str(runtime),
             ENV_KNOWN_HOSTS: str(self.dir / "known_hosts"),
         }
 
