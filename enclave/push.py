@@ -66,9 +66,10 @@ import hashlib
 import re
 import shlex
 
-import yaml
 
-from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
+from config.names import SET_PREFIX
+
+from .rulefiles import CHAIN_PREFIX, RuleFiles
 
 HEREDOC = "ENCLAVE_EOF"
 STATE_DIR_DEFAULT = "/var/lib/enclave"
@@ -684,6 +685,8 @@ def cloud_config(
 # each distinct baseline once (1 000 hosts under mocks spent 9 s here).
 @functools.lru_cache(maxsize=256)
 def _cloud_config(baseline: RuleFiles, ssh_user: str, ssh_public_key: str | None, bastion: bool) -> str:
+    import yaml  # here: every push run imports this module and never needs YAML (enclave.rulefiles)
+
     document: dict[str, object] = {"bootcmd": [["sh", "-c", baseline_script(baseline, bastion=bastion)]]}
     if ssh_user != "root":
         _authorized_keys_file(ssh_user)  # the same name check

@@ -40,12 +40,14 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .compiler import Addresses, Host, Policy
 from .push import confirm_script, digest, push_script
-from .render import RuleFiles, baseline_files
+from .rulefiles import RuleFiles
 from .transport import SSH_FAILED, Result, Transport, TransportError
+
+if TYPE_CHECKING:  # the run itself needs neither: importing them costs about a second per push (enclave.rulefiles)
+    from .compiler import Addresses, Host, Policy
 
 # The command line the program's local.Command runs. Relative: the Pulumi engine starts providers in the project
 # directory, and an absolute path of one operator's machine in an input would re-push every host when a colleague
@@ -139,6 +141,8 @@ def push_request(stack: str, policy: Policy, addresses: Mapping[str, Addresses],
     """The request of one host as the program, the lab and `enclave audit` build it: bastions (and every host of
     a stack without bastions) dialed on their public address, every other host on its private address through
     the stack's bastions (their public addresses, the first one first: the jump host of `enclave ssh-config`)."""
+    from .render import baseline_files  # here, not at the top: the run itself must start fast (enclave.rulefiles)
+
     jumps = [addresses[b.name].public for b in policy.bastion_hosts()] if bastions is None else list(bastions)
     direct = not jumps or policy.stack.roles[host.role].bastion
     return PushRequest(

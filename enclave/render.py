@@ -20,10 +20,9 @@ from config.names import set_name as set_name
 from config.schema import PortSpec, StackConfig
 
 from .compiler import Addresses, Flow, Host, Policy
+from .rulefiles import CHAIN_PREFIX as CHAIN_PREFIX, INPUT_CHAIN as INPUT_CHAIN, OUTPUT_CHAIN as OUTPUT_CHAIN
+from .rulefiles import RuleFiles as RuleFiles
 
-CHAIN_PREFIX = "ENCLAVE"
-INPUT_CHAIN = f"{CHAIN_PREFIX}-INPUT"
-OUTPUT_CHAIN = f"{CHAIN_PREFIX}-OUTPUT"
 DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 
 # ICMPv6 control traffic: what is accepted, where, and why (README "How the rules look" says it briefly).
@@ -73,24 +72,6 @@ class IpSet:
     family: str  # inet or inet6
     members: tuple[str, ...]
     about: str
-
-
-@dataclass(frozen=True)
-class RuleFiles:
-    """Everything a host needs; rendered text is exactly what lands on the host."""
-
-    host: str
-    ipv4: str
-    ipv6: str
-    ipsets: str
-    set_names: tuple[str, ...]
-    # The hosts whose addresses these files contain: the only addresses a host's push depends on, so the
-    # Pulumi program re-pushes a host exactly when one of these changes.
-    peers: tuple[str, ...] = ()
-
-    @property
-    def rule_count(self) -> int:
-        return sum(line.startswith("-A ") for text in (self.ipv4, self.ipv6) for line in text.splitlines())
 
 
 def _comment(text: str) -> str:

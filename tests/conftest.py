@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -11,6 +12,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from config.stackfile import Stack, load_stack_file
+from enclave.lab.lab import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS = ROOT / "stacks"
@@ -24,6 +28,16 @@ def stack_document(name: str) -> dict[str, Any]:
 @pytest.fixture
 def prod_document() -> dict[str, Any]:
     return stack_document("prod")
+
+
+@pytest.fixture(scope="module")
+def dev6(tmp_path_factory: pytest.TempPathFactory) -> Stack:
+    """dev with haproxy-www on IPv6: a public service the Internet reaches over IPv6."""
+    doc = stack_document("dev")
+    doc["config"]["enclave:roles"]["haproxy-www"]["ipv6"] = True
+    path = tmp_path_factory.mktemp("stacks") / "Pulumi.dev6.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_stack_file(path)
 
 
 # ------------------------------------------------------------------------------------------------ labs
@@ -52,3 +66,13 @@ def run_ids() -> Iterator[list[str]]:
     yield ids
     left = [item for run_id in ids for item in leftovers(run_id)]
     assert not left, f"labs left things behind: {left}"
+
+
+@contextlib.contextmanager
+def pushed_lab(stack: Stack, run_ids: list[str], **options: Any) -> Iterator[Lab]:
+    """A lab of `stack` with every host pushed and confirmed (Lab's keyword options passed on)."""
+    with Lab(stack, **options) as lab:
+        run_ids.append(lab.run_id)
+        failures = lab.push_all()
+        assert not failures, [str(f) for f in failures.values()]
+        yield lab

@@ -25,18 +25,16 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-import yaml
 
-from config.stackfile import Stack, load_stack_file
+from config.stackfile import Stack
 from enclave.lab.lab import WIPE_KERNEL_STATE, Lab
 from enclave.lab.probe import Outcome, plan_probes, send_probes
 from enclave.push import baseline_script, confirm_script, digest, push_script
 from enclave.render import RuleFiles, baseline_files
 
-from .conftest import stack_document
+from .conftest import pushed_lab
 from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
@@ -55,21 +53,10 @@ def steps(names: list[str]) -> list[object]:
             for n in names]
 
 
-@pytest.fixture(scope="module")
-def dev6(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    doc = stack_document("dev")
-    doc["config"]["enclave:roles"]["haproxy-www"]["ipv6"] = True
-    path = tmp_path_factory.mktemp("stacks") / "Pulumi.dev6.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return load_stack_file(path)
-
 
 @pytest.fixture(scope="module")
 def lab(run_ids: list[str], dev6: Stack) -> Iterator[Lab]:
-    with Lab(dev6, host_env={"ENCLAVE_ROLLBACK_SECONDS": str(WINDOW_S)}) as lab:
-        run_ids.append(lab.run_id)
-        failures = lab.push_all()
-        assert not failures, [str(f) for f in failures.values()]
+    with pushed_lab(dev6, run_ids, host_env={"ENCLAVE_ROLLBACK_SECONDS": str(WINDOW_S)}) as lab:
         yield lab
 
 

@@ -28,13 +28,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
-from config.stackfile import Stack, load_stack_file
+from config.stackfile import Stack
 from enclave.lab.lab import Lab
 from enclave.lab.probe import Outcome, plan_probes, send_probes
 
-from .conftest import stack_document
+from .conftest import pushed_lab
 from .test_lab import _unavailable
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
@@ -71,21 +70,10 @@ s.sendto(ra + pio, (dest, 0, 0, index))
 SEEN_RULE = "-p ipv6-icmp -m icmp6 --icmpv6-type router-advertisement -m comment --comment test-ra-seen"
 
 
-@pytest.fixture(scope="module")
-def dev6(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    doc = stack_document("dev")
-    doc["config"]["enclave:roles"]["haproxy-www"]["ipv6"] = True
-    path = tmp_path_factory.mktemp("stacks") / "Pulumi.dev6.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return load_stack_file(path)
-
 
 @pytest.fixture(scope="module")
 def lab(run_ids: list[str], dev6: Stack) -> Iterator[Lab]:
-    with Lab(dev6) as lab:
-        run_ids.append(lab.run_id)
-        failures = lab.push_all()
-        assert not failures, [str(f) for f in failures.values()]
+    with pushed_lab(dev6, run_ids) as lab:
         take_ras(lab)
         yield lab
 

@@ -18,16 +18,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
-from config.stackfile import Stack, load_stack, load_stack_file
+from config.stackfile import Stack, load_stack
 from enclave.lab.lab import Lab, PushFailed
 from enclave.lab.probe import Outcome, plan_probes, send_probes
 from enclave.lab.progress import PlainProgress
 from enclave.push import confirm_script, digest, push_script
 from enclave.render import ICMPV6_ND, RuleFiles
 
-from .conftest import stack_document
+from .conftest import pushed_lab
 from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
@@ -37,22 +36,10 @@ pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavail
 WINDOW_S = 4
 
 
-@pytest.fixture(scope="module")
-def dev6(tmp_path_factory: pytest.TempPathFactory) -> Stack:
-    """dev with haproxy-www on IPv6: a public service the Internet reaches over IPv6."""
-    doc = stack_document("dev")
-    doc["config"]["enclave:roles"]["haproxy-www"]["ipv6"] = True
-    path = tmp_path_factory.mktemp("stacks") / "Pulumi.dev6.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return load_stack_file(path)
-
 
 @pytest.fixture(scope="module")
 def lab(run_ids: list[str], dev6: Stack) -> Iterator[Lab]:
-    with Lab(dev6, host_env={"ENCLAVE_ROLLBACK_SECONDS": str(WINDOW_S)}) as lab:
-        run_ids.append(lab.run_id)
-        failures = lab.push_all()
-        assert not failures, [str(f) for f in failures.values()]
+    with pushed_lab(dev6, run_ids, host_env={"ENCLAVE_ROLLBACK_SECONDS": str(WINDOW_S)}) as lab:
         yield lab
 
 
