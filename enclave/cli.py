@@ -21,7 +21,7 @@ from config.schema import StackError, StackIssue
 from config.stackfile import Stack, load_stack, load_stack_file
 
 from .plan import Plan, build_plan, droplet_name, example_addresses, load_addresses
-from .compiler import compile_policy
+from .compiler import Addresses, Policy, compile_policy
 from .cloudfirewall import check_cloud_firewalls
 from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
@@ -220,19 +220,21 @@ def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def addresses_from_args(args: argparse.Namespace, policy: Policy, note: str) -> dict[str, Addresses]:
+    """--addresses as deployed, or the plan's example addresses with `note` on stderr saying so."""
+    if args.addresses is not None:
+        return load_addresses(args.addresses, policy)
+    Console(stderr=True).print(f"note: {note}", highlight=False, soft_wrap=True)
+    return example_addresses(policy)
+
+
 def cmd_ssh_config(args: argparse.Namespace, console: Console) -> int:
     stack = stack_from_args(args)
     policy = compile_policy(stack.config)
-    if args.addresses is not None:
-        addresses = load_addresses(args.addresses, policy)
-    else:
-        addresses = example_addresses(policy)
-        Console(stderr=True).print(
-            "note: example addresses (nothing is deployed offline); pass --addresses FILE.json, "
-            "or after `pulumi up` use `pulumi stack output sshConfig`",
-            highlight=False,
-            soft_wrap=True,
-        )
+    addresses = addresses_from_args(
+        args, policy, "example addresses (nothing is deployed offline); pass --addresses FILE.json, "
+        "or after `pulumi up` use `pulumi stack output sshConfig`",
+    )
     try:
         text = ssh_config(stack.name, policy, addresses, stack.config.ssh_user, identity_file=args.identity_file)
     except SshConfigError as exc:
@@ -247,14 +249,10 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
 
     stack = stack_from_args(args)
     policy = compile_policy(stack.config)
-    if args.addresses is not None:
-        addresses = load_addresses(args.addresses, policy)
-    else:
-        addresses = example_addresses(policy)
-        Console(stderr=True).print(
-            "note: example addresses (those of `enclave lab`); for a deployed stack pass --addresses FILE.json "
-            "from `pulumi stack output hosts --json`", highlight=False, soft_wrap=True,
-        )
+    addresses = addresses_from_args(
+        args, policy, "example addresses (those of `enclave lab`); for a deployed stack pass --addresses "
+        "FILE.json from `pulumi stack output hosts --json`",
+    )
     key_path = Path(args.identity_file or f"~/.ssh/enclave-{stack.name}").expanduser()
     try:
         private_key = key_path.read_text()

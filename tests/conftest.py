@@ -15,6 +15,7 @@ import yaml
 
 from config.stackfile import Stack, load_stack_file
 from enclave.lab.lab import Lab
+from enclave.lab.probe import Outcome, plan_probes, send_probes
 
 ROOT = Path(__file__).resolve().parent.parent
 STACKS = ROOT / "stacks"
@@ -76,3 +77,13 @@ def pushed_lab(stack: Stack, run_ids: list[str], **options: Any) -> Iterator[Lab
         failures = lab.push_all()
         assert not failures, [str(f) for f in failures.values()]
         yield lab
+
+
+def send_one(lab: Lab, source: str, host: str, kind: str, port: str) -> Outcome:
+    """One of the lab's probes (the same packet `lab check` sends), from `source`'s agent."""
+    (probe,) = [
+        p for p in plan_probes(lab.policy, lab.addresses, lab.others).probes
+        if (p.source.name, p.target.host, p.target.kind, str(p.port)) == (source, host, kind, port)
+    ]
+    (outcome,) = send_probes({source: str(lab.agent_socket(source))}, [probe])
+    return outcome

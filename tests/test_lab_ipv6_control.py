@@ -31,9 +31,8 @@ import pytest
 
 from config.stackfile import Stack
 from enclave.lab.lab import Lab
-from enclave.lab.probe import Outcome, plan_probes, send_probes
 
-from .conftest import pushed_lab
+from .conftest import pushed_lab, send_one
 from .test_lab import _unavailable
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
@@ -159,16 +158,6 @@ def send_ra(lab: Lab, sender: str, iface: str, *, source: str = "auto", hops: in
 def segment_iface(lab: Lab, sender: str) -> str:
     """The host's interface on the sender's segment: `neighbor` is on the private one, the others public."""
     return lab.interfaces.private if sender == "neighbor" else lab.interfaces.public
-
-
-def send_one(lab: Lab, source: str, host: str, kind: str, port: str) -> Outcome:
-    """One of the lab's probes (the same packet `lab check` sends), from `source`'s agent."""
-    (probe,) = [
-        p for p in plan_probes(lab.policy, lab.addresses, lab.others).probes
-        if (p.source.name, p.target.host, p.target.kind, str(p.port)) == (source, host, kind, port)
-    ]
-    (outcome,) = send_probes({source: str(lab.agent_socket(source))}, [probe])
-    return outcome
 
 
 def link_local(lab: Lab, name: str, iface: str) -> str:

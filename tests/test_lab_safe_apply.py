@@ -21,12 +21,11 @@ import pytest
 
 from config.stackfile import Stack, load_stack
 from enclave.lab.lab import Lab, PushFailed
-from enclave.lab.probe import Outcome, plan_probes, send_probes
 from enclave.lab.progress import PlainProgress
 from enclave.push import confirm_script, digest, push_script
 from enclave.render import ICMPV6_ND, RuleFiles
 
-from .conftest import pushed_lab
+from .conftest import pushed_lab, send_one
 from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
@@ -51,16 +50,6 @@ def confirmed_digest(lab: Lab, host: str) -> str | None:
 def reachable(lab: Lab, host: str) -> bool:
     """A NEW SSH connection from the operator, through the bastion, gets a shell on the host."""
     return lab.ssh(host, "true", timeout=30).returncode == 0
-
-
-def send_one(lab: Lab, source: str, host: str, kind: str, port: str) -> Outcome:
-    """One of the lab's probes (the same packet `lab check` sends), from `source`'s agent."""
-    (probe,) = [
-        p for p in plan_probes(lab.policy, lab.addresses, lab.others).probes
-        if (p.source.name, p.target.host, p.target.kind, str(p.port)) == (source, host, kind, port)
-    ]
-    (outcome,) = send_probes({source: str(lab.agent_socket(source))}, [probe])
-    return outcome
 
 
 def forget_neighbours(lab: Lab, *names: str) -> None:
