@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path

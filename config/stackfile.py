@@ -320,7 +320,7 @@ def parse_stack_yaml(text: str, source: str) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise StackError([StackIssue("(file)", _yaml_problem(exc))], source) from None
     except RecursionError:  # not reachable within MAX_YAML_DEPTH; kept so no input can print a traceback
-        raise StackError([StackIssue("(file)", f"nested too deeply; a stack file needs about 7 levels")], source) from None
+        raise StackError([StackIssue("(file)", "nested too deeply; a stack file needs about 7 levels")], source) from None
     finally:
         if loader is not None:
             loader.dispose()

@@ -15,7 +15,7 @@ from config.stackfile import Stack, load_stack
 from enclave.cli import main
 from enclave.compiler import Endpoint, compile_policy, decide
 from enclave.plan import build_plan, example_addresses
-from enclave.render import Renderer, baseline_files, set_name
+from enclave.render import baseline_files, set_name
 
 from .conftest import stack_document
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from benchmarks.push_cost import scaled_stack
-from config.stackfile import Stack, load_stack_file
+from config.stackfile import load_stack_file
 from enclave.lab.lab import PROJECT_ROOT, Lab, PushFailed
 from enclave.plan import build_plan
 from enclave.push import digest, push_script
