@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 ENCLAVE := $(VENV)/bin/enclave
 STACK ?= prod
-APT_PACKAGES := python3 python3-venv iproute2 iptables ipset openssh-server openssh-client graphviz librsvg2-bin procps
+APT_PACKAGES := python3 python3-venv iproute2 iptables ipset nftables openssh-server openssh-client graphviz librsvg2-bin procps
 # Only `make bench` needs these (a load generator and a small web server for the data-plane figures); RUNLEVEL=1
 # keeps the package from starting nginx on the machine itself: the benchmark runs its own inside namespaces.
 BENCH_APT_PACKAGES := wrk nginx-light

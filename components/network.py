@@ -65,6 +65,7 @@ def user_data(stack: StackConfig, role: str) -> str:
         ssh_user=stack.ssh_user,
         ssh_public_key=stack.ssh_public_key,
         bastion=stack.roles[role].bastion,
+        apt_proxy=stack.apt_proxy,
     )
 
 

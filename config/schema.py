@@ -74,7 +74,10 @@ def never_a_source(net: IPNetwork) -> str | None:
 MAX_ROLES = 100  # each role is a set every host that admits it references, and a tag per droplet
 MAX_INGRESS_PER_ROLE = 100
 MAX_PORTS_PER_ENTRY = 100
-MAX_OPERATORS = 1_000  # a baseline rule each on bastions (the booting droplet has no set yet)
+# A baseline rule each on bastions (the booting droplet has no set yet), and the baseline travels in the user
+# data, which DigitalOcean caps at 64 KiB: 200 IPv6 operators on a bastion with a non-root user fill ~61 KiB
+# (tests/test_schema.py checks the worst case).
+MAX_OPERATORS = 200
 MAX_TESTS = 1_000
 # iptables walks a chain rule by rule for every new connection; enclave's rules grow with declarations only
 # (peers are sets), so a host over 2 000 rules is a stack written one entry per port or address, not a big
@@ -279,6 +282,16 @@ class StackConfig(_Strict):
     # How long one host's push (`pulumi up`'s local command) may keep dialing and retrying, booting droplet
     # included, before it fails naming the host. A fresh droplet needs a minute or two before sshd answers.
     push_timeout: int = Field(default=600, ge=60, le=86_400)
+    # apt's HTTP(S) proxy on every droplet (cloud-init's apt module), for droplets that reach no package mirror
+    # themselves: the first boot and every push install ipset (and iptables on Debian) through it.
+    apt_proxy: str | None = None
+
+    @field_validator("apt_proxy")
+    @classmethod
+    def _apt_proxy_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:_-]+/?", value):
+            raise ValueError(f"{value!r} is not an apt proxy URL: write http://HOST:PORT, e.g. http://10.110.16.2:3142")
+        return value
 
     @field_validator("vpc_ip_range", mode="before")
     @classmethod

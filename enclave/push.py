@@ -74,6 +74,7 @@ from .rulefiles import CHAIN_PREFIX, RuleFiles
 HEREDOC = "ENCLAVE_EOF"
 STATE_DIR_DEFAULT = "/var/lib/enclave"
 ROLLBACK_SECONDS_DEFAULT = 90
+INSTALL_WAIT_DEFAULT = 600  # a first boot's apt-get (unattended-upgrades may hold dpkg's lock for minutes)
 UNIT_NAME = "enclave-firewall.service"
 STATE = f'STATE="${{ENCLAVE_STATE_DIR:-{STATE_DIR_DEFAULT}}}"'
 SSHD_DROP_IN = "enclave.conf"
@@ -183,6 +184,7 @@ APPLY_SH = rf"""#!/bin/sh
 #   apply.sh rollback TOKEN WINDOW           (the timer) restore the confirmed rules unless TOKEN was confirmed
 #   apply.sh restore (or --restore)          boot: close, void a pending push, restore confirmed/baseline/closed
 #   apply.sh baseline DIR                    install DIR as the baseline (first boot)
+#   apply.sh install [WAIT]                  add the packages a stock image lacks (cloud-init runcmd, every push)
 #   apply.sh DIR                             prove and apply a rule directory by hand
 set -u
 umask 077
@@ -191,6 +193,16 @@ PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 ME="enclave"
 why=""; now=""
 say() {{ echo "$ME $*" >&2; }}
+# The commands this program runs, each with the Debian/Ubuntu package that ships it. No stock image has ipset;
+# Debian's has no iptables either (Priority optional): `apply.sh install` adds those two.
+TOOLS="iptables-restore:iptables ip6tables-restore:iptables iptables:iptables ip6tables:iptables ipset:ipset
+unshare:util-linux flock:util-linux setsid:util-linux sha256sum:coreutils awk:mawk cmp:diffutils getent:libc-bin"
+# missing_tools: one "COMMAND (package PACKAGE)" line per command not found.
+missing_tools() {{
+  for tp in $TOOLS; do
+    command -v "${{tp%%:*}}" >/dev/null 2>&1 || echo "${{tp%%:*}} (package ${{tp#*:}})"
+  done
+}}
 # Test hook (tests/test_lab_faults.py): a no-op unless ENCLAVE_TEST_KILL_AT names this step; then, once (the
 # marker directory), this script and the push/confirm that started it die here as under kill -9.
 checkpoint() {{
@@ -222,7 +234,7 @@ about() {{ echo "$(cat "$1/host" 2>/dev/null || echo '?'): rules $(cat "$1/diges
 # (iptables-restore --test on nf_tables accepts an unknown target). Prints the kernel's complaint on failure.
 prove() {{
   unshare --net sh -c '
-    ipset restore < "$1/ipsets" 2>&1 || {{ echo "ipset definitions rejected"; exit 1; }}
+    [ ! -s "$1/ipsets" ] || ipset restore < "$1/ipsets" 2>&1 || {{ echo "ipset definitions rejected"; exit 1; }}
     iptables-restore < "$1/rules.v4" 2>&1 || {{ echo "IPv4 rules rejected"; exit 1; }}
     ip6tables-restore < "$1/rules.v6" 2>&1 || {{ echo "IPv6 rules rejected"; exit 1; }}' prove "$1" 2>&1
 }}
@@ -271,6 +283,7 @@ stage() {{
 unstage() {{ for s in $created; do ipset destroy "$s" 2>/dev/null; done; created=""; return 0; }}
 # sweep: destroy enclave's sets that no rule references any more (the kernel refuses to destroy a referenced one).
 sweep() {{
+  command -v ipset >/dev/null 2>&1 || return 0
   for s in $(ipset list -n | grep '^{SET_PREFIX}'); do
     grep -qx "$s" "$1/sets" 2>/dev/null || ipset destroy "$s" 2>/dev/null
   done
@@ -289,6 +302,7 @@ apply() {{
   out=$(ip6tables-restore -w --noflush < "$1/rules.v6" 2>&1) || {{ why="IPv6 rules failed to apply: $out"; return 1; }}
   checkpoint apply:v6
   created=""
+  open_nft
   write_file "$STATE/in-force" "$(cat "$1/digest")" || echo "enclave $(about "$1"): in force, but $STATE/in-force could not be written" >&2
   sweep "$1"
 }}
@@ -298,8 +312,12 @@ apply() {{
 # let any neighbour become the gateway) and the baseline's SSH accept lines (by a strict pattern, so a damaged
 # baseline still yields them; none: console). One iptables-restore per family sets the policies, fills the chains
 # and adds a missing jump together: no moment where the policy drops what the chain would admit (loopback at boot).
+# Where iptables cannot do it (a Debian image without the package), the same rules go into an nftables table
+# (nft is on every stock image); where neither can, the host is OPEN and says so: $closed_state, then in-force.
+ssh_re='^-A {CHAIN_PREFIX}-INPUT( -i [A-Za-z0-9_.@-]+)?( -s [0-9A-Fa-f.:/]+)?( -i [A-Za-z0-9_.@-]+)? -p tcp -m tcp --dport 22( -m comment --comment "[^"]*")? -j ACCEPT$'
+closed_state=""
 closed_rules() {{
-  ssh_re='^-A {CHAIN_PREFIX}-INPUT( -i [A-Za-z0-9_.@-]+)?( -s [0-9A-Fa-f.:/]+)?( -i [A-Za-z0-9_.@-]+)? -p tcp -m tcp --dport 22( -m comment --comment "[^"]*")? -j ACCEPT$'
+  unclosed=""
   for f in 4 6; do
     t=iptables; [ $f = 6 ] && t=ip6tables
     nd=""
@@ -308,20 +326,56 @@ closed_rules() {{
     ssh=$(cat "$STATE/baseline/rules.v$f" 2>/dev/null | grep -E "$ssh_re")
     jump=""
     for c in INPUT OUTPUT; do
-      at=$(jump_at $t $c)
+      at=$(jump_at $t $c 2>/dev/null)
       [ -z "$at" ] || jump="$jump
 -I $c $at -j {CHAIN_PREFIX}-$c"
     done
-    printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:{CHAIN_PREFIX}-INPUT - [0:0]\n:{CHAIN_PREFIX}-OUTPUT - [0:0]\n-A {CHAIN_PREFIX}-INPUT -i lo -j ACCEPT\n-A {CHAIN_PREFIX}-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A {CHAIN_PREFIX}-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A {CHAIN_PREFIX}-OUTPUT -o lo -j ACCEPT\n-A {CHAIN_PREFIX}-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\nCOMMIT\n' "$nd" "$ssh" "$jump" \
-      | grep -v '^$' | $t-restore -w --noflush \
-      || {{ say "the closed rules failed to apply for IPv$f; policies are DROP"; $t -w -P INPUT DROP; $t -w -P FORWARD DROP; }}
+    if printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:{CHAIN_PREFIX}-INPUT - [0:0]\n:{CHAIN_PREFIX}-OUTPUT - [0:0]\n-A {CHAIN_PREFIX}-INPUT -i lo -j ACCEPT\n-A {CHAIN_PREFIX}-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A {CHAIN_PREFIX}-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A {CHAIN_PREFIX}-OUTPUT -o lo -j ACCEPT\n-A {CHAIN_PREFIX}-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\nCOMMIT\n' "$nd" "$ssh" "$jump" \
+        | grep -v '^$' | $t-restore -w --noflush 2>/dev/null; then
+      :
+    elif $t -w -P INPUT DROP 2>/dev/null && $t -w -P FORWARD DROP 2>/dev/null; then
+      say "the closed rules failed to apply for IPv$f; its INPUT and FORWARD policies are DROP (no SSH gets in)"
+    else
+      unclosed="$unclosed IPv$f"
+    fi
   done
+  if [ -z "$unclosed" ]; then open_nft; closed_state="closed"; return 0; fi
+  if closed_nft; then
+    say "$t-restore is missing or failed ($(missing_tools | tr '\n' ' ')): the closed rules are in the nftables table inet enclave_closed"
+    closed_state="closed"; return 0
+  fi
+  closed_state="OPEN: nothing could close this host for$unclosed (neither iptables nor nft worked; missing: $(missing_tools | tr '\n' ' ')); install the package iptables (apt-get install iptables ipset), then run sh $STATE/apply.sh restore"
+  echo "$ME: THE HOST IS OPEN. $closed_state" >&2
+  return 1
+}}
+# closed_nft: the closed rules as one nftables transaction (a base chain at priority -1, before iptables-nft's:
+# a drop there is final, an accept still meets iptables' rules). The baseline's SSH lines are translated.
+closed_nft() {{
+  command -v nft >/dev/null 2>&1 || return 1
+  ssh_nft=""
+  for f in 4 6; do
+    fam=ip; [ $f = 6 ] && fam=ip6
+    ssh_nft="$ssh_nft$(cat "$STATE/baseline/rules.v$f" 2>/dev/null | grep -E "$ssh_re" | awk -v fam=$fam '{{
+      r = ""
+      for (i = 1; i < NF; i++) {{ if ($i == "-i") r = r " iifname \"" $(i+1) "\""; if ($i == "-s") r = r " " fam " saddr " $(i+1) }}
+      if (r !~ /saddr/) r = r " meta nfproto " (fam == "ip" ? "ipv4" : "ipv6")
+      print "  " r " tcp dport 22 accept"
+    }}')
+"
+  done
+  printf 'table inet enclave_closed\ndelete table inet enclave_closed\ntable inet enclave_closed {{\n chain input {{\n  type filter hook input priority -1; policy drop;\n  iif "lo" accept\n  ct state established,related accept\n  icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} ip6 hoplimit 255 accept\n%s }}\n chain forward {{\n  type filter hook forward priority -1; policy drop;\n }}\n}}\n' "$ssh_nft" \
+    | grep -v '^ *$' | nft -f - 2>/dev/null
+}}
+# open_nft: remove the nftables closed table once iptables holds the rules (it would drop what they admit).
+open_nft() {{
+  if command -v nft >/dev/null 2>&1; then nft delete table inet enclave_closed 2>/dev/null; fi
+  return 0
 }}
 closed() {{
   rm -f "$STATE/in-force"
   closed_rules
-  jumps
-  write_file "$STATE/in-force" "closed" || true
+  jumps 2>/dev/null
+  write_file "$STATE/in-force" "$closed_state" || true
 }}
 
 # restore_chain: the confirmed rules, else the baseline, else closed. Sets $now to what is in force afterwards.
@@ -337,6 +391,7 @@ restore_chain() {{
   done
   closed
   now="the built-in closed rules (SSH only as the baseline allows)"
+  [ "$closed_state" = closed ] || now="NOTHING: $closed_state"
   return 2
 }}
 
@@ -376,6 +431,63 @@ baseline)
   intact "$dir" || {{ echo "enclave baseline $d: damaged in transit; not installed" >&2; exit 1; }}
   store "$dir" || {{ echo "enclave baseline $d: could not be stored in $STATE (disk full?)" >&2; exit 1; }}
   flip "$STATE/baseline" "rules/$d"
+  ;;
+install)
+  # What a stock image lacks (ipset everywhere, iptables on Debian), from the image's package manager: run by
+  # cloud-init's runcmd on the first boot (final stage: the network and apt's sources are configured by then)
+  # and by every push before it changes anything. Installs serialise on their own lock, so a push that arrives
+  # while cloud-init is installing waits for it (at most WAIT seconds) instead of failing.
+  wait_s=${{1:-600}}; ME="enclave install ${{ENCLAVE_HOST:-$(hostname)}}:"
+  mkdir -p "$STATE" || exit 1
+  exec 8>>"$STATE/install.lock"
+  flock -w "$wait_s" 8 || {{ say "another install held $STATE/install.lock for $wait_s s; nothing was changed"; exit 1; }}
+  pkgs=$(missing_tools | sed -n 's/.*(package \(iptables\|ipset\))$/\1/p' | sort -u | tr '\n' ' ')
+  installed=""
+  if [ -n "$pkgs" ] && command -v apt-get >/dev/null 2>&1; then
+    tries=0; since=$(date +%s)
+    # A first boot's unattended-upgrades (and cloud-init's own apt) hold apt's locks for minutes: dpkg's lock is
+    # waited for with DPkg::Lock::Timeout (apt >= 1.9.11), the lists' lock of `update` is not, so a failure that
+    # names a lock is retried for up to WAIT seconds; any other (no mirror) at most three times.
+    until apt_log=$(DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout="$wait_s" -o Acquire::Retries=2 update 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout="$wait_s" install --no-install-recommends $pkgs 2>&1); do
+      tries=$((tries + 1))
+      case "$apt_log" in
+        *lock*) [ $(($(date +%s) - since)) -lt "$wait_s" ] || break ;;
+        *) [ $tries -lt 3 ] || break ;;
+      esac
+      sleep 5
+    done
+    printf '%s\n' "$apt_log" > "$STATE/install.log"
+    installed=$pkgs
+  fi
+  # The kernel side: ip_set and xt_set are modules of the stock kernels (Ubuntu's linux-modules, Debian's
+  # cloud kernel); should a kernel lack them, Ubuntu's linux-modules-extra-<release> has them. A set and a rule
+  # matching it, in a scratch namespace, prove them once something was installed.
+  if [ -n "$installed" ] && command -v ipset >/dev/null 2>&1 && command -v iptables >/dev/null 2>&1 \
+      && ! unshare --net sh -c 'ipset create enclave-probe hash:net && iptables -w -A INPUT -m set --match-set enclave-probe src -j ACCEPT' >/dev/null 2>&1; then
+    extra="linux-modules-extra-$(uname -r)"
+    if command -v apt-get >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout="$wait_s" install --no-install-recommends "$extra" >> "$STATE/install.log" 2>&1 \
+        && unshare --net sh -c 'ipset create enclave-probe hash:net && iptables -w -A INPUT -m set --match-set enclave-probe src -j ACCEPT' >/dev/null 2>&1; then
+      installed="$installed $extra"
+    else
+      say "the kernel $(uname -r) cannot match ipsets (modules ip_set, xt_set; on Ubuntu the package $extra): use an image whose kernel has them"
+      exit 1
+    fi
+  fi
+  missing=$(missing_tools)
+  if [ -n "$missing" ]; then
+    say "missing on this host, and $(command -v apt-get >/dev/null 2>&1 && echo "apt-get could not install them (see $STATE/install.log; is a package mirror reachable, or enclave:aptProxy set?)" || echo "no apt-get to install them with"):"
+    printf '%s\n' "$missing" | sed "s|^|$ME   |" >&2
+    exit 1
+  fi
+  # Now that the tools exist, a host that fell back to the closed rules for want of them gets its rules: the
+  # confirmed ones, else the baseline (never while a push is pending: that push decides what is in force).
+  if [ -n "$installed" ]; then
+    mkdir -p "$STATE/rules" && lock
+    case "$(cat "$STATE/in-force" 2>/dev/null)" in
+      closed|OPEN*|"") [ -e "$STATE/pending" ] || {{ restore_chain; echo "$ME installed$installed; in force: $now" >&2; }} ;;
+    esac
+  fi
   ;;
 push)
   dir=$1; window=$2; base=${{3:-}}
@@ -471,7 +583,7 @@ confirm)
     apply "$cmd" || {{ say "failed to apply: $why"; exit 1; }}
     exit 0
   fi
-  echo "enclave: usage: apply.sh push|confirm|rollback|restore|baseline ..."; exit 2 ;;
+  echo "enclave: usage: apply.sh push|confirm|rollback|restore|baseline|install ..."; exit 2 ;;
 esac
 exit 0
 """
@@ -488,7 +600,8 @@ Type=oneshot
 RemainAfterExit=yes
 Environment=ENCLAVE_STATE_DIR={STATE_DIR_DEFAULT}
 # apply.sh runs only if its own checksum holds; otherwise (or if it fails) the host stays closed: policies DROP.
-ExecStart=/bin/sh -c 'cd "$$ENCLAVE_STATE_DIR" && sha256sum -c --status apply.sh.sha256 && sh ./apply.sh restore || {{ for t in iptables ip6tables; do $$t -w -P INPUT DROP; $$t -w -P FORWARD DROP; done; exit 1; }}'
+# Without iptables (a stock Debian image before the first install), an nftables table drops instead.
+ExecStart=/bin/sh -c 'cd "$$ENCLAVE_STATE_DIR" && sha256sum -c --status apply.sh.sha256 && sh ./apply.sh restore || {{ for t in iptables ip6tables; do $$t -w -P INPUT DROP && $$t -w -P FORWARD DROP || nft "add table inet enclave_closed; add chain inet enclave_closed input {{ type filter hook input priority -1; policy drop; }}; add rule inet enclave_closed input iif lo accept; add rule inet enclave_closed input ct state established,related accept"; done; exit 1; }}'
 
 [Install]
 WantedBy=multi-user.target
@@ -604,11 +717,14 @@ def push_script(
     baseline: RuleFiles | None = None,
     ssh_user: str = "root",
     ssh_public_key: str | None = None,
+    install_wait_s: int = INSTALL_WAIT_DEFAULT,
 ) -> str:
     """Prove, arm the rollback, apply. Fed to `sh -s` as root on the host; re-run exactly when rules change.
 
     baseline: the role's baseline, refreshed in $STATE/baseline (so a recovery uses the current operators).
     ssh_public_key: made sure to be authorized for ssh_user (appended if missing, never replacing a line).
+    install_wait_s: how long the push may wait for the packages a stock image lacks (its own install, or the
+    first boot's still running); then a missing command fails the push, one line each, before anything changes.
     """
     d = digest(files)
     new, base = '"$STATE/incoming.$$"', '"$STATE/baseline-in.$$"'
@@ -618,6 +734,8 @@ def push_script(
         _header("push", stack_name, files.host, d)
         + f'WINDOW="${{ENCLAVE_ROLLBACK_SECONDS:-{ROLLBACK_SECONDS_DEFAULT}}}"\n'
         + install_helpers()
+        + f"export ENCLAVE_HOST={shlex.quote(files.host)}\n"
+        + f'sh "$STATE/apply.sh" install {int(install_wait_s)} || {{ echo "$ME: nothing was changed" >&2; exit 1; }}\n'
         + f"trap 'rm -rf {new} {base}' EXIT\n"
         + f"if ! out=$( (\n{write}) 2>&1); then\n"
         + '  echo "$ME: could not be written to $STATE: ${out:-no space left?}; nothing was changed" >&2; exit 1\nfi\n'
@@ -668,26 +786,42 @@ def baseline_script(files: RuleFiles, *, bastion: bool = False) -> str:
     )
 
 
+def install_script() -> str:
+    """cloud-init's runcmd (the final stage, first boot only): install what a stock image lacks, then bring the
+    full baseline in force (apply.sh install)."""
+    return f'{STATE}\nsh "$STATE/apply.sh" install {INSTALL_WAIT_DEFAULT}\n'
+
+
 def cloud_config(
-    baseline: RuleFiles, *, ssh_user: str = "root", ssh_public_key: str | None = None, bastion: bool = False
+    baseline: RuleFiles, *, ssh_user: str = "root", ssh_public_key: str | None = None, bastion: bool = False,
+    apt_proxy: str | None = None,
 ) -> str:
     """Droplet user data: cloud-init runs bootcmd on every boot, early in its init stage, before sshd starts.
 
     On the first boot that applies the baseline; after a push it restores the last confirmed rules (as the
     systemd unit already did, earlier still). Built from the role's baseline only, never from peers.
+    runcmd (the final stage, once per instance: the network is up and apt's sources and proxy are configured)
+    installs what a stock image lacks (ipset; iptables on Debian) and then brings the full baseline in force.
     A non-root ssh_user is created with ssh_public_key and passwordless sudo (DigitalOcean installs keys for
-    root only); bastions raise sshd's MaxStartups.
+    root only); bastions raise sshd's MaxStartups; apt_proxy is apt's proxy for a droplet without a mirror.
     """
-    return _cloud_config(baseline, ssh_user, ssh_public_key, bastion)
+    return _cloud_config(baseline, ssh_user, ssh_public_key, bastion, apt_proxy)
 
 
 # Every droplet of a role boots with the same baseline, and YAML-quoting its script costs about 9 ms: render
 # each distinct baseline once (1 000 hosts under mocks spent 9 s here).
 @functools.lru_cache(maxsize=256)
-def _cloud_config(baseline: RuleFiles, ssh_user: str, ssh_public_key: str | None, bastion: bool) -> str:
+def _cloud_config(baseline: RuleFiles, ssh_user: str, ssh_public_key: str | None, bastion: bool,
+                  apt_proxy: str | None) -> str:
     import yaml  # here: every push run imports this module and never needs YAML (enclave.rulefiles)
 
-    document: dict[str, object] = {"bootcmd": [["sh", "-c", baseline_script(baseline, bastion=bastion)]]}
+    document: dict[str, object] = {
+        "bootcmd": [["sh", "-c", baseline_script(baseline, bastion=bastion)]],
+        "runcmd": [["sh", "-c", install_script()]],
+    }
+    if apt_proxy:
+        # cc_apt_configure writes these into /etc/apt/apt.conf.d/90cloud-init-aptproxy before runcmd runs
+        document["apt"] = {"http_proxy": apt_proxy, "https_proxy": apt_proxy}
     if ssh_user != "root":
         _authorized_keys_file(ssh_user)  # the same name check
         user: dict[str, object] = {

@@ -210,7 +210,7 @@ def run(request: PushRequest, transport: Transport, previous_stdout: str | None 
     # the stack's current key for the login user; the confirm, logging in with that key, retires the key enclave
     # authorized before (key rotation, enclave/push.py).
     pushed_script = push_script(request.files, request.stack, baseline=request.baseline, ssh_user=request.user,
-                                ssh_public_key=request.public_key)
+                                ssh_public_key=request.public_key, install_wait_s=request.deadline_s)
     confirm_text = confirm_script(request.files, request.stack, ssh_user=request.user,
                                   ssh_public_key=request.public_key)
 

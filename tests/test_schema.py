@@ -652,3 +652,32 @@ def test_the_program_refuses_the_stack_file_plan_refuses(tmp_path: Path) -> None
     (issue,) = stack_file_issues("x", tmp_path)
     assert issue.path == "enclave:roles.haproxy-www.ingress[0].ports[0]" and "write 443" in issue.message
     assert stack_file_issues("prod") == [] and stack_file_issues("absent", tmp_path) == []
+
+
+def test_the_largest_user_data_the_limits_allow_fits_digitaloceans_64_kib(tmp_path: Path) -> None:
+    """A bastion's user data carries the baseline, one SSH rule per operator: with the most operators the limits
+    allow, each a long IPv6 network, a non-root user and an RSA-4096-sized key, it still fits DigitalOcean's
+    64 KiB (beyond it the API refuses the droplet, after `pulumi up` began)."""
+    import ipaddress
+
+    from config.schema import MAX_OPERATORS
+    from enclave.push import cloud_config
+    from enclave.render import baseline_files
+
+    doc = stack_document("prod")
+    doc["config"]["enclave:operators"] = ["198.51.100.7/32"] + [
+        str(ipaddress.ip_network(f"2001:db8:ffff:ffff:ffff:ffff:{i:04x}:ff00/120")) for i in range(MAX_OPERATORS - 1)
+    ]
+    doc["config"]["enclave:aptProxy"] = "http://apt-proxy.internal.example:3142"
+    path = tmp_path / "Pulumi.big.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    config = load_stack_file(path).config
+    key = "ssh-rsa " + "A" * 716 + " a-long-comment@operators-workstation.example"
+    for role, spec in config.roles.items():
+        data = cloud_config(baseline_files(config, role), ssh_user="deploy", ssh_public_key=key, bastion=spec.bastion,
+                            apt_proxy=config.apt_proxy)
+        assert len(data.encode()) <= 64 * 1024, f"{role}: {len(data.encode())} bytes of user data"
+    doc["config"]["enclave:operators"].append("2001:db8::/64")
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(StackError, match="operators"):
+        load_stack_file(path)

@@ -57,7 +57,7 @@ from config.stackfile import Stack
 
 from ..compiler import Host
 from ..plan import build_plan, outsiders
-from ..push import baseline_script, confirm_script, digest, push_script
+from ..push import baseline_script, confirm_script, digest, install_script, push_script
 from ..pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PREVIOUS_STDOUT, ENV_PRIVATE_KEY, push_request
 from ..render import RuleFiles, baseline_files
 from ..transport import ENV_KNOWN_HOSTS, ENV_RUNTIME_DIR
@@ -197,12 +197,12 @@ def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True,
     return result
 
 
-def _run_all(commands: Sequence[tuple[Sequence[str], str | None]], timeout: float = 60) -> None:
-    """Several commands at once (each with optional stdin); raise on the first that failed."""
+def _run_all(commands: Sequence[tuple[Sequence[str], str | None]], timeout: float = 60,
+             check: bool = True) -> list[subprocess.CompletedProcess[str]]:
+    """Several commands at once (each with optional stdin); with check, raise on the first that failed."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(_run, argv, input=stdin, timeout=timeout) for argv, stdin in commands]
-        for future in futures:
-            future.result()
+        futures = [pool.submit(_run, argv, input=stdin, timeout=timeout, check=check) for argv, stdin in commands]
+        return [future.result() for future in futures]
 
 
 # ------------------------------------------------------------------------------------- namespaces
@@ -357,6 +357,8 @@ class Lab:
     exhaustive: probe every source to every host (True), or the first and last host of each role (False);
       None (default): exhaustive while that costs at most EXHAUSTIVE_MAX_PROBES probes. Either way every host's
       live rules, sets and digest are proven equal to the compiled ones.
+    host_wrapper: per host, an argv prefix every command on that host runs through (inside its namespace),
+      e.g. a test's emulation of a stock image's /usr/sbin (tests/stock_image).
     starve_neighbours: a failure injected into the harness, for tests: these namespaces get no static
       neighbour entries and cannot resolve any neighbour, as when the kernel's shared neighbour table is full.
     """
@@ -372,6 +374,7 @@ class Lab:
         progress: LabProgress | None = None,
         exhaustive: bool | None = None,
         starve_neighbours: Sequence[str] = (),
+        host_wrapper: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.stack = stack
         self.plan = build_plan(stack)
@@ -403,6 +406,11 @@ class Lab:
         if unknown:
             raise ValueError(f"starve_neighbours names unknown hosts {unknown}")
         self.starved = set(starve_neighbours)
+        unknown = sorted(set(host_wrapper or {}) - set(self.policy.host_by_name))
+        if unknown:
+            raise ValueError(f"host_wrapper names unknown hosts {unknown}")
+        self.host_wrapper = {h: list(argv) for h, argv in (host_wrapper or {}).items()}
+        self.install_failures: dict[str, str] = {}  # host -> what its first-boot install said, where it failed
         self._expected: dict[str, str] = {}  # host -> its normalized firewall as the compiler says it must be
 
     # ------------------------------------------------------------------------------------ names
@@ -502,6 +510,11 @@ class Lab:
         _run_all([(self.in_ns(h.name, [self._sshd(), "-f", str(self._write_sshd_config(h.name)),
                                         "-E", str(self.host_dir(h.name) / "sshd.log")]), None) for h in self.hosts])
         self._wait_until_ready(names)
+        # cloud-init's final stage, once per droplet: install what a stock image lacks, then the full baseline
+        # (a droplet whose install fails boots on regardless: the push names what is missing)
+        results = _run_all([(self.in_ns(h.name, ["sh", "-s"], self.session_env(h.name)), install_script())
+                            for h in self.hosts], timeout=300, check=False)
+        self.install_failures = {h.name: r.stderr.strip() for h, r in zip(self.hosts, results) if r.returncode}
         self.timings["boot"] = time.monotonic() - started
         self.progress.end("boot", f"{len(self.hosts)} hosts on their baseline with sshd; one probe agent serves "
                                   f"{len(names)} namespaces")
@@ -684,7 +697,7 @@ class Lab:
 
     def in_ns(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
         """argv run inside a lab namespace (with `env` set, e.g. a host's session environment)."""
-        prefix = ["ip", "netns", "exec", self.namespace(name)]
+        prefix = ["ip", "netns", "exec", self.namespace(name), *self.host_wrapper.get(name, ())]
         if env:
             prefix += ["env", *(f"{k}={v}" for k, v in env.items())]
         return prefix + list(argv)
