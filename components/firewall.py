@@ -45,26 +45,10 @@ from pulumi_command import local
 
 from enclave.compiler import Addresses, Host, Policy
 from enclave.pushrun import COMMAND, PushRequest
+from enclave.resource_names import push_resource_name
 from enclave.render import Renderer, RuleFiles
 
 T = TypeVar("T")
-
-PUSH_SUFFIX = "-push"
-
-
-def push_resource_name(droplet: str) -> str:
-    """`prod-mysql-1` -> `prod-mysql-1-push`: the push's resource name (`enclave audit` prints `pulumi up
-    --replace` with its URN, so it must stay stable)."""
-    return f"{droplet}{PUSH_SUFFIX}"
-
-
-def push_urn(stack_name: str, droplet: str, project: str = "enclave") -> str:
-    """The URN of a host's push: a `command:local:Command` child of the stack's EnclaveNetwork."""
-    return (
-        f"urn:pulumi:{stack_name}::{project}::enclave:index:EnclaveNetwork$command:local:Command::"
-        f"{push_resource_name(droplet)}"
-    )
-
 
 def without_dependencies(output: pulumi.Output[T]) -> pulumi.Output[T]:
     """The same value, known-ness and secretness, but no resources to depend on.

@@ -20,7 +20,7 @@ through, preferred), or to its public address when the stack has no bastion.
 
 A push's URN, which `enclave audit` prints in `pulumi up --replace` commands, is
 `urn:pulumi:<stack>::enclave::enclave:index:EnclaveNetwork$command:local:Command::<stack>-<role>-<n>-push`
-(`firewall.push_urn`); keep the names stable.
+(`enclave.resource_names.push_urn`, which audit prints and tests/test_program.py checks); keep the names stable.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from enclave.plan import droplet_name
 from enclave.push import cloud_config
 from enclave.pushrun import ENV_PREVIOUS_PRIVATE_KEY, ENV_PRIVATE_KEY, PushRequest
 from enclave.render import RuleFiles, baseline_files
+from enclave.resource_names import NETWORK_TYPE
 from enclave.sshconfig import jump_host, ssh_config
 
 from .cloud_firewall import role_firewalls
@@ -88,7 +89,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
 
     def __init__(self, settings: StackSettings, opts: pulumi.ResourceOptions | None = None) -> None:
         name = settings.name
-        super().__init__("enclave:index:EnclaveNetwork", name, None, opts)
+        super().__init__(NETWORK_TYPE, name, None, opts)
         stack = settings.config
         policy = settings.plan.policy
         child = pulumi.ResourceOptions(parent=self)

@@ -28,7 +28,6 @@ import concurrent.futures
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from config.stackfile import Stack
@@ -37,24 +36,17 @@ from .compiler import Addresses, Policy
 from .plan import droplet_name
 from .push import STATE, _heredoc, digest, host_files
 from .pushrun import _remote_shell, push_request
+from .resource_names import push_urn  # the URN the program's push resource has (tests/test_program.py)
 from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
 from .transport import SSH_FAILED, Transport
 
 AUDIT_DEADLINE_S = 30
-# The program's push resource per host (components/): a command:local:Command named `<droplet>-push`, a child of
-# the EnclaveNetwork component. Its URN is what `pulumi up --replace` takes.
-PUSH_RESOURCE_TYPE = "enclave:index:EnclaveNetwork$command:local:Command"
 SECTIONS = ("confirmed", "pending", "rolled-back", "live4", "live6", "sets", "want4", "want6", "wantsets")
 
 
-def project_name() -> str:
-    text = (Path(__file__).resolve().parent.parent / "Pulumi.yaml").read_text()
-    match = re.search(r"^name:\s*(\S+)", text, re.M)
-    return match.group(1) if match else "enclave"
-
-
-def push_urn(stack: str, droplet: str) -> str:
-    return f"urn:pulumi:{stack}::{project_name()}::{PUSH_RESOURCE_TYPE}::{droplet}-push"
+def replace_command(stack: str, droplet: str) -> str:
+    """The fix printed for a drifted host: re-push it by replacing its push resource (tests/test_program.py)."""
+    return f"pulumi up --stack {stack} --replace '{push_urn(stack, droplet)}'"
 
 
 def audit_script(files: RuleFiles) -> str:
@@ -187,7 +179,7 @@ def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], fi
                            public_key="", deadline_s=AUDIT_DEADLINE_S)
     droplet = droplet_name(stack.name, host)
     result = HostAudit(files.host, droplet, request.address, digest(files))
-    replace = f"pulumi up --stack {stack.name} --replace '{push_urn(stack.name, droplet)}'"
+    replace = replace_command(stack.name, droplet)
     with Transport(stack=stack.name, user=request.user, private_key=private_key, previous_private_key=None,
                    address=request.address, bastions=request.bastions) as transport:
         via = None if request.direct else request.bastions[0]

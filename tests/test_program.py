@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from components.firewall import push_resource_name, push_urn
+from enclave import audit
+from enclave.resource_names import push_resource_name
 from config.schema import StackError
 from config.stackfile import Stack
 from enclave.cloudfirewall import cloud_firewalls, role_tag
@@ -112,11 +113,13 @@ def test_resources_for_each_stack(stack_name: str) -> None:
     for r in run.registrations:
         if r.type != NETWORK:
             assert r.parent == network.urn, r.name
-    # the names `enclave audit` prints in `pulumi up --replace`: stable, and the URN push_urn computes
+    # the URN `enclave audit` prints in its `pulumi up --replace '<urn>'` fix is the one the engine registers
     pushes = run.by_name(PUSH)
     assert set(pushes) == {push_resource_name(droplet_name(stack_name, h)) for h in policy.hosts}
-    for push in pushes.values():
-        assert push.urn == push_urn(stack_name, push.name.removesuffix("-push"))
+    for h in policy.hosts:
+        push = pushes[push_resource_name(droplet_name(stack_name, h))]
+        fix = audit.replace_command(stack_name, droplet_name(stack_name, h))
+        assert fix == f"pulumi up --stack {stack_name} --replace '{push.urn}'"
 
     vpc = run.of_type(VPC)[0].inputs
     assert vpc["ipRange"] == str(stack.vpc_ip_range) and vpc["region"] == stack.region
