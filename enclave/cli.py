@@ -1,6 +1,6 @@
 """`enclave`: the offline command line. Same loading, compiler and renderer as the Pulumi program.
 
-Exit codes: 0 fine, 1 a check failed (a stack test, a lab probe), 2 bad input (stack file, flag).
+Exit codes: enclave.exitcodes (`enclave --help` prints them).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from .compiler import Addresses, Policy, compile_policy
 from .cloudfirewall import check_cloud_firewalls
 from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
+from .exitcodes import Exit, exit_code_table
 from .sshconfig import SshConfigError, ssh_config
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 ADDRESSES_HELP = (
     "JSON file of real addresses {host: {public, private, public6}}, e.g. from "
     "`pulumi stack output hosts --json > addrs.json`"
@@ -108,12 +108,12 @@ def print_plan(plan: Plan, console: Console) -> None:
 
 def report_failed_tests(plan: Plan, console: Console) -> int:
     if plan.ok:
-        return EXIT_OK
+        return Exit.OK
     failed = [t for t in plan.tests if not t.passed]
     console.print(f"[red bold]{len(failed)} test(s) failed against the compiled policy:[/]")
     for t in failed:
         console.print(f"  {t.describe()}, but it would be {t.seen}: {t.detail}", markup=False)
-    return EXIT_FAILED
+    return Exit.FAILED
 
 
 def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> int:
@@ -206,7 +206,7 @@ def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
         written = write_diagram(stack, output)
     except DiagramError as exc:
         Console(stderr=True).print(f"[red bold]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return EXIT_FAILED
+        return Exit.FAILED
     except OSError as exc:
         Console(stderr=True).print(
             f"[red bold]error:[/] --output {escape(str(output))}: cannot write there ({exc.strerror}); "
@@ -214,10 +214,10 @@ def cmd_diagram(args: argparse.Namespace, console: Console) -> int:
             highlight=False,
             soft_wrap=True,
         )
-        return EXIT_BAD_INPUT
+        return Exit.BAD_INPUT
     for path in written:
         console.print(f"wrote {path}", markup=False, highlight=False)
-    return EXIT_OK
+    return Exit.OK
 
 
 def addresses_from_args(args: argparse.Namespace, policy: Policy, note: str) -> dict[str, Addresses]:
@@ -241,7 +241,7 @@ def cmd_ssh_config(args: argparse.Namespace, console: Console) -> int:
         raise StackError([StackIssue("--identity-file", str(exc))], "--identity-file") from None
     # raw text on stdout, so `enclave ssh-config --stack prod > ~/.ssh/enclave-prod.conf` is the whole file
     sys.stdout.write(text)
-    return EXIT_OK
+    return Exit.OK
 
 
 def cmd_audit(args: argparse.Namespace, console: Console) -> int:
@@ -266,7 +266,7 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     if args.format == "json":
         sys.stdout.write(json.dumps({"stack": stack.name, "inSync": not drifted,
                                      "hosts": [r.as_json() for r in results]}, indent=2) + "\n")
-        return EXIT_FAILED if drifted else EXIT_OK
+        return Exit.FAILED if drifted else Exit.OK
     for r in results:
         state = "[green]in sync[/]" if r.in_sync else "[red bold]DRIFT[/]"
         console.print(f"{escape(r.host)} ({escape(r.address)}): {state}, rules {r.compiled}", highlight=False)
@@ -276,7 +276,7 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
             console.print(f"    {escape(line)}", highlight=False, soft_wrap=True, markup=False)
     console.print(f"stack {escape(stack.name)}: " + (f"{len(drifted)} of {len(results)} host(s) drifted" if drifted
                   else f"all {len(results)} hosts run the rules the stack compiles to"), highlight=False)
-    return EXIT_FAILED if drifted else EXIT_OK
+    return Exit.FAILED if drifted else Exit.OK
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclave",
         description="Isolate DigitalOcean droplets in a private network: plan, prove in a lab, then `pulumi up`.",
-        epilog="exit codes: 0 fine, 1 a check failed (a stack test, a lab probe), 2 bad input (the message names "
-        "the key or flag). `enclave COMMAND --help` for each command.",
+        epilog=exit_code_table() + "\n\n`enclave COMMAND --help` for each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog is a table: keep its lines
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             # escaped: messages quote the user's text and examples like `[tcp/80, tcp/443]`, which rich would
             # otherwise read as markup tags and silently drop
             err.print(f"  [bold]{escape(issue.path)}[/]: {escape(issue.message)}", highlight=False, soft_wrap=True)
-        return EXIT_BAD_INPUT
+        return Exit.BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from .exitcodes import PushExit
 from .push import confirm_script, digest, push_script
 from .rulefiles import RuleFiles
 from .transport import SSH_FAILED, Result, Transport, TransportError
@@ -57,7 +58,8 @@ COMMAND = f".venv/bin/python -m {MODULE}"
 ENV_PRIVATE_KEY = "ENCLAVE_SSH_PRIVATE_KEY"
 ENV_PREVIOUS_PRIVATE_KEY = "ENCLAVE_SSH_PREVIOUS_PRIVATE_KEY"
 ENV_PREVIOUS_STDOUT = "PULUMI_COMMAND_STDOUT"  # pulumi-command hands an update the previous run's stdout
-EXIT_CONFIRMED, EXIT_REFUSED, EXIT_BAD_REQUEST, EXIT_UNREACHABLE = 0, 1, 2, SSH_FAILED
+EXIT_CONFIRMED, EXIT_REFUSED, EXIT_BAD_REQUEST, EXIT_UNREACHABLE = (
+    PushExit.CONFIRMED, PushExit.REFUSED, PushExit.BAD_REQUEST, PushExit.UNREACHABLE)  # enclave.exitcodes
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 15.0
 REQUEST_VERSION = 1
 

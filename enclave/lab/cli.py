@@ -12,13 +12,12 @@ from rich.text import Text
 
 from config.stackfile import Stack
 
+from ..exitcodes import Exit
 from .lab import Lab, LabError, LabUnavailable, destroy_run, invoking_user, lab_records, preflight
 from .probe import HarnessError, LabReport
 from .progress import lab_progress
 from .report import print_report
 
-# 3: the lab's own machinery failed (neighbour table, agent, kernel errors): no verdict on the rules either way
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_HARNESS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _stack(args: argparse.Namespace) -> Stack:
@@ -37,24 +36,24 @@ def _guarded(run: Callable[[argparse.Namespace, Console], int]) -> Callable[[arg
             return run(args, console)
         except LabUnavailable as exc:
             err.print(Text(f"error: {exc}", style="red bold"))
-            return EXIT_BAD_INPUT
+            return Exit.BAD_INPUT
         except HarnessError as exc:
             err.print(Text(f"lab harness failed, no verdict on the rules: {exc}", style="red bold"))
-            return EXIT_HARNESS
+            return Exit.HARNESS
         except LabError as exc:
             err.print(Text(f"lab failed: {exc}", style="red bold"))
-            return EXIT_FAILED
+            return Exit.FAILED
         except KeyboardInterrupt:
             err.print("[yellow]interrupted: the lab was removed[/]")
-            return EXIT_INTERRUPTED
+            return Exit.INTERRUPTED
 
     return command
 
 
 def _exit_code(report: LabReport) -> int:
     if report.harness_failed:
-        return EXIT_HARNESS
-    return EXIT_OK if report.ok else EXIT_FAILED
+        return Exit.HARNESS
+    return Exit.OK if report.ok else Exit.FAILED
 
 
 def _run_lab(stack: Stack, keep: bool, exhaustive: bool | None) -> tuple[Lab, LabReport]:
@@ -111,18 +110,18 @@ def cmd_down(args: argparse.Namespace, console: Console) -> int:
             console.print("several labs are up; name one (enclave lab down RUN_ID) or use --all:")
             for r in kept:
                 console.print(f"  {r.run_id}  stack {r.stack}", markup=False)
-            return EXIT_BAD_INPUT
+            return Exit.BAD_INPUT
         targets = [r.run_id for r in kept]
     if not targets:
         console.print("no enclave lab is up")
-        return EXIT_OK
+        return Exit.OK
     for run_id in targets:
         removed = destroy_run(run_id)
         if not removed and not any(r.run_id == run_id for r in records):
             console.print(f"[red]no lab {run_id}[/]; labs: {', '.join(r.run_id for r in records) or 'none'}")
-            return EXIT_BAD_INPUT
+            return Exit.BAD_INPUT
         console.print(f"lab {run_id}: removed {len(removed)} namespaces", markup=False)
-    return EXIT_OK
+    return Exit.OK
 
 
 def register(sub: Any, add_stack_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
