@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from config.schema import StackError, StackIssue
-from config.stackfile import Stack, load_stack, load_stack_file
+from config.stackfile import Stack, load_stack_file
 
 from .plan import Plan, build_plan, droplet_name, example_addresses, load_addresses
 from .compiler import Addresses, Policy, compile_policy
@@ -27,6 +27,8 @@ from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
 from .exitcodes import Exit, exit_code_table
 from .sshconfig import SshConfigError, ssh_config
+from .stackargs import add_stack_arguments, stack_from_args
+from .lab import cli as lab_cli
 
 ADDRESSES_HELP = (
     "JSON file of real addresses {host: {public, private, public6}}, e.g. from "
@@ -45,24 +47,6 @@ def shown(text: str, limit: int = 60) -> str:
 def no_such_host(host: str, known: list[str], where: str) -> StackError:
     listed = ", ".join(known[:SHOWN_HOSTS]) + (f" … and {len(known) - SHOWN_HOSTS} more" if len(known) > SHOWN_HOSTS else "")
     return StackError([StackIssue("--host", f"{shown(host)}: {where}; hosts are {listed or 'none'}")], "--host")
-
-
-def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--stack", "-s", help="stack name: reads stacks/Pulumi.<stack>.yaml (default: dev)")
-    group.add_argument("--stack-file", type=Path, help="path to a Pulumi.<stack>.yaml file")
-
-
-def stack_from_args(args: argparse.Namespace) -> Stack:
-    """The stack the command line names, checked as `pulumi up` checks it; the lab loads its stacks here too."""
-    if args.stack_file is not None:
-        stack = load_stack_file(args.stack_file, flag="--stack-file")
-    else:
-        stack = load_stack(args.stack if args.stack is not None else "dev")  # `--stack ''` is refused, not dev
-    if stack.config.cloud_firewall:
-        # the provider's limits, checked here as the Pulumi program checks them: before anything exists
-        check_cloud_firewalls(stack.name, compile_policy(stack.config))
-    return stack
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -339,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--format", choices=("text", "json"), default="text", help="json: the same, for scripts")
     audit.set_defaults(func=cmd_audit)
 
-    from .lab import cli as lab_cli  # the lab registers its own subcommands
-
-    lab_cli.register(sub, add_stack_arguments)
+    lab_cli.register(sub)  # the lab's subcommands
     return parser
 
 

@@ -16,7 +16,7 @@ mistake on one host (a flushed table, a tool that opens a port) does not expose 
   counts rules, not sources, against its limit of 50.
 
 Provider limits (https://docs.digitalocean.com/products/networking/firewalls/details/limits/), checked before
-anything is created by `check_cloud_firewalls`, which both the CLI (`enclave.cli.stack_from_args`) and the
+anything is created by `check_cloud_firewalls`, which both the CLI (`enclave.stackargs.stack_from_args`) and the
 Pulumi program call right after loading a stack:
 - 50 rules per firewall, inbound and outbound entries together (each protocol + port range entry is one rule);
 - 5 tags per firewall (enclave applies one);

@@ -13,6 +13,7 @@ from rich.text import Text
 from config.stackfile import Stack
 
 from ..exitcodes import Exit
+from ..stackargs import add_stack_arguments, stack_from_args
 from .lab import Lab, LabError, LabUnavailable, destroy_run, invoking_user, lab_records, preflight
 from .probe import HarnessError, LabReport
 from .progress import lab_progress
@@ -22,8 +23,6 @@ from .report import print_report
 
 def _stack(args: argparse.Namespace) -> Stack:
     """The stack exactly as `enclave plan` loads and refuses it (same messages, exit 2), before any namespace."""
-    from ..cli import stack_from_args  # enclave.cli registers these commands, so it is loaded already
-
     return stack_from_args(args)
 
 
@@ -124,7 +123,7 @@ def cmd_down(args: argparse.Namespace, console: Console) -> int:
     return Exit.OK
 
 
-def register(sub: Any, add_stack_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any) -> None:
     """Add the lab's subcommands to the `enclave` parser."""
     lab = sub.add_parser("lab", help="prove a stack's rules with real packets in network namespaces (root)")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
