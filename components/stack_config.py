@@ -11,7 +11,8 @@ The CLI, the lab and this program validate a stack with the same `config.schema.
   when present.
 - The pushes run `.venv/bin/python` relative to the project directory (components/firewall.py says why that is
   where pulumi-command runs them); the program runs in that same directory, so it checks the venv is there.
-- The stack's own `tests` must pass against the compiled policy, as `enclave plan` requires.
+- The stack's limits (rules per host, set members; enclave/limits.py) and its own `tests` are checked on the
+  compiled policy, as `enclave plan` checks them.
 - With `enclave:cloudFirewall: true`, DigitalOcean's firewall limits are checked as the CLI checks them.
 
 Anything wrong raises `InvalidStack` (a `pulumi.RunError`, which Pulumi prints without a traceback) naming every
@@ -39,6 +40,8 @@ from config.schema import (
 )
 from config.stackfile import Stack, stack_file_issues
 from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
+from enclave.compiler import compile_policy
+from enclave.limits import limit_issues
 from enclave.plan import Plan, build_plan
 from enclave.pushrun import COMMAND
 
@@ -140,6 +143,9 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
     issues += _private_key_issues(values, PREVIOUS_PRIVATE_KEY)
     issues += _push_command_issues()
     if issues or config is None:
+        raise InvalidStack(StackError(issues, source))
+    issues = limit_issues(compile_policy(config))  # rules per host, set members: counted as rendered
+    if issues:
         raise InvalidStack(StackError(issues, source))
 
     plan = build_plan(Stack(name, config))

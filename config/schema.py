@@ -70,7 +70,8 @@ def never_a_source(net: IPNetwork) -> str | None:
 
 # Limits on what a stack may expand to, so a stack file (or its aliases) cannot make a host's rule set, the
 # plan or the push unbounded. Each is far above any real stack (prod: 4 roles, 1-2 entries, 2 ports, 7 rules
-# per host) and below where cost becomes a problem: see README "Limits".
+# per host) and below where cost becomes a problem: see docs/stack-file.md "Limits". The last two are counted
+# on the compiled policy, as rendered (enclave/limits.py), once the stack is otherwise valid.
 MAX_ROLES = 100  # each role is a set every host that admits it references, and a tag per droplet
 MAX_INGRESS_PER_ROLE = 100
 MAX_PORTS_PER_ENTRY = 100
@@ -458,8 +459,6 @@ class StackConfig(_Strict):
 
         for set_name, first, second in set_name_collisions(list(self.roles)):
             bad(second, f"its ipset would be named {set_name}, as {first}'s is; rename one of them")
-        issues += self._rule_count_issues(prefix)
-        issues += self._set_member_issues(prefix)
 
         for i, test in enumerate(self.tests):
             for key, name in (("from", test.sources), ("to", test.to)):
@@ -476,52 +475,6 @@ class StackConfig(_Strict):
             if test.port.proto != "icmp" and test.port.low != test.port.high:
                 bad(f"tests[{i}].port", f"a test probes one port, not the range {test.port}")
         return issues
-
-    def _rule_count_issues(self, prefix: str) -> list[StackIssue]:
-        """Roles whose hosts would get more than MAX_RULES_PER_HOST rules in one table (identical ones counted once,
-        as rendered): inbound (source, port) pairs, plus with restricted egress the (port, role) pairs it sends."""
-        inbound: dict[str, set[tuple[str, PortSpec]]] = {name: set() for name in self.roles}
-        outbound: dict[str, set[tuple[str, PortSpec]]] = {name: set() for name in self.roles}
-        for role_name, role in self.roles.items():
-            for rule in role.ingress:
-                for source in rule.sources:
-                    sender = source if source in self.roles else self.role_of_host(source)
-                    for port in rule.ports:
-                        inbound[role_name].add((source, port))
-                        if sender is not None:
-                            outbound[sender].add((role_name, port))
-        issues = []
-        for role_name, role in self.roles.items():
-            rules = len(inbound[role_name]) + (len(outbound[role_name]) if role.egress == "restricted" else 0)
-            if rules > MAX_RULES_PER_HOST:
-                issues.append(StackIssue(
-                    f"{prefix}roles.{role_name}.ingress",
-                    f"its hosts would get {rules} rules, over the limit of {MAX_RULES_PER_HOST} per host: declare "
-                    "port ranges (tcp/8000-8100) and roles rather than one entry per port or address",
-                ))
-        return issues
-
-    def _set_member_issues(self, prefix: str) -> list[StackIssue]:
-        """A fleet whose hosts would carry more than MAX_SET_MEMBERS ipset members in all (hosts x peers)."""
-        sets: dict[str, set[str]] = {name: set(self.bastion_roles()) for name in self.roles}
-        for role_name, role in self.roles.items():
-            for rule in role.ingress:
-                for source in rule.sources:
-                    if source in self.roles:
-                        sets[role_name].add(source)
-                    sender = source if source in self.roles else self.role_of_host(source)
-                    if sender is not None and self.roles[sender].egress == "restricted":
-                        sets[sender].add(role_name)
-        members = sum(self.roles[r].count * sum(self.roles[s].count for s in sets[r]) for r in self.roles)
-        if members <= MAX_SET_MEMBERS:
-            return []
-        biggest = max(self.roles, key=lambda r: self.roles[r].count * sum(self.roles[s].count for s in sets[r]))
-        return [StackIssue(
-            f"{prefix}roles",
-            f"the hosts would carry {members} ipset members in all (each lists every host of every role it admits "
-            f"or sends to; most of them on the {self.roles[biggest].count} hosts of {biggest}), over the limit of "
-            f"{MAX_SET_MEMBERS} (README: Limits): lower the counts, admit fewer roles, or split the fleet into stacks",
-        )]
 
     def _hosts_named(self, name: str) -> set[str]:
         if name in self.roles:
@@ -642,7 +595,7 @@ def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
     if kind == "too_long":
         context = error.get("ctx") or {}
         actual = len(value) if isinstance(value, (list, dict)) else context.get("actual_length")
-        return f"has {actual} items, over the limit of {context.get('max_length')} (README: Limits)"
+        return f"has {actual} items, over the limit of {context.get('max_length')} (docs/stack-file.md: Limits)"
     if kind == "string_type":
         return f"should be text, not {_what(value)}"
     message = str(error["msg"])

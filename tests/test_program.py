@@ -481,6 +481,12 @@ def _too_many_cloud_firewall_rules(config: dict[str, Any]) -> None:
     config["enclave:roles"]["mysql"]["ingress"].append({"from": "wordpress", "ports": [f"tcp/{p}" for p in range(5000, 5060)]})
 
 
+def _too_many_rules_per_host(config: dict[str, Any]) -> None:
+    config["enclave:roles"]["haproxy-www"]["ingress"] = [
+        {"from": [f"203.0.{i}.0/24" for i in range(21)], "ports": [f"tcp/{p}" for p in range(5000, 5100)]}
+    ]
+
+
 def _unchanged(config: dict[str, Any]) -> None:
     pass
 
@@ -504,6 +510,7 @@ def _short_push_timeout(config: dict[str, Any]) -> None:
         ("prod", _previous_key_as_public, None, "enclave:sshPreviousPrivateKey: is not a private key"),
         ("prod", _rotating, ["enclave:sshPrivateKey"], "enclave:sshPreviousPrivateKey: is stored in plain text"),
         ("prod", _short_push_timeout, None, "enclave:pushTimeout: Input should be greater than or equal to 60"),
+        ("prod", _too_many_rules_per_host, None, "enclave:roles.haproxy-www.ingress: its hosts would get 2110 rules"),
     ],
     ids=[
         "public-key-as-private",
@@ -514,6 +521,7 @@ def _short_push_timeout(config: dict[str, Any]) -> None:
         "previous-key-as-public",
         "previous-key-not-secret",
         "push-timeout-too-short",
+        "rules-per-host-limit",
     ],
 )
 def test_the_program_refuses(stack_name: str, edit: Any, secret_keys: list[str] | None, expected: str) -> None:

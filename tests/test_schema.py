@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from config.schema import StackError
-from config.stackfile import load_stack_file
+from config.stackfile import Stack, load_stack_file
+from enclave.compiler import compile_policy
+from enclave.limits import check_limits
 from enclave.cli import main
 
 from .conftest import STACKS, stack_document
@@ -247,19 +249,26 @@ BAD_STACKS: list[tuple[str, Callable[[Doc], None], str, str]] = [
     ("count-true", role_key("wordpress", "count", True),
      "enclave:roles.wordpress.count", "true is true/false, not a number"),
     ("too-many-roles", lambda doc: roles(doc).update({f"r{i}x": {"count": 0, "size": "s"} for i in range(100)}),
-     "enclave:roles", "104 items, over the limit of 100 (README: Limits)"),
+     "enclave:roles", "104 items, over the limit of 100 (docs/stack-file.md: Limits)"),
     ("too-many-ingress-entries", role_key("mysql", "ingress", [{"from": "wordpress", "ports": [3306]}] * 101),
      "enclave:roles.mysql.ingress", "101 items, over the limit of 100"),
     ("too-many-ports", ingress("mysql", {"from": "wordpress", "ports": [f"tcp/{1000 + i}" for i in range(101)]}),
      "enclave:roles.mysql.ingress[0].ports", "101 items, over the limit of 100"),
     ("too-many-rules-per-host", role_key("haproxy-www", "ingress", [
         {"from": [f"203.0.{i}.0/24" for i in range(30)], "ports": [f"tcp/{1000 + 2 * p}" for p in range(70)]}]),
-     "enclave:roles.haproxy-www.ingress", "2101 rules, over the limit of 2000 per host"),
+     "enclave:roles.haproxy-www.ingress", "2110 rules, over the limit of 2000 per host"),  # 2 100 declared + ssh and frame rules
     ("fleet-pushing-too-many-members", dense_fleet,
-     "enclave:roles", "over the limit of 25000000 (README: Limits)"),
+     "enclave:roles", "over the limit of 25000000 (docs/stack-file.md: Limits)"),
     ("fleet-over-a-16", fleet_over_a_16,
      "enclave:vpcIpRange", "a VPC is at most a /16 (65531 droplets): lower the counts or split the fleet"),
 ]
+
+
+def load_checked(path: Path) -> Stack:
+    """The stack file as `enclave plan` and `pulumi up` check it: the schema, then the limits on the compiled policy."""
+    stack = load_stack_file(path)
+    check_limits(stack, compile_policy(stack.config))
+    return stack
 
 
 def write_stack(tmp_path: Path, doc: Doc) -> Path:
@@ -273,7 +282,7 @@ def test_bad_stack_is_rejected_naming_the_key(tmp_path: Path, mutate: Callable[[
     doc = stack_document("prod")
     mutate(doc)
     with pytest.raises(StackError) as caught:
-        load_stack_file(write_stack(tmp_path, doc))
+        load_checked(write_stack(tmp_path, doc))
     issues = caught.value.issues
     matching = [i for i in issues if i.path == key]
     assert matching, f"no issue names {key}; got {[str(i) for i in issues]}"
@@ -634,9 +643,31 @@ def test_aliases_cannot_expand_a_host_past_the_rule_limit(tmp_path: Path) -> Non
     path.write_text(text)
     assert len(text.encode()) < 8_000
     with pytest.raises(StackError) as caught:
-        load_stack_file(path)
+        load_checked(path)
     (issue,) = caught.value.issues
-    assert issue.path == "enclave:roles.haproxy-www.ingress" and "10001 rules, over the limit of 2000" in issue.message
+    assert issue.path == "enclave:roles.haproxy-www.ingress" and "10010 rules, over the limit of 2000" in issue.message
+
+
+def test_the_rule_limit_counts_the_rules_the_host_would_receive(tmp_path: Path) -> None:
+    """The number a refusal gives is the number of rules in the host's largest table as rendered (SSH and the
+    fixed frame rules included, identical declarations once), and a stack just under the limit is accepted."""
+    from enclave.limits import limit_issues
+    from enclave.plan import build_plan
+
+    doc = stack_document("prod")
+    role_key("haproxy-www", "ingress", [{"from": [f"203.0.{i}.0/24" for i in range(20)] * 2,
+                                         "ports": [f"tcp/{1000 + p}" for p in range(100)]}])(doc)
+    stack = load_stack_file(write_stack(tmp_path, doc))
+    files = build_plan(stack).files["haproxy-www-1"]  # the plan itself does not refuse: only its callers do
+    rendered = sum(line.startswith("-A ") for line in files.ipv4.splitlines())
+    (issue,) = limit_issues(compile_policy(stack.config))
+    assert rendered > 2000 and f"would get {rendered} rules" in issue.message
+
+    role_key("haproxy-www", "ingress", [{"from": [f"203.0.{i}.0/24" for i in range(19)],
+                                         "ports": [f"tcp/{1000 + p}" for p in range(100)]}])(doc)
+    stack = load_stack_file(write_stack(tmp_path, doc))
+    assert sum(line.startswith("-A ") for line in build_plan(stack).files["haproxy-www-1"].ipv4.splitlines()) <= 2000
+    assert limit_issues(compile_policy(stack.config)) == []
 
 
 def test_the_program_refuses_the_stack_file_plan_refuses(tmp_path: Path) -> None:
