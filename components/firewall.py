@@ -57,7 +57,7 @@ def without_dependencies(output: pulumi.Output[T]) -> pulumi.Output[T]:
     stays unknown while a new droplet's address is), not engine edges to every peer droplet. The SDK turns every
     resource an input carries into a dependency one by one, copying the resource's dependency set each time
     (pulumi/runtime/resource_cycle_breaker.py `_add_dep`), so a push carrying P peers cost O(P^2) and the fleet
-    O(hosts x peers^2): 77% of a 3 000-host run. Dropping the edges is safe for a push: it has no `delete`, so the
+    O(hosts x peers^2) (docs/benchmarks.md has the figure). Dropping the edges is safe for a push: it has no `delete`, so the
     deletion order is moot, and its run can only start once its request (peers included) is known.
     """
     future = cast(Awaitable[T], output.future())
@@ -101,7 +101,7 @@ class HostRuleFiles:
     def _joined(self, names: Sequence[str]) -> pulumi.Output[Mapping[str, Any]]:
         joined = pulumi.Output.all(**{name: self.addresses[name] for name in names})
         # A read-only view, not a dict: the SDK walks every dict inside an Output.all looking for nested
-        # Outputs, which made each push re-walk its peers' whole address map (1 000 hosts: 84 s -> 39 s).
+        # Outputs, which made each push re-walk its peers' whole address map (docs/benchmarks.md: the saving).
         return without_dependencies(joined.apply(types.MappingProxyType))
 
     def _role(self, role: str) -> pulumi.Output[Mapping[str, Any]]:

@@ -51,6 +51,15 @@ def test_report_keeps_the_sections_of_parts_not_rerun(tmp_path: Path) -> None:
     assert text.index("plan table") < text.index("apply table")
 
 
+def test_report_keeps_the_figures_measured_by_hand(tmp_path: Path) -> None:
+    report = tmp_path / "benchmarks.md"
+    write_report(report, {"plan": "plan table v1\n"}, ["cores: 2"])
+    report.write_text(report.read_text() + "\n<!-- notes -->\n## By hand\n28 ms\n<!-- /notes -->\n")
+    write_report(report, {"plan": "plan table v2\n"}, ["cores: 4"])
+    text = report.read_text()
+    assert "plan table v2" in text and text.count("## By hand\n28 ms") == 1
+
+
 def test_cli_runs_the_plan_part_and_writes_the_report(tmp_path: Path) -> None:
     report = tmp_path / "out.md"
     assert main(["plan", "--plan-sizes", "10", "--output", str(report)]) == 0
