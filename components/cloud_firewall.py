@@ -3,6 +3,8 @@
 The specs (rules, sources, limits) come from enclave.cloudfirewall, checked when the stack is read; this only
 maps them onto `digitalocean.Firewall`. They select droplets by the role tag every droplet carries, so adding a
 host to a role changes no firewall; only a source naming a single host (`from: mysql-2`) uses a droplet id.
+
+For users: docs/cli.md#plan (the cloud firewalls a plan lists).
 """
 
 from __future__ import annotations

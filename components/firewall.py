@@ -32,6 +32,8 @@ from the addresses that host's rules contain (`RuleFiles.peers`, which the rende
 never disagree with the rule logic in enclave.render), plus its own address and the bastions'. Adding a
 WordPress server therefore changes the requests of the hosts that accept from WordPress or send to it, and no
 other, even in `pulumi preview`, where a new droplet's addresses are still unknown.
+
+For users: docs/operations.md#a-push-from-pulumis-side and docs/how-a-push-works.md.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ The CLI, the lab and this program validate a stack with the same `config.schema.
 
 Anything wrong raises `InvalidStack` (a `pulumi.RunError`, which Pulumi prints without a traceback) naming every
 key to fix, before the program registers a single resource.
+
+For users: docs/stack-file.md and docs/operations.md#first-deploy.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Names enclave gives things on a host, decided here so the schema can refuse a stack whose names would collide.
 
-ipset names are at most 31 characters; enclave keeps 4 for the `.new` twin a push stages members in, so a set
-name is at most 27. A role's set is `enclave-<role>` when that fits. A longer role gets its first 12 characters,
+ipset names are at most 31 characters; enclave keeps 4 for the suffix a set carries on the host (`.` and 3
+characters of a hash of its members, enclave/push.py), so a set name is at most 27. A role's set is `enclave-<role>` when that fits. A longer role gets its first 12 characters,
 an underscore and 6 hex digits of its name's SHA-256: a role name cannot hold `_`, so a hashed name can never
 equal a verbatim one (`abcdefghijkl-dd65ee` is a valid role name; `abcdefghijkl_dd65ee` is not). The operator
 sets are `enclave-operators` (`operators` is a reserved role name) and `enclave-operators_v6` (with `_`, so a
@@ -10,6 +10,8 @@ role named `operators6` or `operators-v6` keeps its own set).
 Two long roles whose names share their first 12 characters and whose hashes share 24 bits would still collide;
 `set_name_collisions` finds that (and any other clash) and the schema refuses the stack naming both roles.
 Chains are fixed (`ENCLAVE-INPUT`, `ENCLAVE-OUTPUT`) and comments only explain a rule, so neither can collide.
+
+For users: docs/stack-file.md#how-the-rules-look.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 
 SET_PREFIX = "enclave-"
-# ipset names are at most 31 characters; keep room for the ".new" twin used for atomic swaps.
+# ipset names are at most 31 characters; keep room for the 4-character suffix a set carries on the host.
 SET_NAME_MAX = 27
 HASH_DIGITS = 6
 OPERATORS_SET = {4: SET_PREFIX + "operators", 6: SET_PREFIX + "operators_v6"}

@@ -7,6 +7,8 @@ Two layers of checks, both before anything is created:
 Every problem becomes a `StackIssue` whose `path` is the key a user edits, e.g. `enclave:roles.mysql.count`.
 
 No Pulumi import here: the CLI, the lab and the Pulumi program all load stacks through this module.
+
+For users: docs/stack-file.md (every key, what is refused, the limits).
 """
 
 from __future__ import annotations
@@ -85,9 +87,8 @@ MAX_TESTS = 1_000
 # fleet. Sources per entry have no limit of their own: this one bounds what they expand to.
 MAX_RULES_PER_HOST = 2_000
 # Every host's ipset file lists the private address of every host of every role it admits or sends to, so what
-# a fleet pushes in all grows with hosts x peers. A 5 000-host prod-shaped fleet (every mysql host admits every
-# wordpress and mysql host) pushes 18.6 million members, 0.7 GB of rule files, which `enclave plan` holds in
-# memory at once; past this, a stack would exhaust memory long before `pulumi up` could push it.
+# a fleet pushes in all grows with hosts x peers, and `enclave plan` holds it in memory at once; past this, a stack
+# would exhaust memory long before `pulumi up` could push it (docs/stack-file.md "Limits" gives the sizes).
 MAX_SET_MEMBERS = 25_000_000
 
 

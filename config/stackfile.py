@@ -1,4 +1,7 @@
-"""Reading `stacks/Pulumi.<stack>.yaml` outside Pulumi (CLI, lab, tests), with the same checks as the program."""
+"""Reading `stacks/Pulumi.<stack>.yaml` outside Pulumi (CLI, lab, tests), with the same checks as the program.
+
+For users: docs/stack-file.md (YAML read as Pulumi reads it, the file-size limits).
+"""
 
 from __future__ import annotations
 

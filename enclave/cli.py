@@ -1,6 +1,8 @@
 """`enclave`: the offline command line. Same loading, compiler and renderer as the Pulumi program.
 
 Exit codes: enclave.exitcodes (`enclave --help` prints them).
+
+For users: docs/cli.md (every command and flag) and README.md (the quickstart).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ Pulumi program call right after loading a stack:
 
 Pure logic: no Pulumi. The fields map 1:1 onto `digitalocean.FirewallInboundRuleArgs` /
 `FirewallOutboundRuleArgs` (see `InboundRule` and `OutboundRule`).
+
+For users: docs/cli.md#plan.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ them into a verdict for one concrete packet (the reference the lab's real packet
 plan prints them as the flow table.
 
 Pure logic: no Pulumi, no I/O.
+
+For users: docs/stack-file.md (what a declaration means) and docs/threat-model.md.
 """
 
 from __future__ import annotations

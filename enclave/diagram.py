@@ -7,6 +7,8 @@ CIDR) are drawn in orange, and the roles they reach sit in the VPC's "public edg
 and stays inside the VPC. What is not drawn is dropped.
 
 Pure logic apart from running Graphviz's `dot` (through the `graphviz` package) to lay out the SVG.
+
+For users: docs/cli.md#diagram.
 """
 
 from __future__ import annotations

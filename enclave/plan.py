@@ -3,6 +3,8 @@
 Addresses are inputs. Without real ones (from Pulumi outputs or `--addresses FILE.json`) the plan uses a
 deterministic example inside the VPC range, which the lab also uses, so a plan and a lab run of one stack
 speak of the same addresses.
+
+For users: docs/cli.md#plan.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """An OpenSSH client config so an operator can `ssh prod-mysql-1` on day one: private hosts through the bastion.
 
 The same text is the Pulumi output `sshConfig`, `enclave ssh-config`, and what the lab's operator uses.
+
+For users: docs/cli.md#ssh-config.
 """
 
 from __future__ import annotations
