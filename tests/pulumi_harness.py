@@ -34,10 +34,11 @@ from pulumi.runtime.sync_await import _sync_await
 
 from config.schema import StackConfig, StackError, load_config
 from enclave.compiler import Addresses
+from enclave.resource_names import project_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "__main__.py"
-PROJECT = "enclave"
+PROJECT = project_name()  # as the engine does: Pulumi.yaml's `name:`, the project part of every URN
 PRISTINE = contextvars.copy_context()
 
 # Not a usable key: the shape of one, so the program's checks accept it and the tests can look for it.
