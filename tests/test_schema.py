@@ -670,6 +670,22 @@ def test_the_rule_limit_counts_the_rules_the_host_would_receive(tmp_path: Path) 
     assert limit_issues(compile_policy(stack.config)) == []
 
 
+def test_a_role_declaring_far_more_pairs_than_the_limit_is_refused_without_rendering(tmp_path: Path) -> None:
+    """100 entries of 100 sources x 100 ports: a million pairs. Counting them as rendered would cost more than
+    the check is worth, so the declared count is the refusal (enclave.limits.RENDER_BOUND)."""
+    from enclave.limits import RENDER_BOUND, limit_issues
+
+    doc = stack_document("prod")
+    cidrs = [f"203.0.{i}.0/24" for i in range(100)]
+    role_key("haproxy-www", "ingress", [{"from": cidrs, "ports": [f"tcp/{1000 + 100 * e + p}" for p in range(100)]}
+                                        for e in range(100)])(doc)
+    stack = load_stack_file(write_stack(tmp_path, doc))
+    (issue,) = limit_issues(compile_policy(stack.config))
+    assert issue.path == "enclave:roles.haproxy-www.ingress"
+    declared = int(issue.message.split("up to ")[1].split()[0])
+    assert declared > RENDER_BOUND and "over the limit of 2000 per host" in issue.message
+
+
 def test_the_program_refuses_the_stack_file_plan_refuses(tmp_path: Path) -> None:
     """Pulumi hands the program `0443` as 291, so the program reads the stack file as written too, with the
     same reader as `enclave plan` (components/stack_config.py adds these issues to its own)."""
