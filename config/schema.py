@@ -4,6 +4,8 @@ Two layers of checks, both before anything is created:
   1. pydantic validates shapes and values key by key (unknown keys, bad ports, bad CIDRs, negative counts…);
   2. `StackConfig.check_references` validates what needs the whole stack (a `from` naming an unknown role,
      a VPC range too small for the hosts, operators missing while a bastion exists…).
+A third layer needs the compiled policy and so lives beside the compiler: the limits on rules per host and set
+members (enclave/limits.py), checked by `enclave` and the program right after this module accepts a stack.
 Every problem becomes a `StackIssue` whose `path` is the key a user edits, e.g. `enclave:roles.mysql.count`.
 
 No Pulumi import here: the CLI, the lab and the Pulumi program all load stacks through this module.
