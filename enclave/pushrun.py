@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from .push import confirm_script, digest, push_script
 from .rulefiles import RuleFiles
-from .transport import SSH_FAILED, Result, Transport, TransportError
+from .transport import SSH_FAILED, Result, Transport, TransportError, TransportLike
 
 if TYPE_CHECKING:  # the run itself needs neither: importing them costs about a second per push (enclave.rulefiles)
     from .compiler import Addresses, Host, Policy
@@ -200,7 +200,7 @@ def _why(result: Result, host: str, where: str, known_hosts: str) -> str:
     return text[-2000:]
 
 
-def run(request: PushRequest, transport: Transport, previous_stdout: str | None = None) -> dict[str, Any]:
+def run(request: PushRequest, transport: TransportLike, previous_stdout: str | None = None) -> dict[str, Any]:
     """Push, then confirm over a new connection; the JSON document of a confirmed push, or PushError."""
     started = time.monotonic()
     deadline = started + request.deadline_s
