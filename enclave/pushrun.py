@@ -230,7 +230,8 @@ def run(request: PushRequest, transport: TransportLike, previous_stdout: str | N
             if result.returncode != SSH_FAILED:  # the host answered and said no: retrying changes nothing
                 raise PushError("push", EXIT_REFUSED, f"the host refused rules {d}: {_why(result, request.host, where, str(transport.known_hosts))}")
             if result.host_key_changed:
-                raise PushError("push", EXIT_UNREACHABLE, _why(result, request.host, request.address, str(transport.known_hosts)))
+                # `where` names the bastion it went through: _why tells the host's key from that bastion's
+                raise PushError("push", EXIT_UNREACHABLE, _why(result, request.host, where, str(transport.known_hosts)))
             failures.append(f"{where}: {_why(result, request.host, where, str(transport.known_hosts))}")
         else:
             if time.monotonic() + backoff < deadline:
