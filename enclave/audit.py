@@ -101,10 +101,6 @@ def _kernel_state(sections: dict[str, list[str]], ipv4: str, ipv6: str, sets: st
     return kernelstate.read(*("\n".join(sections.get(key, [])) for key in (ipv4, ipv6, sets)))
 
 
-def _chain_rules(state: KernelState, family: str) -> list[str]:
-    return state.enclave_rules(family)
-
-
 def _jumps(state: KernelState, family: str) -> set[str]:
     """The jumps apply.sh places (INPUT to ENCLAVE-INPUT, OUTPUT to ENCLAVE-OUTPUT) that are live."""
     return state.jumps(family) & {f"-A INPUT -j {INPUT_CHAIN}", f"-A OUTPUT -j {OUTPUT_CHAIN}"}
@@ -168,7 +164,7 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
         drift.append(f"the host's saved rules could not be read: {exc}")
         return drift
     for family in kernelstate.FAMILIES:
-        live, wanted = _chain_rules(live_state, family), _chain_rules(wanted_state, family)
+        live, wanted = live_state.enclave_rules(family), wanted_state.enclave_rules(family)
         jumps = _jumps(live_state, family)
         if len(jumps) < 2 or (wanted and not live):
             drift.append(f"flushed: {family} " + ("INPUT/OUTPUT do not jump to enclave's chains" if len(jumps) < 2
