@@ -28,6 +28,15 @@ Namespaces share the filesystem, so each host's sshd gives its sessions their ow
 (sshd_config SetEnv); the scripts are byte for byte the program's.
 
 `Lab` is a context manager: everything is removed on exit, on failure, on Ctrl-C and on SIGTERM.
+
+`Lab` (this module: lifecycle, pushes, probes, the harness's health) composes the lab's parts:
+    base.py       the plan, the options and every shared name (namespaces, directories, session environment)
+    topology.py   namespaces, bridges, addresses, permanent neighbour entries
+    hosts.py      keys, boot, sshd, the probe agent, readiness, reboot
+    scheduler.py  push_all's order, as the Pulumi engine runs the pushes (unit-tested with fakes)
+    proofs.py     every host's kernel state against the compiled one (enclave.kernelstate)
+    cleanup.py    finding and removing runs by name (`enclave lab down`)
+    machine.py    root, tools, the lab root, running commands
 """
 
 from __future__ import annotations
