@@ -32,13 +32,15 @@ from typing import Any
 
 from config.stackfile import Stack
 
+from . import kernelstate
 from .compiler import Addresses, Policy
+from .kernelstate import KernelState, KernelStateError
 from .plan import droplet_name
 from .push import STATE, _heredoc, digest, host_files
 from .pushrun import _remote_shell, push_request
 from .resource_names import push_urn  # the URN the program's push resource has (tests/test_program.py)
-from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
-from .transport import SSH_FAILED, Transport
+from .render import INPUT_CHAIN, OUTPUT_CHAIN, SET_PREFIX, RuleFiles
+from .transport import SSH_FAILED, Transport, TransportFactory
 
 AUDIT_DEADLINE_S = 30
 SECTIONS = ("confirmed", "pending", "rolled-back", "live4", "live6", "sets", "want4", "want6", "wantsets")
@@ -85,12 +87,15 @@ def _sections(text: str) -> dict[str, list[str]]:
     return out
 
 
-def _chain_rules(lines: list[str]) -> list[str]:
-    return [line for line in lines if line.startswith(f"-A {CHAIN_PREFIX}-")]
+def _kernel_state(sections: dict[str, list[str]], ipv4: str, ipv6: str, sets: str) -> KernelState:
+    """One side of the comparison (live, or the compiled files as saved from the scratch namespace) read by the
+    same reader as the lab's proof (enclave.kernelstate)."""
+    return kernelstate.read(*("\n".join(sections.get(key, [])) for key in (ipv4, ipv6, sets)))
 
 
-def _jumps(lines: list[str]) -> set[str]:
-    return {line for line in lines if re.fullmatch(rf"-A (INPUT|OUTPUT) -j {CHAIN_PREFIX}-\1", line)}
+def _jumps(state: KernelState, family: str) -> set[str]:
+    """The jumps apply.sh places (INPUT to ENCLAVE-INPUT, OUTPUT to ENCLAVE-OUTPUT) that are live."""
+    return state.jumps(family) & {f"-A INPUT -j {INPUT_CHAIN}", f"-A OUTPUT -j {OUTPUT_CHAIN}"}
 
 
 def _members(lines: list[str]) -> dict[str, set[str]]:
@@ -144,9 +149,15 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
     if "want4" not in sections or "wantsets" not in sections:
         drift.append("the compiled files could not be loaded in a scratch namespace on the host (unshare, ipset?)")
         return drift
-    for family, live_key, want_key in (("IPv4", "live4", "want4"), ("IPv6", "live6", "want6")):
-        live, wanted = _chain_rules(sections.get(live_key, [])), _chain_rules(sections.get(want_key, []))
-        jumps = _jumps(sections.get(live_key, []))
+    try:
+        live_state = _kernel_state(sections, "live4", "live6", "sets")
+        wanted_state = _kernel_state(sections, "want4", "want6", "wantsets")
+    except KernelStateError as exc:
+        drift.append(f"the host's saved rules could not be read: {exc}")
+        return drift
+    for family in kernelstate.FAMILIES:
+        live, wanted = live_state.enclave_rules(family), wanted_state.enclave_rules(family)
+        jumps = _jumps(live_state, family)
         if len(jumps) < 2 or (wanted and not live):
             drift.append(f"flushed: {family} " + ("INPUT/OUTPUT do not jump to enclave's chains" if len(jumps) < 2
                                                   else "enclave's chains are empty"))
@@ -159,7 +170,7 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
                 drift.append(f"missing rule ({family}): … and {len(missing) - 5} more")
             if not foreign and not missing and live != wanted:
                 drift.append(f"{family} rules in another order than compiled")
-    live_sets, wanted_sets = _members(sections.get("sets", [])), _members(sections["wantsets"])
+    live_sets, wanted_sets = live_state.enclave_sets(), wanted_state.enclave_sets()
     for name in sorted(set(wanted_sets) | set(live_sets)):
         if name not in wanted_sets:
             continue  # a set of a previous push, destroyed once no rule uses it
@@ -173,19 +184,20 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
 
 
 def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], files: RuleFiles,
-               private_key: str) -> HostAudit:
+               private_key: str, transport: TransportFactory = Transport) -> HostAudit:
+    """One host's audit over `transport` (OpenSSH; a fake in tests)."""
     host = policy.host_by_name[files.host]
     request = push_request(stack.name, policy, addresses, host, files, user=stack.config.ssh_user,
                            public_key="", deadline_s=AUDIT_DEADLINE_S)
     droplet = droplet_name(stack.name, host)
     result = HostAudit(files.host, droplet, request.address, digest(files))
     replace = replace_command(stack.name, droplet)
-    with Transport(stack=stack.name, user=request.user, private_key=private_key, previous_private_key=None,
-                   address=request.address, bastions=request.bastions) as transport:
+    with transport(stack=stack.name, user=request.user, private_key=private_key, previous_private_key=None,
+                   address=request.address, bastions=request.bastions) as ssh:
         via = None if request.direct else request.bastions[0]
-        done = transport.run(via, _remote_shell(request.user), audit_script(files), confirm=False,
-                             deadline=time.monotonic() + AUDIT_DEADLINE_S)
-        known_hosts = transport.known_hosts
+        done = ssh.run(via, _remote_shell(request.user), audit_script(files), confirm=False,
+                       deadline=time.monotonic() + AUDIT_DEADLINE_S)
+        known_hosts = ssh.known_hosts
     if done.host_key_changed:
         result.drift.append(f"host key changed: {droplet} answers with another host key than when it was first "
                             "pushed (rebuilt from the panel?); nothing was read")

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from .exitcodes import PushExit
 from .push import confirm_script, digest, push_script
 from .rulefiles import RuleFiles
-from .transport import SSH_FAILED, Result, Transport, TransportError
+from .transport import SSH_FAILED, Result, Transport, TransportError, TransportLike
 
 if TYPE_CHECKING:  # the run itself needs neither: importing them costs about a second per push (enclave.rulefiles)
     from .compiler import Addresses, Host, Policy
@@ -202,7 +202,7 @@ def _why(result: Result, host: str, where: str, known_hosts: str) -> str:
     return text[-2000:]
 
 
-def run(request: PushRequest, transport: Transport, previous_stdout: str | None = None) -> dict[str, Any]:
+def run(request: PushRequest, transport: TransportLike, previous_stdout: str | None = None) -> dict[str, Any]:
     """Push, then confirm over a new connection; the JSON document of a confirmed push, or PushError."""
     started = time.monotonic()
     deadline = started + request.deadline_s
@@ -232,7 +232,8 @@ def run(request: PushRequest, transport: Transport, previous_stdout: str | None 
             if result.returncode != SSH_FAILED:  # the host answered and said no: retrying changes nothing
                 raise PushError("push", EXIT_REFUSED, f"the host refused rules {d}: {_why(result, request.host, where, str(transport.known_hosts))}")
             if result.host_key_changed:
-                raise PushError("push", EXIT_UNREACHABLE, _why(result, request.host, request.address, str(transport.known_hosts)))
+                # `where` names the bastion it went through: _why tells the host's key from that bastion's
+                raise PushError("push", EXIT_UNREACHABLE, _why(result, request.host, where, str(transport.known_hosts)))
             failures.append(f"{where}: {_why(result, request.host, where, str(transport.known_hosts))}")
         else:
             if time.monotonic() + backoff < deadline:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 ENV_RUNTIME_DIR = "ENCLAVE_SSH_RUNTIME_DIR"
 ENV_KNOWN_HOSTS = "ENCLAVE_KNOWN_HOSTS"
@@ -139,6 +140,28 @@ class Result:
         """Whose key changed (the host, or a bastion on the way): OpenSSH names it."""
         match = re.search(r"Host key for (\S+) has changed", self.stderr)
         return match.group(1).strip("[]").split("]:")[0] if match else None
+
+
+class TransportLike(Protocol):
+    """What a push run and an audit need of a transport (enclave.pushrun.run, enclave.audit.audit_host): the
+    seam where tests put a fake host in place of OpenSSH."""
+
+    @property
+    def known_hosts(self) -> Path:
+        """The known_hosts file the operator fixes a changed host key in (named in error messages)."""
+        ...
+
+    def run(self, via: str | None, command: str, stdin: str, *, confirm: bool, deadline: float) -> Result:
+        """`command` on the host with `stdin`, directly (via None) or through bastion `via`; confirm=True logs
+        in with the new key only, on a new connection. SSH_FAILED when SSH did not get in."""
+        ...
+
+
+class TransportFactory(Protocol):
+    """Builds a run's transport as a context manager (Transport itself is one)."""
+
+    def __call__(self, *, stack: str, user: str, private_key: str, previous_private_key: str | None,
+                 address: str, bastions: Sequence[str]) -> contextlib.AbstractContextManager[TransportLike]: ...
 
 
 class Transport:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from config.stackfile import load_stack
-from enclave.lab.lab import normalized_firewall
+from enclave import kernelstate
 from enclave.plan import build_plan
 from enclave.push import UNIT_NAME, baseline_script, cloud_config, confirm_script, digest, push_script
 from enclave.render import RuleFiles, baseline_files
@@ -60,8 +60,8 @@ class Host:
         return result
 
     def save(self) -> str:
-        """The firewall state, normalized exactly as the lab compares it."""
-        return normalized_firewall(self.sh("iptables-save; ip6tables-save").stdout, self.sh("ipset save").stdout)
+        """The firewall state in the canonical form the lab and `enclave audit` compare (enclave.kernelstate)."""
+        return kernelstate.read_saved(self.sh(kernelstate.SAVE_SH).stdout).render()
 
     def reboot(self) -> None:
         """A new network namespace is a host whose kernel state is gone; the files on disk stay."""

@@ -28,119 +28,50 @@ Namespaces share the filesystem, so each host's sshd gives its sessions their ow
 (sshd_config SetEnv); the scripts are byte for byte the program's.
 
 `Lab` is a context manager: everything is removed on exit, on failure, on Ctrl-C and on SIGTERM.
+
+`Lab` (this module: lifecycle, pushes, probes, the harness's health) composes the lab's parts:
+    base.py       the plan, the options and every shared name (namespaces, directories, session environment)
+    topology.py   namespaces, bridges, addresses, permanent neighbour entries
+    hosts.py      keys, boot, sshd, the probe agent, readiness, reboot
+    scheduler.py  push_all's order, as the Pulumi engine runs the pushes (unit-tested with fakes)
+    proofs.py     every host's kernel state against the compiled one (enclave.kernelstate)
+    cleanup.py    finding and removing runs by name (`enclave lab down`)
+    machine.py    root, tools, the lab root, running commands
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import difflib
 import json
 import os
-import pwd
-import queue as queue_module
-import re
-import secrets
-import select
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
 
-from config.stackfile import Stack
-
-from ..compiler import Host
-from ..plan import build_plan, outsiders
-from ..push import baseline_script, confirm_script, digest, install_script, push_script
+from ..push import install_script
 from ..pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PREVIOUS_STDOUT, ENV_PRIVATE_KEY, push_request
-from ..render import RuleFiles, baseline_files
+from ..render import RuleFiles
 from ..transport import ENV_KNOWN_HOSTS, ENV_RUNTIME_DIR
-from ..sshconfig import ssh_config
-from .probe import (AddressKind, HarnessError, HostProof, LabReport, Outcome, ProbeSet, exhaustive_probe_count,
-                    listen_ports, plan_probes, probe_ports, sample_hosts, send_probes, tests_with_packets)
-from .progress import LabProgress
+from .base import EXHAUSTIVE_MAX_PROBES, OUTSIDERS
+from .cleanup import (RUNTIME_DIR_MAX, LabRecord, destroy_run, lab_records, namespace_pids, run_namespaces,
+                      short_runtime_dir)
+from .hosts import WIPE_KERNEL_STATE, Hosts
+from .machine import (LAB_DIR_ENV, PROJECT_ROOT, SSH_USER, STATE_FILE, LabError, LabUnavailable, _run, _run_all,
+                      invoking_user, preflight)
+from .probe import HarnessError, LabReport, Outcome, send_probes, tests_with_packets
+from .proofs import Proofs
+from .scheduler import PushFailed, PushHandle, run_pushes
+from .topology import Topology
 
-NS_PREFIX = "enc-"
-LAB_DIR_ENV = "ENCLAVE_LAB_DIR"
-LAB_DIR_DEFAULT = Path("/run/enclave-lab")
-# A run id names namespaces (enc-<run>-<host>) and a directory under the lab root that `lab down` deletes: letters
-# and digits only, so `enclave lab down ..` (or `/`) can never point the deletion outside the lab root.
-RUN_ID_FORMAT = re.compile(r"[0-9A-Za-z]{1,32}")
-STATE_FILE = "lab.json"
-# A push run's runtime directory holds ControlMaster sockets: <dir>/cm-<22 chars> plus ssh's 17-character
-# temporary suffix must fit a Unix socket path (107 bytes).
-RUNTIME_DIR_MAX = 60
-OUTSIDERS = ("internet", "operator", "neighbor")
-# Exhaustive (every source to every host) while it costs at most this many probes: about 20 prod-shaped hosts,
-# a few seconds. Beyond it the lab samples (first and last host of each role) and proves every host's rules
-# from its kernel, which is as strong (see README, "The lab") and linear in hosts instead of quadratic.
-EXHAUSTIVE_MAX_PROBES = 20_000
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-SSH_USER = "root"  # the push needs root, and the lab's namespaces only know this machine's users
-
-# tool -> the Debian package that provides it (the Makefile's APT_PACKAGES installs them all)
-REQUIRED_TOOLS = {
-    "ip": "iproute2",
-    "iptables-restore": "iptables",
-    "ip6tables-restore": "iptables",
-    "ipset": "ipset",
-    "sshd": "openssh-server",
-    "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client",
-    "sysctl": "procps",
-}
-SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
-# What a reboot loses: every rule and set (the filter table is the one enclave and the tutorial use).
-WIPE_KERNEL_STATE = """for t in iptables ip6tables; do
-  for c in INPUT FORWARD OUTPUT; do $t -w -P $c ACCEPT; done
-  $t -w -F && $t -w -X
-done
-ipset destroy
-"""
-
-
-class LabError(Exception):
-    """The lab could not be built or pushed (exit 1: a check that failed)."""
-
-
-class LabUnavailable(LabError):
-    """This machine cannot run a lab (not root, a tool missing): exit 2, with the fix in the message."""
-
-
-class PushFailed(LabError):
-    """One host's `python -m enclave.pushrun` did not confirm. step: what its JSON says failed (request, push,
-    confirm), or `killed` (the run was cancelled while it ran) or `not started` (cancelled before it started)."""
-
-    def __init__(self, host: str, step: str, result: subprocess.CompletedProcess[str]) -> None:
-        self.host, self.step, self.result = host, step, result
-        output = (result.stderr.strip() or result.stdout.strip() or "no output")[-3000:]
-        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}")
-
-
-def normalized_firewall(tables: str, sets: str) -> str:
-    """iptables-save/ip6tables-save and `ipset save` output as an operator compares them before and after:
-    without comment lines (timestamps) and counters, ipset's random `initval` stripped, set lines sorted
-    (a hash set has no member order)."""
-    rules = [re.sub(r" \[\d+:\d+\]$", "", line) for line in tables.splitlines() if not line.startswith("#")]
-    members = sorted(re.sub(r" initval 0x[0-9a-f]+", "", line) for line in sets.splitlines() if line.strip())
-    return "\n".join(rules + members) + "\n"
-
-
-def invoking_user() -> str:
-    """Who runs this command: the user behind sudo when there is one (the lab itself always runs as root)."""
-    sudo = os.environ.get("SUDO_USER")
-    if sudo:
-        return sudo
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
+# The lab's public names, wherever they live: enclave.lab.cli, the tests and the benchmarks import them from here.
+__all__ = ["EXHAUSTIVE_MAX_PROBES", "LAB_DIR_ENV", "PROJECT_ROOT", "WIPE_KERNEL_STATE", "Lab", "LabError", "LabRecord",
+           "LabUnavailable", "PushFailed", "destroy_run", "invoking_user", "lab_records", "namespace_pids",
+           "preflight", "run_namespaces"]
 
 
 def neighbour_table_overflows() -> tuple[int, int]:
@@ -158,186 +89,6 @@ def neighbour_table_overflows() -> tuple[int, int]:
     return totals[0], totals[1]
 
 
-def _without_comments(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
-
-
-def lab_root() -> Path:
-    return Path(os.environ.get(LAB_DIR_ENV) or LAB_DIR_DEFAULT)
-
-
-def tool(name: str) -> str | None:
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
-
-
-def preflight() -> None:
-    if os.geteuid() != 0:
-        raise LabUnavailable("the lab builds network namespaces and needs root: run it as root (e.g. sudo make lab)")
-    missing = sorted({f"{name} (apt package {package})" for name, package in REQUIRED_TOOLS.items() if not tool(name)})
-    if missing:
-        raise LabUnavailable(f"missing tools: {', '.join(missing)}; `make setup` as root installs them")
-    # The lab's sshd runs without PAM (this machine's login policy is not the droplets'), and without PAM
-    # sshd refuses any login to an account whose password field is locked ("!…"), keys included.
-    try:
-        shadow = Path("/etc/shadow").read_text().splitlines()
-    except OSError:
-        shadow = []
-    if any(line.startswith(f"{SSH_USER}:!") for line in shadow):
-        raise LabUnavailable(
-            f"{SSH_USER}'s password is locked in /etc/shadow, so the lab's sshd would refuse key logins too; "
-            f"`usermod -p '*' {SSH_USER}` allows key logins without allowing any password"
-        )
-
-
-def _run(argv: Sequence[str], *, input: str | None = None, check: bool = True,
-         timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), input=input, text=True, capture_output=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise LabError(f"{' '.join(argv[:6])}… failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
-    return result
-
-
-def _run_all(commands: Sequence[tuple[Sequence[str], str | None]], timeout: float = 60,
-             check: bool = True) -> list[subprocess.CompletedProcess[str]]:
-    """Several commands at once (each with optional stdin); with check, raise on the first that failed."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        futures = [pool.submit(_run, argv, input=stdin, timeout=timeout, check=check) for argv, stdin in commands]
-        return [future.result() for future in futures]
-
-
-# ------------------------------------------------------------------------------------- namespaces
-
-
-def netns_exists(name: str) -> bool:
-    return os.path.exists(f"/run/netns/{name}")
-
-
-def run_namespaces(run_id: str) -> list[str]:
-    """Every namespace of one lab run that exists now (by name: enc-<run>-*)."""
-    try:
-        names = os.listdir("/run/netns")
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if n.startswith(f"{NS_PREFIX}{run_id}-"))
-
-
-def namespace_pids(names: Sequence[str]) -> dict[int, str]:
-    """Live processes inside these namespaces (what `ip netns pids` does, for all of them in one /proc pass)."""
-    wanted: dict[tuple[int, int], str] = {}
-    for name in names:
-        try:
-            st = os.stat(f"/run/netns/{name}")
-        except OSError:
-            continue
-        wanted[(st.st_dev, st.st_ino)] = name
-    found: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            st = os.stat(f"/proc/{entry}/ns/net")
-        except OSError:
-            continue  # gone, or a zombie (which holds no namespace any more)
-        owner = wanted.get((st.st_dev, st.st_ino))
-        if owner is not None:
-            found[int(entry)] = owner
-    return found
-
-
-def kill_namespace_processes(names: Sequence[str], stall_s: float = 10.0) -> list[int]:
-    """SIGKILL every process in these namespaces until none is left. Waits as long as processes keep exiting
-    (a thousand sshd take a while on two busy cores); gives up only after `stall_s` without any progress, and
-    returns the survivors (the namespaces are deleted anyway: a process keeps a deleted namespace alive, but
-    never its name)."""
-    last_progress = time.monotonic()
-    previous: set[int] | None = None
-    while pids := namespace_pids(names):
-        current = set(pids)
-        if previous is None or len(current) < len(previous) or not current <= previous:
-            last_progress = time.monotonic()
-        elif time.monotonic() - last_progress > stall_s:
-            return sorted(current)
-        previous = current
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-    return []
-
-
-def short_runtime_dir(run_id: str) -> Path:
-    """Where a lab whose directory is too long for a Unix socket path keeps its push runs' ControlMaster
-    sockets (a lab under pytest's tmp_path): named by the run id alone, so destroy_run removes it too."""
-    return Path(f"/tmp/enc-{run_id}")
-
-
-def destroy_run(run_id: str, root: Path | None = None) -> list[str]:
-    """Remove one lab run: kill every process in its namespaces, delete them, delete its directory.
-
-    Works from the names alone, so it also cleans a lab whose controller died. Returns the namespaces deleted.
-    """
-    if not RUN_ID_FORMAT.fullmatch(run_id):
-        raise LabUnavailable(f"{run_id!r} is not a lab run id (letters and digits, as `enclave lab up` prints it)")
-    names = run_namespaces(run_id)
-    survivors = kill_namespace_processes(names)
-    if names:
-        _run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {n}\n" for n in names), check=False,
-             timeout=120 + len(names) * 0.1)
-    left = [n for n in names if netns_exists(n)]
-    shutil.rmtree((root or lab_root()) / run_id, ignore_errors=True)
-    shutil.rmtree(short_runtime_dir(run_id), ignore_errors=True)
-    if left or survivors:
-        raise LabError(f"lab {run_id}: could not delete namespaces {left[:10]} ({len(left)})" if left else
-                       f"lab {run_id}: namespaces deleted, but processes {survivors[:10]} survived SIGKILL")
-    return names
-
-
-@dataclass(frozen=True)
-class LabRecord:
-    """What `enclave lab down` needs to find a lab: its state file."""
-
-    run_id: str
-    stack: str
-    directory: Path
-    owner_pid: int
-    kept: bool
-    namespaces: list[str]
-    ssh_config: str
-    user: str | None = None  # who started it (`lab down --all` removes only the caller's labs)
-
-    @property
-    def owner_alive(self) -> bool:
-        try:
-            os.kill(self.owner_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-
-def lab_records(root: Path | None = None) -> list[LabRecord]:
-    out = []
-    for path in sorted((root or lab_root()).glob(f"*/{STATE_FILE}")):
-        try:
-            data = json.loads(path.read_text())
-            out.append(LabRecord(data["run_id"], data["stack"], path.parent, int(data["owner_pid"]),
-                                 bool(data["kept"]), list(data["namespaces"]), data["ssh_config"], data.get("user")))
-        except (OSError, ValueError, KeyError):
-            continue
-    return out
-
-
-# --------------------------------------------------------------------------------------------- lab
-
-
-def mac(index: int, bridge: str) -> str:
-    """A lab interface's MAC address: fixed, so every namespace can be given its neighbours' in advance."""
-    return f"02:00:{1 if bridge == 'public' else 2:02x}:{index >> 16 & 255:02x}:{index >> 8 & 255:02x}:{index & 255:02x}"
-
-
 def _block_signals() -> set[int | signal.Signals]:
     return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
@@ -346,7 +97,24 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-class Lab:
+class _RunningPush:
+    """One `python -m enclave.pushrun` of push_all, as the scheduler sees it (enclave.lab.scheduler.PushHandle)."""
+
+    def __init__(self, lab: Lab, host: str, proc: subprocess.Popen[str], stdin: str) -> None:
+        self.lab, self.host, self.proc, self.stdin = lab, host, proc, stdin
+
+    def wait(self) -> None:
+        stdout, stderr = self.proc.communicate(self.stdin)
+        self.lab._finish_push(self.host, self.proc, stdout, stderr)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # ip netns exec execs python: the group is the run's
+        except ProcessLookupError:
+            pass  # it ended by itself meanwhile
+
+
+class Lab(Topology, Hosts, Proofs):
     """One stack's lab. `with Lab(stack) as lab:` builds it (`up()`) and always removes it (`down()`).
 
     files_override: rule files to push instead of the compiled ones for some hosts (the expectations stay
@@ -362,103 +130,6 @@ class Lab:
     starve_neighbours: a failure injected into the harness, for tests: these namespaces get no static
       neighbour entries and cannot resolve any neighbour, as when the kernel's shared neighbour table is full.
     """
-
-    def __init__(
-        self,
-        stack: Stack,
-        *,
-        files_override: Mapping[str, RuleFiles] | None = None,
-        host_env: Mapping[str, str] | None = None,
-        run_id: str | None = None,
-        root: Path | None = None,
-        progress: LabProgress | None = None,
-        exhaustive: bool | None = None,
-        starve_neighbours: Sequence[str] = (),
-        host_wrapper: Mapping[str, Sequence[str]] | None = None,
-    ) -> None:
-        self.stack = stack
-        self.plan = build_plan(stack)
-        self.policy = self.plan.policy
-        self.addresses = self.plan.addresses
-        unknown = sorted(set(files_override or {}) - set(self.plan.files))
-        if unknown:
-            raise ValueError(f"files_override names unknown hosts {unknown}; hosts are {', '.join(self.plan.files)}")
-        self.files: dict[str, RuleFiles] = {**self.plan.files, **(files_override or {})}
-        self.others = outsiders(stack.config, self.addresses)
-        self.run_id = run_id or secrets.token_hex(3)
-        if not RUN_ID_FORMAT.fullmatch(self.run_id):
-            raise ValueError(f"run_id {self.run_id!r}: letters and digits only")
-        self.dir = (root or lab_root()) / self.run_id
-        self.host_env = dict(host_env or {})
-        self.interfaces = stack.config.interfaces
-        self.ports, _ = probe_ports(self.policy)
-        self.timings: dict[str, float] = {}
-        self.push_failures: dict[str, PushFailed] = {}
-        self.progress = progress or LabProgress()
-        self.kept = False
-        self._agent: subprocess.Popen[bytes] | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        if exhaustive is None:
-            exhaustive = exhaustive_probe_count(self.policy, self.addresses, self.others) <= EXHAUSTIVE_MAX_PROBES
-        self.sample: list[str] | None = None if exhaustive else sample_hosts(self.policy)
-        self.probe_set: ProbeSet = plan_probes(self.policy, self.addresses, self.others, self.sample)
-        unknown = sorted(set(starve_neighbours) - {*self.policy.host_by_name, *OUTSIDERS})
-        if unknown:
-            raise ValueError(f"starve_neighbours names unknown hosts {unknown}")
-        self.starved = set(starve_neighbours)
-        unknown = sorted(set(host_wrapper or {}) - set(self.policy.host_by_name))
-        if unknown:
-            raise ValueError(f"host_wrapper names unknown hosts {unknown}")
-        self.host_wrapper = {h: list(argv) for h, argv in (host_wrapper or {}).items()}
-        self.install_failures: dict[str, str] = {}  # host -> what its first-boot install said, where it failed
-        self._expected: dict[str, str] = {}  # host -> its normalized firewall as the compiler says it must be
-
-    # ------------------------------------------------------------------------------------ names
-
-    @property
-    def hosts(self) -> list[Host]:
-        return list(self.policy.hosts)
-
-    def namespace(self, name: str) -> str:
-        """The namespace of a host (`mysql-1`), an outsider (`internet`, `operator`, `neighbor`) or `fabric`."""
-        return f"{NS_PREFIX}{self.run_id}-{name}"
-
-    @property
-    def namespaces(self) -> list[str]:
-        """fabric, every host, the outsiders, and `scratch` (where the compiled files are loaded into a clean
-        kernel to learn exactly what a host's kernel must show)."""
-        return [self.namespace(n) for n in ["fabric", *(h.name for h in self.hosts), *OUTSIDERS, "scratch"]]
-
-    def alias(self, host: str) -> str:
-        """The host's name in the lab's ssh config (the same as in the Pulumi output `sshConfig`)."""
-        return f"{self.stack.name}-{host}"
-
-    def host_dir(self, host: str) -> Path:
-        return self.dir / "hosts" / host
-
-    def state_dir(self, host: str) -> Path:
-        """The host's /var/lib/enclave."""
-        return self.host_dir(host) / "state"
-
-    @property
-    def ssh_config_path(self) -> Path:
-        return self.dir / "ssh_config"
-
-    def agent_socket(self, name: str | None = None) -> Path:
-        """The control socket of the probe agent serving `name`'s namespace: one agent serves them all."""
-        return self.dir / "agents" / "agent.sock"  # Unix socket paths are short (108 bytes)
-
-    def session_env(self, host: str) -> dict[str, str]:
-        """What the host's sessions see: its own state directory, unit directory (no systemd here) and home
-        (namespaces share this machine's filesystem; a droplet would not run this machine's ~/.bashrc)."""
-        return {
-            "HOME": str(self.host_dir(host) / "home"),
-            "ENCLAVE_STATE_DIR": str(self.state_dir(host)),
-            "ENCLAVE_SYSTEMD_DIR": str(self.host_dir(host) / "units"),
-            # where the baseline writes sshd settings (a bastion's raised MaxStartups); the lab's sshd Includes it
-            "ENCLAVE_SSHD_CONFIG_DIR": str(self.host_dir(host) / "sshd_config.d"),
-            **self.host_env,
-        }
 
     # --------------------------------------------------------------------------------- lifecycle
 
@@ -552,313 +223,6 @@ class Lab:
         }
         (self.dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    # ----------------------------------------------------------------------------------- network
-
-    def _build_network(self) -> None:
-        rid = self.run_id
-        pub, priv = self.interfaces.public, self.interfaces.private
-        try:
-            _run(["ip", "-batch", "-"], input="".join(f"netns add {ns}\n" for ns in self.namespaces))
-        except LabError as exc:
-            raise LabUnavailable(
-                f"{exc}; this machine does not let root create network namespaces (a container without "
-                "CAP_SYS_ADMIN?): run the lab on a VM or a full host, or in a container started with --privileged"
-            ) from None
-        # Before any interface exists: no duplicate address detection (addresses usable at once); ping sockets
-        # (ICMP echo without raw sockets) for every group, in the lab's namespaces only.
-        # IPv6 only on the interfaces that have an IPv6 address (the public ones of `ipv6` roles and the
-        # Internet's): every other one would send multicast listener reports, and each report costs an entry in
-        # the kernel's neighbour table that every namespace on this machine shares.
-        sysctls = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
-                   "net.ipv6.conf.default.disable_ipv6=1", "net.ipv4.ping_group_range=0 2147483647"]
-        _run_all([(["ip", "netns", "exec", ns, "sysctl", "-qw", *sysctls], None) for ns in self.namespaces[1:]])
-        with_ipv6 = [h.name for h in self.hosts if self.addresses[h.name].public6]
-        with_ipv6 += [e.name for e in (self.others.internet, self.others.operator) if e.address6]
-
-        fabric = [
-            "link add public type bridge mcast_snooping 0",
-            "link add private type bridge mcast_snooping 0",
-            "link set public up",
-            "link set private up",
-        ]
-        per_ns: dict[str, list[str]] = {}
-
-        def plug(index: int, name: str, iface: str, bridge: str, addresses: list[str]) -> None:
-            end = f"{rid}{index}{'u' if bridge == 'public' else 'v'}"  # <= 15 chars, run id for leak checks
-            ns = self.namespace(name)
-            fabric.append(f"link add {end} type veth peer name {iface} netns {ns}")
-            fabric.append(f"link set {end} master {bridge} up")
-            lines = per_ns.setdefault(ns, ["link set lo up"])
-            lines.append(f"link set {iface} address {mac(index, bridge)}")
-            for address in addresses:
-                lines.append(f"address add {address} dev {iface}" + (" nodad" if ":" in address else ""))
-            lines.append(f"link set {iface} up")
-            if bridge == "public":  # on-link defaults: every public range shares one segment, no router
-                lines += [f"route add default dev {iface}"] + (
-                    [f"route add ::/0 dev {iface}"] if any(":" in a for a in addresses) else []
-                )
-
-        prefix = self.stack.config.vpc_ip_range.prefixlen
-        for i, h in enumerate(self.hosts):
-            a = self.addresses[h.name]
-            plug(i, h.name, pub, "public", [f"{a.public}/32"] + ([f"{a.public6}/128"] if a.public6 else []))
-            plug(i, h.name, priv, "private", [f"{a.private}/{prefix}"])
-        n = len(self.hosts)
-        for j, endpoint in enumerate((self.others.internet, self.others.operator)):
-            addrs = ([f"{endpoint.address}/32"] if endpoint.address else []) + (
-                [f"{endpoint.address6}/128"] if endpoint.address6 else []
-            )
-            plug(n + j, endpoint.name, pub, "public", addrs)
-        plug(n + 2, "neighbor", priv, "private", [f"{self.others.neighbor.address}/{prefix}"])
-        for name, entries in self.neighbour_entries().items():
-            per_ns[self.namespace(name)] += [f"neigh replace {address} lladdr {lladdr} dev {iface} nud permanent"
-                                             for iface, address, lladdr in sorted(entries)]
-
-        _run(["ip", "-n", self.namespace("fabric"), "-batch", "-"], input="\n".join(fabric) + "\n",
-             timeout=60 + len(fabric) * 0.05)
-        _run_all([(self.in_ns(name, ["sysctl", "-qw", f"net.ipv6.conf.{pub}.disable_ipv6=0"]), None)
-                  for name in with_ipv6])
-        _run_all([(["ip", "-n", ns, "-batch", "-"], "\n".join(lines) + "\n") for ns, lines in per_ns.items()])
-        if self.starved:  # the injected fault: these namespaces give up on every neighbour they do not know
-            knobs = [f"net.ipv{v}.neigh.{iface}.{k}=0" for v in (4, 6) for iface in (pub, priv)
-                     for k in ("mcast_solicit", "ucast_solicit", "app_solicit")]
-            for name in sorted(self.starved):
-                ifaces = {"internet": [pub], "operator": [pub], "neighbor": [priv]}.get(name, [pub, priv])
-                _run(self.in_ns(name, ["sysctl", "-qew", *(k for k in knobs if k.split(".")[3] in ifaces)]))
-
-    # ------------------------------------------------------------------------------ neighbours
-
-    def link(self, name: str, kind: AddressKind) -> tuple[str, str, str] | None:
-        """(interface, address, MAC) by which `name` (a host or an outsider) sends and receives on `kind`."""
-        pub, priv = self.interfaces.public, self.interfaces.private
-        names = [h.name for h in self.hosts]
-        n = len(names)
-        if name in self.addresses:
-            a = self.addresses[name]
-            index = self._index[name]
-            address = {"private": a.private, "public": a.public, "public6": a.public6}[kind]
-            iface, bridge = (priv, "private") if kind == "private" else (pub, "public")
-        elif name == "neighbor":
-            if kind != "private":
-                return None
-            index, address, iface, bridge = n + 2, self.others.neighbor.address, priv, "private"
-        else:
-            endpoint = self.others.internet if name == "internet" else self.others.operator
-            if kind == "private":
-                return None
-            index, iface, bridge = (n if name == "internet" else n + 1), pub, "public"
-            address = endpoint.address if kind == "public" else endpoint.address6
-        return (iface, address, mac(index, bridge)) if address else None
-
-    @property
-    def _index(self) -> dict[str, int]:
-        cached: dict[str, int] | None = getattr(self, "_index_cache", None)
-        if cached is None:
-            cached = {h.name: i for i, h in enumerate(self.hosts)}
-            self._index_cache = cached
-        return cached
-
-    def neighbour_pairs(self) -> set[tuple[str, str, AddressKind]]:
-        """(a, b, kind): a and b exchange packets over `kind`: every probe (both ways: the answer comes back),
-        the operator with every host's public address and each bastion with every host's private one (the
-        pushes, direct or through ProxyJump)."""
-        pairs: set[tuple[str, str, AddressKind]] = {(p.source.name, p.target.host, p.target.kind)
-                                                    for p in self.probe_set.probes}
-        bastions = [h.name for h in self.policy.bastion_hosts()]
-        for h in self.hosts:
-            pairs.add(("operator", h.name, "public"))
-            pairs.update((b, h.name, "private") for b in bastions if b != h.name)
-        return pairs
-
-    def neighbour_entries(self) -> dict[str, set[tuple[str, str, str]]]:
-        """The permanent IPv4 neighbour entries each namespace gets: (interface, address, MAC).
-
-        The kernel's neighbour table is shared by every namespace on the machine and holds gc_thresh3 (1 024)
-        dynamic entries, a setting only the machine's own namespace has; a lab of H hosts would need about
-        2·H·(H+3). Permanent entries do not count against it (the kernel exempts them from its garbage
-        collector's limit), so the lab writes what each namespace needs inside that namespace and never relies
-        on the shared table. IPv6 keeps neighbour discovery: proving that the rules let it through is part
-        of the lab's job (and the IPv6 addresses are few).
-        """
-        entries: dict[str, set[tuple[str, str, str]]] = {}
-        for a, b, kind in self.neighbour_pairs():
-            if kind == "public6":
-                continue
-            la, lb = self.link(a, kind), self.link(b, kind)
-            if la is None or lb is None:
-                continue
-            if a not in self.starved:
-                entries.setdefault(a, set()).add((la[0], lb[1], lb[2]))
-            if b not in self.starved:
-                entries.setdefault(b, set()).add((lb[0], la[1], la[2]))
-        return entries
-
-    # ---------------------------------------------------------------------------------- hosts
-
-    def in_ns(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
-        """argv run inside a lab namespace (with `env` set, e.g. a host's session environment)."""
-        prefix = ["ip", "netns", "exec", self.namespace(name), *self.host_wrapper.get(name, ())]
-        if env:
-            prefix += ["env", *(f"{k}={v}" for k, v in env.items())]
-        return prefix + list(argv)
-
-    def run(self, name: str, argv: Sequence[str], *, input: str | None = None, check: bool = False,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run a command in a host's or outsider's namespace, like on its console (a host gets its state dir)."""
-        env = self.session_env(name) if name in self.policy.host_by_name else None
-        return _run(self.in_ns(name, argv, env), input=input, check=check, timeout=timeout)
-
-    def console(self, host: str, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`sh -s` on the host's console (no SSH, no firewall in the way), e.g. to push a mutated rule file."""
-        return self.run(host, ["sh", "-s"], input=script, check=check)
-
-    def _boot_script(self, host: Host) -> str:
-        """What cloud-init's bootcmd runs on every boot: the role's baseline, or the last confirmed rules."""
-        return baseline_script(baseline_files(self.stack.config, host.role),
-                               bastion=self.stack.config.roles[host.role].bastion)
-
-    def _make_keys(self) -> None:
-        """The stack's key pair (the secret `sshPrivateKey`, handed to each push run in its environment), each
-        host's host key, each host's authorized_keys (what DigitalOcean installs from the stack's SshKey, in
-        the host's home), the known_hosts a first push leaves (accept-new), and the config `enclave ssh-config`
-        prints, for ssh()."""
-        keygen = ["ssh-keygen", "-q", "-t", "ed25519", "-N", ""]
-        jobs: list[tuple[Sequence[str], str | None]] = [([*keygen, "-C", "enclave-lab", "-f", str(self.dir / "id_ed25519")], None)]
-        for h in self.hosts:
-            (self.host_dir(h.name) / "home" / ".ssh").mkdir(parents=True, mode=0o700)
-            (self.host_dir(h.name) / "sshd_config.d").mkdir(mode=0o755)
-            jobs.append(([*keygen, "-C", h.name, "-f", str(self.host_dir(h.name) / "ssh_host_ed25519_key")], None))
-        _run_all(jobs)
-        self.private_key = (self.dir / "id_ed25519").read_text()
-        self.public_key = (self.dir / "id_ed25519.pub").read_text().strip()
-        self.previous_private_key: str | None = None  # set while a test rotates the key
-        self.push_stdout: dict[str, str] = {}  # per host, the last confirmed run's stdout (Pulumi's state)
-        known = []
-        for h in self.hosts:
-            (self.host_dir(h.name) / "home" / ".ssh" / "authorized_keys").write_text(self.public_key + "\n")
-            a = self.addresses[h.name]
-            names = ",".join(x for x in (a.public, a.private, a.public6) if x)
-            key = (self.host_dir(h.name) / "ssh_host_ed25519_key.pub").read_text().split()
-            known.append(f"{names} {key[0]} {key[1]}\n")
-        (self.dir / "known_hosts").write_text("".join(known))
-        options = (
-            f"UserKnownHostsFile {self.dir / 'known_hosts'}",
-            "GlobalKnownHostsFile /dev/null",
-            "StrictHostKeyChecking yes",
-            "BatchMode yes",
-            "ConnectTimeout 3",
-            "LogLevel ERROR",
-        )
-        text = ssh_config(self.stack.name, self.policy, self.addresses, SSH_USER, str(self.dir / "id_ed25519"), options)
-        self.ssh_config_path.write_text(text)
-
-    def _sshd_config(self, host: str) -> str:
-        """sshd at a droplet's defaults (MaxStartups 10:30:100, MaxSessions 10), plus what the baseline writes
-        into ENCLAVE_SSHD_CONFIG_DIR (a bastion's raised MaxStartups), Included first as Debian's sshd_config
-        Includes sshd_config.d: sshd keeps the first value it reads."""
-        d = self.host_dir(host)
-        env = " ".join(f"{k}={v}" for k, v in self.session_env(host).items())
-        return f"""# enclave lab {self.run_id}: sshd of {host} (stack {self.stack.name})
-Include {d / 'sshd_config.d'}/*.conf
-Port 22
-ListenAddress 0.0.0.0
-ListenAddress ::
-HostKey {d / 'ssh_host_ed25519_key'}
-PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {d / 'home' / '.ssh' / 'authorized_keys'}
-# The lab's files live in a temporary directory; PAM would consult this machine's login policy.
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-AllowTcpForwarding yes
-X11Forwarding no
-PrintMotd no
-UseDNS no
-LogLevel VERBOSE
-# Namespaces share one filesystem: each host keeps its enclave state in its own directory.
-SetEnv {env}
-"""
-
-    def _write_sshd_config(self, host: str) -> Path:
-        path = self.host_dir(host) / "sshd_config"
-        path.write_text(self._sshd_config(host))
-        return path
-
-    @staticmethod
-    def _sshd() -> str:
-        sshd = tool("sshd")
-        assert sshd is not None
-        return sshd
-
-    def _start_sshd(self, host: str) -> None:
-        # sshd daemonizes; its pid file appears once it listens.
-        d = self.host_dir(host)
-        _run(self.in_ns(host, [self._sshd(), "-f", str(self._write_sshd_config(host)), "-E", str(d / "sshd.log")]))
-
-    def _start_agent(self) -> None:
-        """The one probe agent, in the fabric namespace (so the teardown finds it): it enters every probed host's
-        namespace to listen on every probe port there, and each source's namespace to send its probes. Only the
-        probed hosts (all, or the sample): the others' rules are proven from their kernel, not with packets."""
-        spec = []
-        for name in [*(h.name for h in self.probe_set.hosts), *OUTSIDERS]:
-            is_host = name in self.policy.host_by_name
-            spec.append({
-                "name": name,
-                "netns": f"/run/netns/{self.namespace(name)}",
-                # outsiders only send; port 22 is sshd's
-                "tcp": listen_ports(self.ports, "tcp", skip=(22,)) if is_host else [],
-                "udp": listen_ports(self.ports, "udp") if is_host else [],
-            })
-        spec_path = self.dir / "agents" / "namespaces.json"
-        spec_path.write_text(json.dumps(spec))
-        argv = [sys.executable, "-m", "enclave.lab.agent", "--control", str(self.agent_socket()),
-                "--namespaces", str(spec_path)]
-        log = open(self.dir / "agents" / "agent.log", "wb")
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-        self._agent = subprocess.Popen(
-            self.in_ns("fabric", argv), stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-            cwd=PROJECT_ROOT, env=env, start_new_session=True,
-        )
-        log.close()
-
-    def _wait_until_ready(self, names: Sequence[str], timeout: float | None = None) -> None:
-        """Until the probe agent said "ready" (when it is starting) and the sshd of every host among `names`
-        wrote its pid file. The deadline grows with the lab: a thousand hosts boot on two cores for minutes."""
-        end = time.monotonic() + (timeout if timeout is not None else 30 + 0.2 * len(names))
-        proc = self._agent
-        if proc is not None and proc.stdout is not None and not proc.stdout.closed:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, end - time.monotonic()))
-            line = proc.stdout.readline() if ready else b""
-            proc.stdout.close()
-            if line.strip() != b"ready":
-                log = (self.dir / "agents" / "agent.log").read_text(errors="replace").strip()[-1500:]
-                raise HarnessError(f"the probe agent did not start: {log or 'no output'}")
-        for host in (n for n in names if n in self.policy.host_by_name):
-            pid_file = self.host_dir(host) / "sshd.pid"
-            while not pid_file.exists():
-                if time.monotonic() > end:
-                    log = (self.host_dir(host) / "sshd.log").read_text(errors="replace").strip()[-1500:]
-                    raise LabError(f"sshd in {self.namespace(host)} did not start: {log or 'no output'}")
-                time.sleep(0.01)
-            self.progress.advance("boot", detail=f"{host} up")
-
-    def reboot(self, host: str, *, boot_env: Mapping[str, str] | None = None) -> None:
-        """A reboot: processes and kernel state (rules, sets) gone, the disk (state dir) kept; then the host
-        boots as a droplet does: cloud-init's bootcmd (baseline, or the last confirmed rules), then sshd. (The
-        probe agent lives in the fabric namespace: its listeners there survive, as a droplet's services restart.)
-
-        boot_env: extra environment for the boot script only (e.g. the fault-injection tests' kill point)."""
-        ns = self.namespace(host)
-        kill_namespace_processes([ns])
-        self.console(host, WIPE_KERNEL_STATE)
-        (self.host_dir(host) / "sshd.pid").unlink(missing_ok=True)
-        boot = [f"{k}={v}" for k, v in (boot_env or {}).items()]
-        self.run(host, ["env", *boot, "sh", "-s"], input=self._boot_script(self.policy.host_by_name[host]), check=not boot)
-        self._start_sshd(host)
-        self._wait_until_ready([host])
-
     # ------------------------------------------------------------------------------------------ ssh
 
     def ssh(self, host: str, command: str = "sh -s", *, input: str | None = None,
@@ -868,12 +232,6 @@ SetEnv {env}
         a host. Never raises on a non-zero exit: callers look at the result. (Pushes go through push().)"""
         argv = self.in_ns("operator", ["ssh", "-F", str(self.ssh_config_path), self.alias(host), command])
         return _run(argv, input=input, check=False, timeout=timeout)
-
-    def firewall_state(self, host: str) -> str:
-        """What an operator compares before and after a change, read on the host's console: iptables-save,
-        ip6tables-save and `ipset save`, normalized (normalized_firewall)."""
-        tables = self.console(host, "iptables-save; ip6tables-save").stdout
-        return normalized_firewall(tables, self.console(host, "ipset save").stdout)
 
     def operator_env(self) -> dict[str, str]:
         """The environment of a push run (or `enclave audit`) from the operator namespace: the lab's own runtime
@@ -953,51 +311,17 @@ SetEnv {env}
         parallel = parallel or 4 * (os.cpu_count() or 1)
         bastions = [h.name for h in self.policy.bastion_hosts()]
         others = [h.name for h in self.hosts if h.name not in bastions]
-        failures: dict[str, PushFailed] = {}
         self.progress.begin("push", len(self.hosts), f"{parallel} at once, bastions first ({', '.join(bastions) or 'none'})")
-        queue = list(bastions) or list(others)
-        waiting = others if bastions else []
-        running: dict[str, subprocess.Popen[str]] = {}
-        finished: queue_module.Queue[tuple[str, str, str]] = queue_module.Queue()
-        done = 0
-        stopped = False
 
-        def wait(host: str, proc: subprocess.Popen[str], stdin: str) -> None:
-            stdout, stderr = proc.communicate(stdin)
-            finished.put((host, stdout, stderr))
+        def start(host: str) -> PushHandle:
+            proc, stdin = self._start_push(host, None, redial_s, None)
+            return _RunningPush(self, host, proc, stdin)
 
-        while queue or running or waiting:
-            while queue and len(running) < parallel and not stopped:
-                host = queue.pop(0)
-                running[host], stdin = self._start_push(host, None, redial_s, None)
-                threading.Thread(target=wait, args=(host, running[host], stdin), daemon=True).start()
-            if not running:
-                break
-            host, stdout, stderr = finished.get()
-            proc = running.pop(host)
-            done += 1
-            try:
-                self._finish_push(host, proc, stdout, stderr)
-            except PushFailed as failure:
-                failures[host] = failure
-                self.progress.advance("push", detail=f"{host}: {failure.step} FAILED")
-                stopped = stopped or not continue_on_error
-            else:
-                self.progress.advance("push", detail=f"{host} confirmed")
-            if kill_after is not None and done >= kill_after and not stopped:
-                stopped = True
-                for proc in running.values():
-                    os.killpg(proc.pid, signal.SIGKILL)  # ip netns exec execs python: the group is the run's
-            if not queue and not running and waiting:  # the bastions are done: their dependents become ready
-                failed = [b for b in bastions if b in failures]
-                if failed:
-                    for host in waiting:
-                        failures[host] = PushFailed(host, "not started", subprocess.CompletedProcess(
-                            [], 0, "", f"bastion push {', '.join(failed)} failed; the engine runs no dependent"))
-                    waiting = []
-                queue, waiting = waiting, []
-        for host in queue + waiting:
-            failures[host] = PushFailed(host, "not started", subprocess.CompletedProcess([], 0, "", "the run was cancelled"))
+        def finished(host: str, failure: PushFailed | None) -> None:
+            self.progress.advance("push", detail=f"{host}: {failure.step} FAILED" if failure else f"{host} confirmed")
+
+        failures = run_pushes(bastions, others, start, parallel=parallel, continue_on_error=continue_on_error,
+                              kill_after=kill_after, finished=finished)
         self.push_failures = failures
         self.timings["push"] = time.monotonic() - started
         summary = f"{len(self.hosts) - len(failures)} of {len(self.hosts)} hosts pushed and confirmed over SSH"
@@ -1042,73 +366,6 @@ SetEnv {env}
         failures = [str(f) for f in self.push_failures.values()]
         return LabReport(self.stack.name, self.run_id, probe_set, outcomes, tests, self.plan.tests, failures,
                          self.timings, proofs, harness)
-
-    # ----------------------------------------------------------------------------------- proofs
-
-    def expected_firewalls(self) -> dict[str, str]:
-        """Per host, the normalized firewall (normalized_firewall) the compiler's files must produce.
-
-        Hosts whose files differ only in comments share one; each distinct one is learned once by loading the
-        compiled files into a clean kernel (the `scratch` namespace) exactly as a droplet gets them: the role's
-        boot baseline, then the push and its confirmation. The rule text is the compiler's; the kernel only
-        spells it the way iptables-save and ipset save read it back.
-        """
-        if self._expected:
-            return self._expected
-        groups: dict[tuple[str, ...], list[str]] = {}
-        for h in self.hosts:
-            f = self.plan.files[h.name]
-            key = (h.role, *(_without_comments(t) for t in (f.ipv4, f.ipv6, f.ipsets)), *f.set_names)
-            groups.setdefault(key, []).append(h.name)
-        for n, (key, hosts) in enumerate(groups.items()):
-            files = self.plan.files[hosts[0]]
-            d = self.dir / "scratch" / str(n)
-            env = {"HOME": str(d), "ENCLAVE_STATE_DIR": str(d / "state"), "ENCLAVE_SYSTEMD_DIR": str(d / "units"),
-                   "ENCLAVE_ROLLBACK_SECONDS": "3600"}
-            baseline = baseline_files(self.stack.config, key[0])
-            steps = {"wipe": WIPE_KERNEL_STATE, "boot": baseline_script(baseline),
-                     "push": push_script(files, self.stack.name, baseline=baseline),
-                     "confirm": confirm_script(files, self.stack.name)}
-            d.mkdir(parents=True)
-            for name, text in steps.items():
-                (d / f"{name}.sh").write_text(text)
-            # each step as its own `sh` (as each arrives on the host), all in one trip into the namespace
-            run_all = " && ".join(f'sh "{d / name}.sh"' for name in steps)
-            out = _run(self.in_ns("scratch", ["sh", "-c", f'{{ {run_all}; }} >&2 && iptables-save && ip6tables-save && '
-                                                          'echo "#=sets" && ipset save'], env)).stdout
-            tables, _, sets = out.partition("#=sets\n")
-            for host in hosts:
-                self._expected[host] = normalized_firewall(tables, sets)
-        return self._expected
-
-    def live_firewall(self, host: str) -> tuple[str, str]:
-        """The host's normalized firewall read from its kernel, and the digest of its confirmed rules."""
-        out = self.console(host, 'iptables-save; ip6tables-save; echo "#=sets"; ipset save; echo "#=digest"; '
-                                 'cat "$ENCLAVE_STATE_DIR/confirmed/digest" 2>/dev/null; true').stdout
-        tables, _, rest = out.partition("#=sets\n")
-        sets, _, confirmed = rest.partition("#=digest\n")
-        return normalized_firewall(tables, sets), confirmed.strip()
-
-    def prove_hosts(self) -> list[HostProof]:
-        """EVERY host, whatever the probes sample: its live rules and sets (iptables-save, ip6tables-save,
-        ipset save) equal the compiler's, and its confirmed digest is the compiled files' digest."""
-        expected = self.expected_firewalls()
-
-        def prove(host: str) -> HostProof:
-            live, confirmed = self.live_firewall(host)
-            want = digest(self.plan.files[host])
-            problems = []
-            if confirmed != want:
-                problems.append(f"confirmed digest {confirmed or 'missing'}, compiled {want}")
-            if live != expected[host]:
-                diff = list(difflib.unified_diff(expected[host].splitlines(), live.splitlines(), "compiled", "live",
-                                                 n=0, lineterm=""))[2:]
-                changed = [line for line in diff if not line.startswith("@@")]
-                problems.append(f"{len(changed)} line(s) differ from the compiled rules: " + "; ".join(changed[:6]))
-            return HostProof(host, not problems, "; ".join(problems) or f"rules, sets and digest {want} as compiled")
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(prove, [h.name for h in self.hosts]))
 
     # ---------------------------------------------------------------------------------- harness
 
