@@ -22,7 +22,7 @@ from .scheduler import PushFailed
 OUTSIDERS = ("internet", "operator", "neighbor")
 # Exhaustive (every source to every host) while it costs at most this many probes: about 20 prod-shaped hosts,
 # a few seconds. Beyond it the lab samples (first and last host of each role) and proves every host's rules
-# from its kernel, which is as strong (see README, "The lab") and linear in hosts instead of quadratic.
+# from its kernel, which is as strong (see docs/lab.md) and linear in hosts instead of quadratic.
 EXHAUSTIVE_MAX_PROBES = 20_000
 
 
