@@ -339,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--format", choices=("text", "json"), default="text", help="json: the same, for scripts")
     audit.set_defaults(func=cmd_audit)
 
+    from .verify import cli as verify_cli  # prove, explain, reach
+
+    verify_cli.register(sub, add_stack_arguments, ADDRESSES_HELP, stack_from_args)
+
     from .lab import cli as lab_cli  # the lab registers its own subcommands
 
     lab_cli.register(sub, add_stack_arguments)

@@ -49,7 +49,7 @@ def test_a_wrong_port_admits_it_and_drops_the_declared_one(prod: Plan) -> None:
     v4 = prod.files["mysql-1"].ipv4.replace("--dport 3306 -m set --match-set enclave-wordpress",
                                            "--dport 3307 -m set --match-set enclave-wordpress")
     found = only(prove(prod, "mysql-1", rules_v4=v4))
-    assert any("in eth1 10.110.16.4 -> " in d and "tcp/3306 NEW" in d and "rules DROP" in d
+    assert any("in eth1 10.110.16.4 (wordpress-1) -> " in d and "tcp/3306 NEW" in d and "rules DROP" in d
                and "policy says allow (roles.mysql.ingress[0])" in d for d in found)
     assert any("tcp/3307 NEW" in d and "rules ACCEPT by line" in d and "--dport 3307" in d for d in found)
 
@@ -58,7 +58,7 @@ def test_a_missing_interface_admits_the_role_on_the_public_side(prod: Plan) -> N
     v4 = prod.files["mysql-1"].ipv4.replace("-i eth1 -p tcp -m tcp --dport 3306 -m set --match-set enclave-wordpress",
                                            "-p tcp -m tcp --dport 3306 -m set --match-set enclave-wordpress")
     found = only(prove(prod, "mysql-1", rules_v4=v4))
-    assert any(d.startswith("IPv4 in eth0 10.110.16.4") and "tcp/3306 NEW" in d and "rules ACCEPT" in d
+    assert any(d.startswith("IPv4 in eth0 10.110.16.4 (wordpress-1)") and "tcp/3306 NEW" in d and "rules ACCEPT" in d
                and "policy says deny (default drop" in d for d in found)
 
 
@@ -74,14 +74,14 @@ def test_swapped_sets_admit_the_wrong_role(prod: Plan) -> None:
 def test_an_extra_set_member_is_a_stranger_admitted(prod: Plan) -> None:
     ipsets = prod.files["mysql-1"].ipsets + "add enclave-wordpress.new 10.110.16.99\n"
     found = only(prove(prod, "mysql-1", ipsets=ipsets))
-    assert any("in eth1 10.110.16.99 -> " in d and "tcp/3306 NEW" in d and "rules ACCEPT" in d
+    assert any("in eth1 10.110.16.99 -> 10.110.16.5 (mysql-1) tcp/3306 NEW" in d and "tcp/3306 NEW" in d and "rules ACCEPT" in d
                and "roles.mysql.ingress[0]: wordpress -> tcp/3306" in d and "policy says deny" in d for d in found)
 
 
 def test_a_widened_replies_rule_admits_new_connections(prod: Plan) -> None:
     v4 = prod.files["mysql-1"].ipv4.replace("--ctstate RELATED,ESTABLISHED", "--ctstate RELATED,ESTABLISHED,NEW")
     found = only(prove(prod, "mysql-1", rules_v4=v4))
-    assert any("in eth0 192.0.2.10 -> 10.110.16.5 tcp/22 NEW" in d and "rules ACCEPT by line 9" in d and "policy says deny" in d
+    assert any("in eth0 192.0.2.10 -> 10.110.16.5 (mysql-1) tcp/22 NEW" in d and "rules ACCEPT by line 9" in d and "policy says deny" in d
                for d in found)
 
 

@@ -39,8 +39,11 @@ class Packet:
     src_keys: frozenset[object]
     dst_keys: frozenset[object]
 
-    def describe(self, family: int, hook: str) -> str:
-        addr = lambda a: str(ipaddress.ip_address(a) if family == 4 else ipaddress.IPv6Address(a))  # noqa: E731
+    def describe(self, family: int, hook: str, names: dict[int, str] | None = None) -> str:
+        def addr(a: int) -> str:
+            text = str(ipaddress.ip_address(a) if family == 4 else ipaddress.IPv6Address(a))
+            return f"{text} ({names[a]})" if names and a in names else text
+
         where = f"{'in' if hook == 'INPUT' else 'out'} {self.iface}"
         what = PROTOCOL_NAMES.get(self.proto, f"proto {self.proto}")
         if self.proto in (6, 17):
@@ -62,6 +65,7 @@ class Intent(Protocol):
     def hop_limits(self, family: int) -> list[int]: ...
     def preferred(self, family: int, hook: str, side: str) -> list[int]: ...
     def verdict(self, family: int, hook: str, p: Packet) -> tuple[bool, str]: ...
+    def name_of(self, family: int, addr: int) -> str | None: ...
 
 
 # ------------------------------------------------------------------------------------------ traversal
@@ -105,13 +109,13 @@ def matches(conds: tuple[Cond, ...], p: Packet) -> bool:
             hit = p.proto == c.arg
         elif k == "dport" or k == "sport":
             port = p.dport if k == "dport" else p.sport
-            hit = any(lo <= port <= hi for lo, hi in c.arg)  # type: ignore[attr-defined]
+            hit = any(lo <= port <= hi for lo, hi in c.arg)
         elif k == "icmp":
             hit = p.icmp == c.arg
         elif k == "state":
-            hit = p.state in c.arg  # type: ignore[operator]
+            hit = p.state in c.arg
         elif k == "hl":
-            op, v = c.arg  # type: ignore[misc]
+            op, v = c.arg
             hit = p.hl == v if op == "eq" else p.hl < v if op == "lt" else p.hl > v
         else:  # pragma: no cover - parse refuses every other kind
             raise AssertionError(k)
@@ -121,7 +125,7 @@ def matches(conds: tuple[Cond, ...], p: Packet) -> bool:
 
 
 def _key(c: Cond) -> object:
-    what, kind = c.arg  # type: ignore[misc]
+    what, kind = c.arg
     return ("set", what) if kind == "set" else ("net", what)
 
 
@@ -221,6 +225,10 @@ class Difference:
     policy_line: int
     intent_accept: bool
     reason: str
+    names: dict[int, str]  # stack hosts among the packet's addresses
+
+    def packet_text(self) -> str:
+        return self.packet.describe(self.family, self.hook, self.names)
 
     def describe(self) -> str:
         got = "ACCEPT" if self.rules_accept else "DROP"
@@ -229,7 +237,7 @@ class Difference:
             decided = f"line {self.rule.line}: {self.rule.text}" if self.rule.line else self.rule.text
         else:
             decided = f"the {self.hook} policy (line {self.policy_line})"
-        return (f"IPv{self.family} {self.packet.describe(self.family, self.hook)}: rules {got} by {decided}; "
+        return (f"IPv{self.family} {self.packet_text()}: rules {got} by {decided}; "
                 f"policy says {want} ({self.reason})")
 
 
@@ -239,7 +247,7 @@ def packets(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef]) 
     top = 1 << (32 if family == 4 else 128)
     src_regions, dst_regions = dict(intent.src_regions(family, hook)), dict(intent.dst_regions(family, hook))
     ifaces = set(intent.interfaces()) | {"lo"}
-    prefixes = set()
+    prefixes: set[str] = set()
     protos = {6, 17, 1 if family == 4 else 58, OTHER_PROTOCOL}
     port_points: set[int] = set()
     for lo, hi in intent.ports(hook):
@@ -249,30 +257,24 @@ def packets(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef]) 
     hl_points = set()
     for v in intent.hop_limits(family):
         hl_points |= {v, v + 1}
+    rule_src, rule_dst = table_regions(table, sets)
+    src_regions.update(rule_src)
+    dst_regions.update(rule_dst)
     for rules in table.rules.values():
         for r in rules:
             for c in r.conds:
                 if c.kind in ("iface_in", "iface_out"):
                     name = str(c.arg)
                     (prefixes if name.endswith("+") else ifaces).add(name.rstrip("+") if name.endswith("+") else name)
-                elif c.kind in ("src", "dst"):
-                    key = _key(c)
-                    what, kind = c.arg  # type: ignore[misc]
-                    if kind == "set":
-                        s = resolve_set(sets, str(what), family, table)
-                        intervals = list(s.members)
-                    else:
-                        intervals = [what]  # type: ignore[list-item]
-                    (src_regions if c.kind == "src" else dst_regions)[key] = intervals
                 elif c.kind == "proto":
-                    protos.add(int(c.arg))  # type: ignore[call-overload]
+                    protos.add(int(c.arg))
                 elif c.kind in ("dport", "sport"):
-                    for lo, hi in c.arg:  # type: ignore[attr-defined]
+                    for lo, hi in c.arg:
                         (port_points if c.kind == "dport" else sport_points).update((lo, hi + 1))
                 elif c.kind == "icmp":
-                    icmp.add(int(c.arg))  # type: ignore[call-overload]
+                    icmp.add(int(c.arg))
                 elif c.kind == "hl":
-                    op, v = c.arg  # type: ignore[misc]
+                    op, v = c.arg
                     hl_points |= {v, v + 1}
     # A name no rule spells but one that starts with each prefix, and one that starts with none.
     iface_reps = sorted(ifaces) + [p + "~" for p in sorted(prefixes)] + ["other~"]
@@ -297,6 +299,27 @@ def packets(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef]) 
                             for hl in hls:
                                 yield Packet(iface, srcs.reps[s], dsts.reps[d], proto, sp, dp, t, state, hl,
                                              srcs.keys[s], dsts.keys[d])
+
+
+def table_regions(table: Table, sets: dict[str, IpSetDef]) -> tuple[Regions, Regions]:
+    """The address regions the rules test, as sources and as destinations, keyed as `matches` looks them up."""
+    src: Regions = {}
+    dst: Regions = {}
+    for rules in table.rules.values():
+        for r in rules:
+            for c in r.conds:
+                if c.kind in ("src", "dst"):
+                    what, kind = c.arg
+                    if kind == "set":
+                        intervals = list(resolve_set(sets, str(what), table.family, table).members)
+                    else:
+                        intervals = [what]
+                    (src if c.kind == "src" else dst)[_key(c)] = intervals
+    return src, dst
+
+
+def keys_at(regions: Regions, addr: int) -> frozenset[object]:
+    return frozenset(k for k, intervals in regions.items() if any(lo <= addr < hi for lo, hi in intervals))
 
 
 def resolve_set(sets: dict[str, IpSetDef], name: str, family: int, table: Table) -> IpSetDef:
@@ -325,5 +348,6 @@ def compare(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef],
         if accept != want:
             wrong += 1
             if len(found) < limit:
-                found.append(Difference(table.family, hook, p, accept, rule, policy_line, want, why))
+                names = {a: n for a in (p.src, p.dst) if (n := intent.name_of(table.family, a)) is not None}
+                found.append(Difference(table.family, hook, p, accept, rule, policy_line, want, why, names))
     return count, wrong, found

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
 BUILTIN_TARGETS = ("ACCEPT", "DROP", "REJECT", "RETURN", "LOG")
 TERMINAL = ("ACCEPT", "DROP", "REJECT")
@@ -47,7 +48,7 @@ class Cond:
     """One test a rule makes: kind, its argument, and whether it is negated with `!`."""
 
     kind: str  # iface_in iface_out src dst proto dport sport icmp state hl
-    arg: object
+    arg: Any  # an interface, ((low, high), 'net') or (name, 'set'), a protocol, port ranges, states, (op, hop)
     negate: bool = False
 
 
@@ -74,7 +75,7 @@ class Table:
     live: bool = False  # printed by *-save (the kernel's state), not rendered by enclave
 
     def set_names(self) -> set[str]:
-        return {str(c.arg[0]) for rs in self.rules.values() for r in rs for c in r.conds  # type: ignore[index]
+        return {str(c.arg[0]) for rs in self.rules.values() for r in rs for c in r.conds
                 if c.kind in ("src", "dst") and isinstance(c.arg, tuple) and c.arg[1] == "set"}
 
 
@@ -395,7 +396,7 @@ def parse_ipsets(text: str, source: str) -> dict[str, IpSetDef]:
                     lo_a, hi_a = ipaddress.ip_address(low), ipaddress.ip_address(high)
                 except ValueError:
                     raise refuse(f"{member!r} is not an address range") from None
-                if lo_a.version != fam or hi_a.version != fam or lo_a > hi_a:
+                if lo_a.version != fam or hi_a.version != fam or int(lo_a) > int(hi_a):
                     raise refuse(f"{member!r}: not an IPv{fam} range low-high")
                 interval = (int(lo_a), int(hi_a) + 1)
             else:

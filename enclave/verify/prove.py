@@ -42,7 +42,7 @@ class HostProof:
             "disagreeingAtoms": self.disagreeing,
             "counterexamples": [
                 {
-                    "family": d.family, "hook": d.hook, "packet": d.packet.describe(d.family, d.hook),
+                    "family": d.family, "hook": d.hook, "packet": d.packet_text(),
                     "rules": "ACCEPT" if d.rules_accept else "DROP",
                     "ruleLine": d.rule.line if d.rule else d.policy_line,
                     "rule": d.rule.text if d.rule else f":{d.hook} policy",
@@ -79,7 +79,7 @@ class Prover:
 
     def _intent_key(self, host: str) -> tuple[str, ...]:
         h = self.policy.host_by_name[host]
-        key = (h.role,)
+        key: tuple[str, ...] = (h.role,)
         if self.policy.stack.roles[h.role].egress == "restricted":  # the egress rules depend on the host itself
             key += tuple(f.why + f.role for f in self.policy.flows_from_host(h))
         return key
@@ -91,8 +91,8 @@ class Prover:
             digest.update(b"\0")
         key = (digest.hexdigest(),) + self._intent_key(text.host)
         if key in self._proofs:
-            atoms, wrong, diffs = self._proofs[key]
-            return HostProof(text.host, atoms, wrong, diffs, cached=True)
+            atoms, wrong, known = self._proofs[key]
+            return HostProof(text.host, atoms, wrong, known, cached=True)
         host = self.policy.host_by_name[text.host]
         intent = HostIntent(self.policy, self.addresses, host)
         sets = parse_ipsets(text.ipsets, f"{text.where}/ipsets")

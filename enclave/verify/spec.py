@@ -96,11 +96,19 @@ class HostIntent:
         mine = self.addresses[self.host.name]
         own = [mine.private, mine.public] if family == 4 else [mine.public6]
         outsiders = ["192.0.2.10", "10.255.255.254"] if family == 4 else ["2001:db8:ff::10", "fe80::1"]
-        privates = [self.addresses[h.name].private for h in self.policy.hosts] if family == 4 else []
+        others = [h for h in self.policy.hosts if h != self.host] + [self.host]
+        privates = [self.addresses[h.name].private for h in others] if family == 4 else []
         publics = [a for h in self.policy.hosts
                    for a in ([self.addresses[h.name].public] if family == 4 else [self.addresses[h.name].public6])]
         first = own if (hook == "INPUT") == (side == "dst") else []
         return [int(ipaddress.ip_address(x)) for x in first + privates + outsiders + publics if x]
+
+    def name_of(self, family: int, addr: int) -> str | None:
+        """The stack host an address belongs to, for counterexamples."""
+        if family == 4 and addr in self.host_at:
+            return self.host_at[addr].name
+        text = str(ipaddress.ip_address(addr) if family == 4 else ipaddress.IPv6Address(addr))
+        return next((h for h, a in self.addresses.items() if text in (a.public, a.public6)), None)
 
     # --- verdict ---------------------------------------------------------------------------------
 
