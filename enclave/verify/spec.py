@@ -70,11 +70,7 @@ class HostIntent:
 
     def dst_regions(self, family: int, hook: str) -> Regions:
         if hook == "OUTPUT" and family == 4 and self.restricted:
-            regions = self._role_regions()
-            for h in self.policy.hosts:  # a flow from a single host names it; each peer host is its own class
-                addr = int(ipaddress.ip_address(self.addresses[h.name].private))
-                regions[("host", h.name)] = [(addr, addr + 1)]
-            return regions
+            return self._role_regions()  # decide() sees a destination host only through its role
         return {}
 
     def interfaces(self) -> list[str]:
