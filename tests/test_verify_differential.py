@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import random
 import re
+from typing import Any
 
 import pytest
 
@@ -27,31 +28,33 @@ PACKETS = 400
 
 
 def brute_verdict(table: Table, sets: dict[str, IpSetDef], hook: str, p: Packet) -> bool:
-    def inside(arg: tuple[object, str], addr: int) -> bool:
+    def inside(arg: tuple[Any, str], addr: int) -> bool:
         what, kind = arg
         if kind == "net":
-            lo, hi = what  # type: ignore[misc]
-            return bool(lo <= addr < hi)
+            low: int = what[0]
+            high: int = what[1]
+            return low <= addr < high
         members = resolve_set(sets, str(what), table.family, table).members
         return any(lo <= addr < hi for lo, hi in members)
 
-    def hit(kind: str, arg: object) -> bool:
+    def hit(kind: str, arg: Any) -> bool:
         if kind in ("iface_in", "iface_out"):
             name = str(arg)
             return p.iface.startswith(name[:-1]) if name.endswith("+") else p.iface == name
         if kind in ("src", "dst"):
-            return inside(arg, p.src if kind == "src" else p.dst)  # type: ignore[arg-type]
+            return inside(arg, p.src if kind == "src" else p.dst)
         if kind == "proto":
-            return p.proto == arg
+            return bool(p.proto == arg)
         if kind in ("dport", "sport"):
             port = p.dport if kind == "dport" else p.sport
-            return any(lo <= port <= hi for lo, hi in arg)  # type: ignore[attr-defined]
+            return any(lo <= port <= hi for lo, hi in arg)
         if kind == "icmp":
-            return p.icmp == arg
+            return bool(p.icmp == arg)
         if kind == "state":
-            return p.state in arg  # type: ignore[operator]
-        op, v = arg  # type: ignore[misc]
-        return bool({"eq": p.hl == v, "lt": p.hl < v, "gt": p.hl > v}[op])
+            return p.state in arg
+        op: str = arg[0]
+        hop: int = arg[1]
+        return {"eq": p.hl == hop, "lt": p.hl < hop, "gt": p.hl > hop}[op]
 
     def run(chain: str) -> str | None:  # a verdict, "RETURN", or None (fell off the end)
         for r in table.rules[chain]:
@@ -112,10 +115,13 @@ def random_packet(rng: random.Random, plan: Plan, family: int, hook: str, named:
     if family == 4:
         pool = [int(ipaddress.ip_address(a.private)) for a in plan.addresses.values()]
         pool += [int(ipaddress.ip_address(x)) for x in ("192.0.2.10", "198.51.100.7", "10.110.16.250")]
-        addr = lambda: rng.choice(pool) + rng.choice((0, 0, 0, 1, -1)) if rng.random() < 0.9 else rng.randrange(1 << 32)  # noqa: E731
     else:
         pool = [int(ipaddress.ip_address(x)) for x in ("fe80::1", "2001:db8:ff::10", "2001:db8:e0::13")]
-        addr = lambda: rng.choice(pool) if rng.random() < 0.9 else rng.randrange(1 << 128)  # noqa: E731
+
+    def addr() -> int:
+        near = rng.choice(pool) + (rng.choice((0, 0, 0, 1, -1)) if family == 4 else 0)
+        return near if rng.random() < 0.9 else rng.randrange(1 << (32 if family == 4 else 128))
+
     proto = rng.choice((6, 6, 17, 1 if family == 4 else 58, 47))
     ports = (22, 80, 3306, 3307, 24007, 24008, 49152, 49251, 8080, *named)
     dport = rng.choice(ports) + rng.choice((0, 0, 1, -1)) if rng.random() < 0.8 else rng.randrange(65536)

@@ -14,7 +14,7 @@ from ..compiler import Addresses, Policy
 from ..rulefiles import RuleFiles
 from .engine import Difference, compare
 from .parse import parse_ipsets, parse_tables
-from .spec import HostIntent
+from .spec import AddressIndex, HostIntent
 
 HOOKS = ("INPUT", "OUTPUT")
 # Comment lines (a title naming the host, a save's date) change no verdict: hosts of a role differ only there.
@@ -74,7 +74,8 @@ class Prover:
 
     def __init__(self, policy: Policy, addresses: dict[str, Addresses], limit: int = 20) -> None:
         self.policy, self.addresses, self.limit = policy, addresses, limit
-        self._proofs: dict[tuple[str, str, str, tuple[str, ...]], tuple[int, int, list[Difference]]] = {}
+        self._index: AddressIndex | None = None
+        self._proofs: dict[tuple[object, ...], list[tuple[str, tuple[int, int, list[Difference]]]]] = {}
 
     def _intent_key(self, host: str) -> tuple[str, ...]:
         h = self.policy.host_by_name[host]
@@ -84,15 +85,19 @@ class Prover:
         return key
 
     def prove(self, text: HostText) -> HostProof:
-        # Keyed by the texts themselves: Python hashes a string once and compares equal ones with memcmp, far
-        # cheaper than a digest of 10 000 hosts' set members. Rule files are small: their comments are dropped.
-        key = (COMMENT_LINE.sub("", text.rules_v4), COMMENT_LINE.sub("", text.rules_v6), text.ipsets,
-               self._intent_key(text.host))
-        if key in self._proofs:
-            atoms, wrong, known = self._proofs[key]
-            return HostProof(text.host, atoms, wrong, known, cached=True)
+        # Exact, and cheap for 10 000 hosts: set files (the large part) are bucketed by length and ends, then
+        # compared whole (memcmp); hashing every host's set members would cost more than the proofs. Rule files
+        # are small: their comments are dropped, since hosts of a role differ only there.
+        ipsets = text.ipsets
+        key = (COMMENT_LINE.sub("", text.rules_v4), COMMENT_LINE.sub("", text.rules_v6), len(ipsets),
+               ipsets[:256], ipsets[-256:], self._intent_key(text.host))
+        for known_ipsets, (atoms, wrong, known) in self._proofs.get(key, []):
+            if known_ipsets == ipsets:
+                return HostProof(text.host, atoms, wrong, known, cached=True)
         host = self.policy.host_by_name[text.host]
-        intent = HostIntent(self.policy, self.addresses, host)
+        if self._index is None:
+            self._index = AddressIndex(self.policy, self.addresses)
+        intent = HostIntent(self.policy, self.addresses, host, self._index)
         sets = parse_ipsets(text.ipsets, f"{text.where}/ipsets")
         atoms = wrong = 0
         diffs: list[Difference] = []
@@ -103,5 +108,5 @@ class Prover:
                 atoms += n
                 wrong += bad
                 diffs += found
-        self._proofs[key] = (atoms, wrong, diffs)
+        self._proofs.setdefault(key, []).append((ipsets, (atoms, wrong, diffs)))
         return HostProof(text.host, atoms, wrong, diffs)

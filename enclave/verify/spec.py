@@ -32,16 +32,33 @@ def _interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, 
     return int(net.network_address), int(net.broadcast_address) + 1
 
 
+def as_int(text: str) -> int:
+    return int(ipaddress.ip_address(text))
+
+
+class AddressIndex:
+    """The stack's addresses as integers, computed once for every host of a fleet."""
+
+    def __init__(self, policy: Policy, addresses: dict[str, Addresses]) -> None:
+        self.host_at: dict[int, Host] = {as_int(addresses[h.name].private): h for h in policy.hosts}
+        outsiders = {4: ["192.0.2.10", "10.255.255.254"], 6: ["2001:db8:ff::10", "fe80::1"]}
+        publics = {4: [a.public for a in addresses.values()], 6: [a.public6 for a in addresses.values() if a.public6]}
+        self.preferred = {4: list(self.host_at) + [as_int(x) for x in outsiders[4] + publics[4]],
+                          6: [as_int(x) for x in outsiders[6] + publics[6]]}
+
+
 class HostIntent:
     """The intent for one host of a compiled policy with concrete addresses."""
 
-    def __init__(self, policy: Policy, addresses: dict[str, Addresses], host: Host) -> None:
+    def __init__(self, policy: Policy, addresses: dict[str, Addresses], host: Host,
+                 index: AddressIndex | None = None) -> None:
         self.policy, self.addresses, self.host = policy, addresses, host
         stack = policy.stack
         self.role = stack.roles[host.role]
         self.public, self.private = stack.interfaces.public, stack.interfaces.private
         self.restricted = self.role.egress == "restricted"
-        self.host_at: dict[int, Host] = {int(ipaddress.ip_address(addresses[h.name].private)): h for h in policy.hosts}
+        self.index = index if index is not None else AddressIndex(policy, addresses)
+        self.host_at = self.index.host_at
 
     # --- boundaries --------------------------------------------------------------------------------
 
@@ -88,16 +105,11 @@ class HostIntent:
 
     def preferred(self, family: int, hook: str, side: str) -> list[int]:
         """Addresses shown in counterexamples when their class holds them, best first: this host's own as the
-        destination of what it receives, the stack's private addresses, an outsider, then public addresses."""
+        destination of what it receives, the other hosts' private addresses, an outsider, then public ones."""
         mine = self.addresses[self.host.name]
         own = [mine.private, mine.public] if family == 4 else [mine.public6]
-        outsiders = ["192.0.2.10", "10.255.255.254"] if family == 4 else ["2001:db8:ff::10", "fe80::1"]
-        others = [h for h in self.policy.hosts if h != self.host] + [self.host]
-        privates = [self.addresses[h.name].private for h in others] if family == 4 else []
-        publics = [a for h in self.policy.hosts
-                   for a in ([self.addresses[h.name].public] if family == 4 else [self.addresses[h.name].public6])]
-        first = own if (hook == "INPUT") == (side == "dst") else []
-        return [int(ipaddress.ip_address(x)) for x in first + privates + outsiders + publics if x]
+        first = [int(ipaddress.ip_address(x)) for x in own if x] if (hook == "INPUT") == (side == "dst") else []
+        return first + self.index.preferred[family]
 
     def name_of(self, family: int, addr: int) -> str | None:
         """The stack host an address belongs to, for counterexamples."""
