@@ -4,10 +4,11 @@ parser does not model is refused naming its line."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from config.stackfile import load_stack
+from config.stackfile import load_stack, load_stack_file
 from enclave.plan import Plan, build_plan
 from enclave.verify.engine import VerifyError
 from enclave.verify.parse import ParseError, parse_ipsets, parse_tables
@@ -131,6 +132,7 @@ REFUSED_RULES = [
     ("-A ENCLAVE-INPUT -p tcp -m tcp --dport 22", "a rule without -j"),
     ("-A ENCLAVE-INPUT -m set --match-set enclave-mysql src,dst -j ACCEPT", "only one direction"),
     ("-A ENCLAVE-INPUT -p icmp -m icmp --icmp-type 3/4 -j ACCEPT", "ICMP type '3/4' is not modelled"),
+    ("-A ENCLAVE-INPUT ! -p tcp -m tcp --dport 22 -j ACCEPT", "-m tcp needs -p tcp or -p udp before it"),
 ]
 
 
@@ -171,3 +173,62 @@ def test_live_ipset_save_output_is_read() -> None:
             "add enclave-mysql.k3x 10.110.16.5\nadd enclave-mysql.k3x 10.110.16.9\n")
     sets = parse_ipsets(text, "ipsets")
     assert len(sets["enclave-mysql.k3x"].members) == 2
+
+
+RICH_STACK = """
+config:
+  enclave:region: ams3
+  enclave:vpcIpRange: 10.120.0.0/24
+  enclave:image: ubuntu-24-04-x64
+  enclave:sshUser: root
+  enclave:sshPublicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVuY2xhdmUtZXhhbXBsZS1rZXktbm90LXJlYWwtMDAy ops@example
+  enclave:operators: [198.51.100.7/32, "2001:db8:aa::/48"]
+  enclave:logDrops: true
+  enclave:roles:
+    web:
+      count: 2
+      size: s-1vcpu-1gb
+      ipv6: true
+      egress: restricted
+      ingress:
+        - {from: internet, ports: [tcp/80, tcp/443, icmp]}
+        - {from: "203.0.113.0/24", ports: [udp/500-600]}
+        - {from: "2001:db8:bb::/48", ports: [tcp/8443]}
+        - {from: operators, ports: [tcp/9100]}
+    app:
+      count: 3
+      size: s-1vcpu-1gb
+      egress: restricted
+      ingress:
+        - {from: web, ports: [tcp/8080, icmp]}
+        - {from: web-1, ports: [udp/9999]}
+        - {from: app, ports: [tcp/7000-7010]}
+    db:
+      count: 1
+      size: s-1vcpu-1gb
+      ingress:
+        - {from: app-2, ports: [tcp/5432]}
+        - {from: [app, web], ports: [tcp/5432, udp/53]}
+"""
+
+
+def test_every_source_kind_egress_ipv6_and_logged_drops_prove(tmp_path: Path) -> None:
+    path = tmp_path / "Pulumi.rich.yaml"
+    path.write_text(RICH_STACK)
+    plan = build_plan(load_stack_file(path))
+    prover = Prover(plan.policy, plan.addresses)
+    assert [h for h, f in plan.files.items() if not prover.prove(HostText.of(f)).proved] == []
+    # web-1's own egress to app on udp/9999 (a single-host source) is what app admits from web-1 only
+    web2 = plan.files["web-2"].ipv4.replace("-A ENCLAVE-OUTPUT -o eth1 -p tcp -m tcp --dport 8080",
+                                            "-A ENCLAVE-OUTPUT -o eth1 -p udp -m udp --dport 9999 -m set --match-set "
+                                            "enclave-app dst -j ACCEPT\n-A ENCLAVE-OUTPUT -o eth1 -p tcp -m tcp --dport 8080")
+    found = only(Prover(plan.policy, plan.addresses).prove(dataclasses.replace(HostText.of(plan.files["web-2"]),
+                                                                                 rules_v4=web2)))
+    assert any("out eth1" in d and "udp/9999" in d and "rules ACCEPT" in d and "egress restricted: default drop" in d
+               for d in found)
+
+
+def test_a_chain_input_reaches_with_an_output_interface_is_refused(prod: Plan) -> None:
+    v4 = prod.files["mysql-1"].ipv4.replace("-A ENCLAVE-INPUT -i lo -j ACCEPT", "-A ENCLAVE-INPUT -o lo -j ACCEPT")
+    with pytest.raises(VerifyError, match=r"rules.v4:8: -o in a chain INPUT reaches \(ENCLAVE-INPUT\)"):
+        prove(prod, "mysql-1", rules_v4=v4)

@@ -277,7 +277,7 @@ def packets(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef]) 
                     op, v = c.arg
                     hl_points |= {v, v + 1}
     # A name no rule spells but one that starts with each prefix, and one that starts with none.
-    iface_reps = sorted(ifaces) + [p + "~" for p in sorted(prefixes)] + ["other~"]
+    iface_reps = sorted(ifaces) + [p + "~" for p in sorted(prefixes)] + ["~other"]
     icmp_reps = sorted(icmp) + [next(t for t in range(256) if t not in icmp)]
     srcs = partition(src_regions, intent.preferred(family, hook, "src"))
     dsts = partition(dst_regions, intent.preferred(family, hook, "dst"))
@@ -322,6 +322,24 @@ def keys_at(regions: Regions, addr: int) -> frozenset[object]:
     return frozenset(k for k, intervals in regions.items() if any(lo <= addr < hi for lo, hi in intervals))
 
 
+def _refuse_wrong_direction(table: Table, hook: str) -> None:
+    """`-o` in a chain INPUT reaches, `-i` in one OUTPUT reaches: the kernel refuses to load them."""
+    wrong = "iface_out" if hook == "INPUT" else "iface_in"
+    seen: set[str] = set()
+    todo = [hook]
+    while todo:
+        chain = todo.pop()
+        if chain in seen:
+            continue
+        seen.add(chain)
+        for r in table.rules[chain]:
+            if any(c.kind == wrong for c in r.conds):
+                raise VerifyError(f"{table.source}:{r.line}: {'-o' if hook == 'INPUT' else '-i'} in a chain {hook} "
+                                  f"reaches ({chain}); iptables refuses it: {r.text}")
+            if r.target in table.rules:
+                todo.append(r.target)
+
+
 def resolve_set(sets: dict[str, IpSetDef], name: str, family: int, table: Table) -> IpSetDef:
     """The set a rule's `--match-set NAME` sees once the file is loaded: a rendered `.new` twin is swapped in."""
     staged = sets.get(name + ".new")
@@ -337,6 +355,7 @@ def compare(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef],
             limit: int = 20) -> tuple[int, int, list[Difference]]:
     """(atoms evaluated, atoms where the rules and the intent disagree, the first `limit` of those)."""
     table = with_push_jumps(table)
+    _refuse_wrong_direction(table, hook)
     found: list[Difference] = []
     count = wrong = 0
     policy_line = table.policy_lines.get(hook, 0)

@@ -139,7 +139,7 @@ def parse_rule(chain: str, words: list[str], family: int, source: str, n: int, l
     goto = False
     comment = ""
     module = ""
-    proto: int | None = None
+    proto: int | None = None  # the protocol a -p names (None: any, or negated)
     limited = False
     negate = False
     i = 0
@@ -171,8 +171,8 @@ def parse_rule(chain: str, words: list[str], family: int, source: str, n: int, l
             text = value().lower()
             if text not in PROTOCOLS:
                 raise refuse(f"protocol {text!r} is not modelled (tcp, udp, icmp, ipv6-icmp)")
-            proto = PROTOCOLS[text]
-            conds.append(Cond("proto", proto, neg))
+            conds.append(Cond("proto", PROTOCOLS[text], neg))
+            proto = None if neg else PROTOCOLS[text]  # `! -p tcp -m tcp` is no tcp match: refused below
         elif w in ("-m", "--match"):
             module = value()
             if module not in ("tcp", "udp", "multiport", "icmp", "icmp6", "set", "conntrack", "state", "hl",
