@@ -188,12 +188,13 @@ class Explanation:
                 "ruleLine": self.rule_line, "rule": self.rule_text, "agrees": self.agrees}
 
 
-def _source(policy: Policy, stack_name: str, text: str, addresses: dict[str, Addresses]) -> Endpoint:
+def _source(policy: Policy, stack_name: str, text: str, addresses: dict[str, Addresses], dst: Host) -> Endpoint:
     others = outsiders(policy.stack, addresses)
     if text in ("internet", "operators", "neighbor") or text in policy.host_by_name:
         return endpoints_for(text, policy, others, addresses)[0]
-    if text in policy.stack.roles:
-        return endpoints_for(text, policy, others, addresses)[0]  # the role's first host
+    if text in policy.stack.roles:  # the role's first host other than the destination (itself is loopback)
+        candidates = endpoints_for(text, policy, others, addresses)
+        return next((e for e in candidates if e.name != dst.name), candidates[0])
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
@@ -221,7 +222,7 @@ def explain(stack: Stack, src_text: str, dst_text: str, port_text: str,
         raise _bad("PORT", str(exc)) from None
     if port.low != port.high:
         raise _bad("PORT", f"{port}: one port, e.g. {port.proto}/{port.low}")
-    src = _source(policy, stack.name, src_text, plan.addresses)
+    src = _source(policy, stack.name, src_text, plan.addresses, dst)
     interface = arrival_interface(src)
     family = 6 if src.kind == "internet" and src.address is None else 4
     flow = decide(policy, src, dst, port, interface, family)
@@ -252,7 +253,9 @@ def cmd_explain(args: argparse.Namespace, console: Console, stack: Stack) -> int
         return EXIT_OK if e.agrees else EXIT_FAILED
     _say(console, f"{e.src} -> {e.dst} {e.port}: {e.verdict}")
     _say(console, f"  packet:      new connection from {e.address} arriving on {e.dst}'s {e.interface} interface (IPv{e.family})")
-    _say(console, f"  declaration: {e.flow.why if e.flow else 'none admits it: the default drop'}")
+    declared = (f"{e.flow.why} ({e.flow.source} -> {' '.join(map(str, e.flow.ports))} on the {e.flow.interface} interface)"
+                if e.flow else "none admits it: the default drop")
+    _say(console, f"  declaration: {declared}")
     where = f"line {e.rule_line}" if e.rule_line else "placed by the push"
     _say(console, f"  rule:        {e.dst} rules.v{e.family} {where}: {e.rule_text}")
     if not e.agrees:
