@@ -11,6 +11,7 @@ Pure logic: no I/O, no root.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -226,9 +227,14 @@ class Difference:
     intent_accept: bool
     reason: str
     names: dict[int, str]  # stack hosts among the packet's addresses
+    # every conntrack state for which this same packet differs in the same way (the packet shows the first)
+    states: tuple[str, ...] = ()
 
     def packet_text(self) -> str:
-        return self.packet.describe(self.family, self.hook, self.names)
+        text = self.packet.describe(self.family, self.hook, self.names)
+        if len(self.states) > 1:
+            text = text.replace(f" {self.packet.state}", " " + "|".join(self.states), 1)
+        return text
 
     def describe(self) -> str:
         got = "ACCEPT" if self.rules_accept else "DROP"
@@ -357,6 +363,8 @@ def compare(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef],
     table = with_push_jumps(table)
     _refuse_wrong_direction(table, hook)
     found: list[Difference] = []
+    # one counterexample per packet and reason, listing the states it holds for (NEW and UNTRACKED go together)
+    same: dict[tuple[object, ...], int] = {}
     count = wrong = 0
     policy_line = table.policy_lines.get(hook, 0)
     for p in packets(table, hook, intent, sets):
@@ -366,7 +374,12 @@ def compare(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef],
         want, why = intent.verdict(table.family, hook, p)
         if accept != want:
             wrong += 1
-            if len(found) < limit:
+            key = (p.iface, p.src, p.dst, p.proto, p.sport, p.dport, p.icmp, p.hl, rule, why)
+            if key in same:
+                d = found[same[key]]
+                found[same[key]] = dataclasses.replace(d, states=d.states + (p.state,))
+            elif len(found) < limit:
                 names = {a: n for a in (p.src, p.dst) if (n := intent.name_of(table.family, a)) is not None}
-                found.append(Difference(table.family, hook, p, accept, rule, policy_line, want, why, names))
+                same[key] = len(found)
+                found.append(Difference(table.family, hook, p, accept, rule, policy_line, want, why, names, (p.state,)))
     return count, wrong, found

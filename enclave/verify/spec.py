@@ -108,8 +108,10 @@ class HostIntent:
         destination of what it receives, the other hosts' private addresses, an outsider, then public ones."""
         mine = self.addresses[self.host.name]
         own = [mine.private, mine.public] if family == 4 else [mine.public6]
-        first = [int(ipaddress.ip_address(x)) for x in own if x] if (hook == "INPUT") == (side == "dst") else []
-        return first + self.index.preferred[family]
+        mine_int = [as_int(x) for x in own if x]
+        if (hook == "INPUT") == (side == "dst"):
+            return mine_int + self.index.preferred[family]
+        return [a for a in self.index.preferred[family] if a not in mine_int] + mine_int  # a peer, not itself
 
     def name_of(self, family: int, addr: int) -> str | None:
         """The stack host an address belongs to, for counterexamples."""
