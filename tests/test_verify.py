@@ -232,3 +232,10 @@ def test_a_chain_input_reaches_with_an_output_interface_is_refused(prod: Plan) -
     v4 = prod.files["mysql-1"].ipv4.replace("-A ENCLAVE-INPUT -i lo -j ACCEPT", "-A ENCLAVE-INPUT -o lo -j ACCEPT")
     with pytest.raises(VerifyError, match=r"rules.v4:8: -o in a chain INPUT reaches \(ENCLAVE-INPUT\)"):
         prove(prod, "mysql-1", rules_v4=v4)
+
+
+def test_the_proof_cost_benchmark_runs_on_a_small_fleet() -> None:
+    from benchmarks.prove_cost import measure
+
+    result = measure(100, rounds=1)
+    assert result["distinct"] == 4 and result["atoms"] > 1000 and result["prove"] > 0
