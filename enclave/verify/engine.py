@@ -250,7 +250,6 @@ class Difference:
 def packets(table: Table, hook: str, intent: Intent, sets: dict[str, IpSetDef]) -> Iterator[Packet]:
     """One representative packet per atom of `hook` in this table and intent."""
     family = table.family
-    top = 1 << (32 if family == 4 else 128)
     src_regions, dst_regions = dict(intent.src_regions(family, hook)), dict(intent.dst_regions(family, hook))
     ifaces = set(intent.interfaces()) | {"lo"}
     prefixes: set[str] = set()
