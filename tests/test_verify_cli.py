@@ -98,3 +98,17 @@ def test_reach_json_for_the_balancer(capsys: pytest.CaptureFixture[str]) -> None
     reaches = json.loads(capsys.readouterr().out)["reaches"]
     assert reaches == [{"role": "wordpress", "hosts": ["wordpress-1", "wordpress-2"], "port": "tcp/80",
                         "interface": "private", "why": "roles.wordpress.ingress[0]"}]
+
+
+def test_prove_a_fleet_prints_a_summary_not_a_line_per_host(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from benchmarks.fleet import prod_shaped
+
+    values = prod_shaped(200)
+    path = tmp_path / "Pulumi.fleet.yaml"
+    path.write_text(yaml.safe_dump({"config": {f"enclave:{k}": v for k, v in values.items()}}))
+    assert main(["prove", "--stack-file", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stack fleet: all 200 hosts proved equal to the policy for every packet")
+    assert "4 distinct file sets" in out and len(out.splitlines()) == 1

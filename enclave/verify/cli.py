@@ -29,6 +29,7 @@ from .prove import HostProof, HostText, Prover
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 SHOWN = 5  # counterexamples printed per host in text form (all of them, up to 20, in json)
+LISTED_HOSTS = 50  # up to this many hosts, each proved one gets its own line
 RULE_FILES = ("rules.v4", "rules.v6", "ipsets")
 
 StackLoader = Callable[[argparse.Namespace], Stack]
@@ -126,9 +127,11 @@ def cmd_prove(args: argparse.Namespace, console: Console, stack: Stack) -> int:
                                      "hosts": [p.as_json() for p in proofs]}, indent=2) + "\n")
         return EXIT_FAILED if failed else EXIT_OK
     what = f"the files in {args.rules}" if args.rules else "the rendered files"
+    listed = len(proofs) <= LISTED_HOSTS  # a fleet of thousands gets its failures and a summary, not a line each
     for p in proofs:
         if p.proved:
-            _say(console, f"{p.host}: proved, {p.atoms} classes of packets" + (" (same files as a host above)" if p.cached else ""))
+            if listed:
+                _say(console, f"{p.host}: proved, {p.atoms} classes of packets" + (" (same files as a host above)" if p.cached else ""))
             continue
         _say(console, f"{p.host}: NOT proved: {p.disagreeing} of {p.atoms} classes of packets differ from the policy, e.g.")
         for d in p.differences[:SHOWN]:
