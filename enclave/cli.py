@@ -31,6 +31,7 @@ from .exitcodes import Exit, exit_code_table
 from .sshconfig import SshConfigError, ssh_config
 from .stackargs import add_stack_arguments, stack_from_args
 from .lab import cli as lab_cli
+from .verify import cli as verify_cli
 
 ADDRESSES_HELP = (
     "JSON file of real addresses {host: {public, private, public6}}, e.g. from "
@@ -325,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--format", choices=("text", "json"), default="text", help="json: the same, for scripts")
     audit.set_defaults(func=cmd_audit)
 
+    verify_cli.register(sub, add_stack_arguments, ADDRESSES_HELP, stack_from_args)  # prove, explain, reach
     lab_cli.register(sub)  # the lab's subcommands
     return parser
 
