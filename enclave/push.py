@@ -235,6 +235,7 @@ def _key_line(ssh_public_key: str | None) -> str:
 def _header(kind: str, stack_name: str, host: str, d: str) -> str:
     return (
         f"#!/bin/sh\n# enclave {kind}: stack {stack_name}, host {host}, rules {d}\nset -u\numask 077\n{STATE}\n"
+        + _assignments(ME=f"enclave {kind} {host}: rules {d}")
         + "export ENCLAVE_TOP_PID=$$  # for the test hook (checkpoint in apply.sh) only\n"
     )
 
@@ -259,12 +260,13 @@ def push_script(
     return (
         _header("push", stack_name, files.host, digest(files))
         + _assignments(
-            ME=f"enclave push {files.host}: rules {digest(files)}", HOST=files.host, ROLLBACK_SECONDS=ROLLBACK_SECONDS_DEFAULT, INSTALL_WAIT=int(install_wait_s),
+            HOST=files.host, ROLLBACK_SECONDS=ROLLBACK_SECONDS_DEFAULT, INSTALL_WAIT=int(install_wait_s),
             SSH_USER=_check_user(ssh_user), KEYLINE=_key_line(ssh_public_key), BASELINE="yes" if baseline else "",
         )
         + _write_rules_function("write_rules", files)
         + (_write_rules_function("write_baseline", baseline) if baseline else "")
         + install_helpers()
+        + host_program("keys.sh")
         + host_program("push.sh")
     )
 
@@ -279,6 +281,7 @@ def confirm_script(files: RuleFiles, stack_name: str, *, ssh_user: str = "root",
     return (
         _header("confirm", stack_name, files.host, d)
         + _assignments(HOST=files.host, DIGEST=d, SSH_USER=_check_user(ssh_user), KEYLINE=_key_line(ssh_public_key))
+        + host_program("keys.sh")
         + host_program("confirm.sh")
     )
 

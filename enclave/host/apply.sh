@@ -8,8 +8,6 @@
 #   apply.sh restore (or --restore)          boot: close, void a pending push, restore confirmed/baseline/closed
 #   apply.sh baseline DIR                    install DIR as the baseline (first boot)
 #   apply.sh install [WAIT]                  add the packages a stock image lacks (cloud-init runcmd, every push)
-#   apply.sh authorize USER KEYLINE          make sure the push's key is authorized for USER (push)
-#   apply.sh retire USER KEYLINE             remove the keys enclave authorized before, but KEYLINE (confirm)
 #   apply.sh sshd-drop-in FILE MAX_STARTUPS  raise a bastion's sshd MaxStartups (boot)
 #   apply.sh DIR                             prove and apply a rule directory by hand
 set -u
@@ -227,13 +225,6 @@ store() {
   if intact "$stored" && cmp -s "$1/SHA256SUMS" "$stored/SHA256SUMS"; then return 0; fi
   rm -rf "$stored.old" && { [ ! -e "$stored" ] || mv -T "$stored" "$stored.old"; } && mv -T "$1" "$stored" && sync "$STATE/rules" && rm -rf "$stored.old"
 }
-# authorized_keys_file USER: prints USER's authorized_keys (the session's own HOME when it is that user, as in
-# the lab), or says the user does not exist.
-authorized_keys_file() {
-  if [ "$(id -un)" = "$1" ] && [ -n "${HOME:-}" ]; then homedir=$HOME; else homedir=$(getent passwd "$1" | cut -d: -f6); fi
-  [ -n "$homedir" ] || { say "user $1 does not exist"; return 1; }
-  echo "$homedir/.ssh/authorized_keys"
-}
 lock() { exec 9>>"$STATE/lock" && flock 9; }
 pending_field() { awk -v n="$1" 'NR == 1 { print $n }' "$STATE/pending" 2>/dev/null; }
 
@@ -408,39 +399,6 @@ confirm)
     exit 1
   fi
   ;;
-authorize)
-  # apply.sh authorize USER KEYLINE: make sure KEYLINE is in USER's authorized_keys (appended atomically if
-  # missing, never replacing a line), and remember it in $STATE/authorized-keys as enclave's own line, so a
-  # later `retire` may remove it and only it.
-  user=$1; keyline=$2; ME="enclave push ${ENCLAVE_HOST:-$(hostname)}:"
-  akf=$(authorized_keys_file "$user") || exit 1
-  current=$(printf '%s\n' "$keyline" | awk '{ print $1, $2; exit }')
-  mkdir -p "$(dirname "$akf")" && touch "$akf" || { say "cannot write $akf"; exit 1; }
-  if ! grep -qF -- "$current" "$akf"; then
-    { cat "$akf"; [ -z "$(tail -c1 "$akf")" ] || echo; echo "$keyline"; } > "$akf.enclave.$$" && chmod 600 "$akf.enclave.$$" \
-      && chown "$user": "$akf.enclave.$$" "$(dirname "$akf")" 2>/dev/null; sync "$akf.enclave.$$" \
-      && mv -f "$akf.enclave.$$" "$akf" || { rm -f "$akf.enclave.$$"; say "could not authorize the key in $akf (disk full?); nothing was changed"; exit 1; }
-    { cat "$STATE/authorized-keys" 2>/dev/null; printf '%s\t%s\n' "$akf" "$keyline"; } > "$STATE/authorized-keys.tmp" && mv -f "$STATE/authorized-keys.tmp" "$STATE/authorized-keys"
-  fi
-  ;;
-retire)
-  # apply.sh retire USER KEYLINE: remove every key enclave authorized before other than KEYLINE's (the confirm
-  # logged in with it), so a key rotation never locks out and ends with only the new key enclave-managed.
-  user=$1; ME="enclave confirm ${ENCLAVE_HOST:-$(hostname)}:"
-  authorized_keys_file "$user" >/dev/null || exit 1
-  current=$(printf '%s\n' "$2" | awk '{ print $1, $2; exit }')
-  if [ -s "$STATE/authorized-keys" ]; then
-    : > "$STATE/authorized-keys.keep.$$"
-    while IFS='	' read -r file old; do
-      case "$old" in *"$current"*) printf '%s\t%s\n' "$file" "$old" >> "$STATE/authorized-keys.keep.$$"; continue ;; esac
-      [ -f "$file" ] || continue
-      grep -vxF -- "$old" "$file" > "$file.enclave.$$"; chmod 600 "$file.enclave.$$"
-      chown --reference="$file" "$file.enclave.$$" 2>/dev/null; sync "$file.enclave.$$" && mv -f "$file.enclave.$$" "$file" \
-        || { rm -f "$file.enclave.$$"; printf '%s\t%s\n' "$file" "$old" >> "$STATE/authorized-keys.keep.$$"; }
-    done < "$STATE/authorized-keys"
-    mv -f "$STATE/authorized-keys.keep.$$" "$STATE/authorized-keys"
-  fi
-  ;;
 sshd-drop-in)
   # apply.sh sshd-drop-in FILE MAX_STARTUPS (bastions, at boot): raise sshd's MaxStartups, since a bastion takes
   # every operator's and every push's connection at once. Written only to ENCLAVE_SSHD_CONFIG_DIR or on the
@@ -459,6 +417,6 @@ sshd-drop-in)
     apply "$cmd" || { say "failed to apply: $why"; exit 1; }
     exit 0
   fi
-  echo "enclave: usage: apply.sh push|confirm|rollback|restore|baseline|install|authorize|retire|sshd-drop-in ..."; exit 2 ;;
+  echo "enclave: usage: apply.sh push|confirm|rollback|restore|baseline|install|sshd-drop-in ..."; exit 2 ;;
 esac
 exit 0
