@@ -35,6 +35,7 @@ from config.stackfile import Stack
 
 from .compiler import Addresses, Policy
 from .plan import droplet_name
+from .ipsets import parse_ipsets
 from .push import _heredoc, digest, host_files, host_program
 from .pushrun import _remote_shell, push_request
 from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
@@ -91,18 +92,8 @@ def _jumps(lines: list[str]) -> set[str]:
 
 
 def _members(lines: list[str]) -> dict[str, set[str]]:
-    """enclave's sets and their members from `ipset save` (staging twins of a push in progress left out)."""
-    out: dict[str, set[str]] = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] in ("create", "add") and parts[1].startswith(SET_PREFIX):
-            name = parts[1]
-            if name.endswith(".new"):
-                continue
-            members = out.setdefault(name, set())
-            if parts[0] == "add":
-                members.add(" ".join(parts[2:]))
-    return out
+    """enclave's sets and their members from `ipset save`."""
+    return {name: set(members) for name, (_, members) in parse_ipsets("\n".join(lines), SET_PREFIX).items()}
 
 
 @dataclass

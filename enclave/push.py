@@ -81,8 +81,6 @@ SSHD_DROP_IN = "enclave.conf"
 BASTION_MAX_STARTUPS = "100:30:1000"
 # The files of one rule directory, in the order SHA256SUMS lists them.
 RULE_DIR_FILES = ("digest", "host", "ipsets", "rules.v4", "rules.v6", "sets")
-GENERATION_CHARS = 3  # a set name is at most 27 characters + "." + 3 = 31, ipset's limit
-_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 @functools.lru_cache(maxsize=64)
@@ -103,75 +101,19 @@ def _heredoc(path: str, text: str) -> str:
     return f"cat > {path} <<'{HEREDOC}'\n{text}{HEREDOC}\n"
 
 
-def _generation(definition: str, members: list[str]) -> str:
-    h = int.from_bytes(hashlib.sha256("\n".join([definition, *sorted(members)]).encode()).digest()[:8], "big")
-    chars = []
-    for _ in range(GENERATION_CHARS):
-        h, r = divmod(h, 36)
-        chars.append(_BASE36[r])
-    return "".join(chars)
-
-
-_MATCH_SET = re.compile(r"(--match-set )(\S+)( )")
-
-
 def host_files(files: RuleFiles) -> dict[str, str]:
-    """The rule directory as it lands on the host: sets renamed to their generation (a hash of their contents),
-    the rules referencing those names, and the ipset file reduced to `create`/`add` lines of those names.
-
-    render.py stages members in `<set>.new` twins; here each twin becomes `<set>.<generation>`. A line this does
-    not understand is kept as is (on the host, the kernel then judges it, and a bad one rejects the push)."""
-    names: dict[str, str] = {}
-    ipsets = []
-    # render.py writes one block per set, each starting with its "# about" line, and shares the block's text
-    # between hosts: transformed once per distinct block (5 000 hosts of thousand-member sets stay cheap).
-    # str.split: a regex split cost 0.36 ms per prod host at 2 000 hosts. Every block but the first then starts
-    # with the rest of its "# about" line.
-    for i, block in enumerate(files.ipsets.split("\n# ")):
-        block_names, text = _set_block(block, i > 0)
-        names.update(block_names)
-        ipsets.append(text)
-
-    def rename(text: str) -> str:
-        return _MATCH_SET.sub(lambda m: m.group(1) + names.get(m.group(2), m.group(2)) + m.group(3), text)
-
+    """The rule directory as it lands on the host: the rendered files as they are (enclave.render names each set
+    by its generation), plus `digest`, `host`, `sets` (the set names, one a line) and their SHA256SUMS."""
     out = {
         "digest": digest(files) + "\n",
         "host": files.host + "\n",
-        "ipsets": "".join(ipsets),
-        "rules.v4": rename(files.ipv4),
-        "rules.v6": rename(files.ipv6),
-        "sets": "".join(f"{n}\n" for n in names.values()),
+        "ipsets": files.ipsets,
+        "rules.v4": files.ipv4,
+        "rules.v6": files.ipv6,
+        "sets": "".join(f"{n}\n" for n in files.set_names),
     }
     sums = "".join(f"{hashlib.sha256(out[name].encode()).hexdigest()}  {name}\n" for name in RULE_DIR_FILES)
     return {**out, "SHA256SUMS": sums}
-
-
-@functools.lru_cache(maxsize=4096)
-def _set_block(block: str, starts_in_a_comment: bool) -> tuple[dict[str, str], str]:
-    definitions: dict[str, str] = {}
-    members: dict[str, list[str]] = {}
-    other: list[str] = []
-    for line in block.splitlines()[1 if starts_in_a_comment else 0:]:
-        words = line.split()
-        if not words or line.startswith("#"):
-            continue
-        if words[0] == "create" and len(words) > 1 and words[1].endswith(".new"):
-            base = words[1][: -len(".new")]
-            definitions[base] = " ".join(w for w in words[2:] if w != "-exist")
-            members.setdefault(base, [])
-        elif words[0] == "add" and len(words) > 2 and words[1].endswith(".new"):
-            members.setdefault(words[1][: -len(".new")], []).append(" ".join(words[2:]))
-        elif words[0] in ("create", "flush") and len(words) > 1:
-            continue  # the live set and the twin's flush: the generation replaces both
-        else:
-            other.append(line)
-    names = {base: f"{base}.{_generation(definitions.get(base, ''), m)}" for base, m in members.items()}
-    lines = []
-    for base, name in names.items():
-        lines.append(f"create {name} {definitions.get(base, '')}".rstrip())
-        lines += [f"add {name} {m}" for m in members[base]]
-    return names, "".join(f"{line}\n" for line in lines + other)
 
 
 def host_program(name: str) -> str:
