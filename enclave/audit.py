@@ -36,7 +36,7 @@ from config.stackfile import Stack
 from .compiler import Addresses, Policy
 from .plan import droplet_name
 from .ipsets import parse_ipsets
-from .push import _heredoc, digest, host_files, host_program
+from .push import heredoc, digest, host_files, host_program
 from .pushrun import _remote_shell, push_request
 from .render import CHAIN_PREFIX, SET_PREFIX, RuleFiles
 from .transport import SSH_FAILED, Transport
@@ -66,7 +66,7 @@ def audit_script(files: RuleFiles) -> str:
     return (
         f"#!/bin/sh\n# enclave audit: host {files.host}, compiled rules {digest(files)} (reads only)\n"
         "compiled=$(mktemp -d) || exit 1\ntrap 'rm -rf \"$compiled\"' EXIT\n"
-        + "".join(_heredoc(f'"$compiled/{name}"', on_host[name]) for name in ("ipsets", "rules.v4", "rules.v6"))
+        + "".join(heredoc(f'"$compiled/{name}"', on_host[name]) for name in ("ipsets", "rules.v4", "rules.v6"))
         + 'set -- "$compiled"\n'
         + host_program("audit.sh")
     )

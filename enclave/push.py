@@ -1,7 +1,9 @@
 """What runs on a host: the push, the confirmation, the rollback, the boot restore and the first-boot baseline.
 
-All of it is POSIX sh around one installed helper, `$STATE/apply.sh` (STATE defaults to /var/lib/enclave), so
-the Pulumi program, the lab and a user reading `pulumi preview --diff` see the same text.
+All of it is POSIX sh in real files, enclave/host/ (shellcheck-clean, tests/test_shellcheck.py), around one
+installed helper, `$STATE/apply.sh` (STATE defaults to /var/lib/enclave). This module only prepends a few
+shell-quoted values and the rule files (here-documents) to those files' text, so the Pulumi program, the lab
+and a user reading `pulumi preview --diff` see the same text.
 
 One change of rules is two SSH commands (the iptables-apply idea, automated):
 
@@ -93,7 +95,7 @@ def digest(files: RuleFiles) -> str:
     return h.hexdigest()[:16]
 
 
-def _heredoc(path: str, text: str) -> str:
+def heredoc(path: str, text: str) -> str:
     # The substring test first: it is C-fast, and a line equal to the delimiter contains it (a Python loop over
     # every line cost 3.9 s of 4.2 s when planning 5 000 prod-shaped hosts).
     if HEREDOC in text and HEREDOC in text.splitlines():
@@ -131,7 +133,7 @@ def _write_rules_function(function: str, files: RuleFiles) -> str:
     run in a subshell, it exits non-zero at the first write that fails. Data only: the files' text."""
     out = [f'{function}() {{\nmkdir -p "$1" || exit 1\n']
     for name, text in host_files(files).items():
-        cmd, _, body = _heredoc(f'"$1/{name}"', text).partition("\n")
+        cmd, _, body = heredoc(f'"$1/{name}"', text).partition("\n")
         out.append(f"{cmd} || exit 1\n{body}")
     return "".join(out) + "}\n"
 
@@ -147,8 +149,8 @@ def install_helpers() -> str:
     return (
         'mkdir -p "$STATE" || exit 1\n'
         + _assignments(APPLY_SUM=_apply_sum())
-        + _heredoc('"$STATE/apply.sh.tmp.$$"', host_program("apply.sh"))
-        + _heredoc(f'"$STATE/{UNIT_NAME}.tmp.$$"', host_program(UNIT_NAME))
+        + heredoc('"$STATE/apply.sh.tmp.$$"', host_program("apply.sh"))
+        + heredoc(f'"$STATE/{UNIT_NAME}.tmp.$$"', host_program(UNIT_NAME))
         + host_program("install.sh")
     )
 
