@@ -120,7 +120,8 @@ def host_files(files: RuleFiles) -> dict[str, str]:
 
 def host_program(name: str) -> str:
     """A file of enclave/host (the host program), as packaged: what lands on the host is these bytes."""
-    return (importlib.resources.files("enclave.host") / name).read_text()
+    # bytes, decoded as they are (read_text would translate line endings): apply.sh's checksum is of these bytes
+    return (importlib.resources.files("enclave.host") / name).read_bytes().decode()
 
 
 def _assignments(**values: str | int) -> str:

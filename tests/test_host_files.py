@@ -17,11 +17,12 @@ HOST = Path(__file__).resolve().parent.parent / "enclave" / "host"
 
 def test_apply_sh_spells_the_python_constants() -> None:
     apply_sh = (HOST / "apply.sh").read_text()
-    assert re.findall(r"\b([A-Z]+)-(?:INPUT|OUTPUT)\b", apply_sh) and {
-        m for m in re.findall(r"\b([A-Z]+)-(?:INPUT|OUTPUT)\b", apply_sh)} == {CHAIN_PREFIX}
+    chain_prefixes = set(re.findall(r"\b([A-Z]+)-(?:INPUT|OUTPUT)\b", apply_sh))  # ENCLAVE-INPUT, ENCLAVE-OUTPUT
+    assert chain_prefixes == {CHAIN_PREFIX}
     assert f'tmp="{SET_PREFIX}refill-$$"' in apply_sh and f"grep '^{SET_PREFIX}'" in apply_sh
     assert f'= "{" ".join(RULE_DIR_FILES)} " ]' in apply_sh
     assert f'STATE="${{ENCLAVE_STATE_DIR:-{STATE_DIR_DEFAULT}}}"' in apply_sh
+    assert f'[ "$STATE" = {STATE_DIR_DEFAULT} ]' in apply_sh  # the sshd drop-in: only on the default state dir
     assert (HOST / UNIT_NAME).is_file() and f"{UNIT_NAME}" in (HOST / "install.sh").read_text()
 
 
