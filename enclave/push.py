@@ -118,6 +118,7 @@ def host_files(files: RuleFiles) -> dict[str, str]:
     return {**out, "SHA256SUMS": sums}
 
 
+@functools.cache  # every push script of a plan carries apply.sh: read once
 def host_program(name: str) -> str:
     """A file of enclave/host (the host program), as packaged: what lands on the host is these bytes."""
     # bytes, decoded as they are (read_text would translate line endings): apply.sh's checksum is of these bytes
@@ -170,7 +171,7 @@ def _check_user(ssh_user: str) -> str:
 
 
 def _key_line(ssh_public_key: str | None) -> str:
-    """The key as one normalized line for apply.sh authorize/retire ("" when there is none)."""
+    """The key as one normalized line for keys.sh's authorize_key/retire_keys ("" when there is none)."""
     if not ssh_public_key:
         return ""
     _key_fields(ssh_public_key)
