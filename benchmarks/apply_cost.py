@@ -2,9 +2,10 @@
 
 In a server namespace (`netns.py`), for the files `Renderer` makes for `server-1` of `fleet.peers_stack(N)`,
 each round starting from a host with no firewall:
-  - load: the least a host must run to put the rules in force, as one shell: `ipset restore` of the staged
-    members, the swap, then per family one `iptables-restore --noflush` holding enclave's chains AND the jumps
-    from INPUT and OUTPUT to them (chains nothing jumps to filter nothing; the load is checked to be in force);
+  - load: the least a host must run to put the rules in force, as one shell: `ipset restore` of the sets (under
+    their generation names, as they land), then per family one `iptables-restore --noflush` holding enclave's
+    chains AND the jumps from INPUT and OUTPUT to them (chains nothing jumps to filter nothing; the load is
+    checked to be in force);
   - apply.sh in the push: every run of the installed apply.sh that the push script starts (validation, then
     apply), timed where the push starts it (rulesets.SH_TIMER), so it is what a host runs, whatever the
     push script and apply.sh of the day look like;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 
-from enclave.render import INPUT_CHAIN, OUTPUT_CHAIN, RuleFiles, staging_name
+from enclave.render import INPUT_CHAIN, OUTPUT_CHAIN, RuleFiles
 
 from .dataplane import CLIENT_IP, SERVER_IF, SERVER_IP, check_tools
 from .fleet import VPC
@@ -49,12 +50,10 @@ def _with_jumps(table: str) -> str:
 
 
 def load_script(files: RuleFiles) -> str:
-    """The live part of an apply onto a host with no rules, as one shell: stage members, swap them in, then one
-    restore per family (its `:ENCLAVE-INPUT - [0:0]` lines create enclave's chains, its `-I` lines the jumps)."""
-    swaps = "".join(f"swap {staging_name(s)} {s}\ndestroy {staging_name(s)}\n" for s in files.set_names)
+    """The live part of an apply onto a host with no rules, as one shell: create the sets, then one restore per
+    family (its `:ENCLAVE-INPUT - [0:0]` lines create enclave's chains, its `-I` lines the jumps)."""
     return (
-        "ipset -exist restore <<'EOF'\n" + files.ipsets + "EOF\n"
-        + "ipset restore <<'EOF'\n" + swaps + "EOF\n"
+        "ipset restore <<'EOF'\n" + files.ipsets + "EOF\n"
         + "iptables-restore -w --noflush <<'EOF'\n" + _with_jumps(files.ipv4) + "EOF\n"
         + "ip6tables-restore -w --noflush <<'EOF'\n" + _with_jumps(files.ipv6) + "EOF\n"
     )

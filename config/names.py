@@ -1,8 +1,8 @@
 """Names enclave gives things on a host, decided here so the schema can refuse a stack whose names would collide.
 
-ipset names are at most 31 characters; enclave keeps 4 for the suffix a set carries on the host (`.` and 3
-characters of a hash of its members, enclave/push.py), so a set name is at most 27. A role's set is `enclave-<role>` when that fits. A longer role gets its first 12 characters,
-an underscore and 6 hex digits of its name's SHA-256: a role name cannot hold `_`, so a hashed name can never
+ipset names are at most 31 characters; a set lands on a host as `<name>.<generation>` (enclave.ipsets: a dot and
+3 characters), so a set name is at most 27. A role's set is `enclave-<role>` when that fits. A longer role gets
+its first 12 characters, an underscore and 6 hex digits of its name's SHA-256: a role name cannot hold `_`, so a hashed name can never
 equal a verbatim one (`abcdefghijkl-dd65ee` is a valid role name; `abcdefghijkl_dd65ee` is not). The operator
 sets are `enclave-operators` (`operators` is a reserved role name) and `enclave-operators_v6` (with `_`, so a
 role named `operators6` or `operators-v6` keeps its own set).
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 
 SET_PREFIX = "enclave-"
-# ipset names are at most 31 characters; keep room for the 4-character suffix a set carries on the host.
+# ipset names are at most 31 characters; keep room for the generation suffix (".k3x", enclave.ipsets).
 SET_NAME_MAX = 27
 HASH_DIGITS = 6
 OPERATORS_SET = {4: SET_PREFIX + "operators", 6: SET_PREFIX + "operators_v6"}

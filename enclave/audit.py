@@ -36,7 +36,8 @@ from . import kernelstate
 from .compiler import Addresses, Policy
 from .kernelstate import KernelState, KernelStateError
 from .plan import droplet_name
-from .push import STATE, _heredoc, digest, host_files
+from .ipsets import parse_ipsets
+from .push import heredoc, digest, host_files, host_program
 from .pushrun import _remote_shell, push_request
 from .resource_names import push_urn  # the URN the program's push resource has (tests/test_program.py)
 from .render import INPUT_CHAIN, OUTPUT_CHAIN, SET_PREFIX, RuleFiles
@@ -52,28 +53,17 @@ def replace_command(stack: str, droplet: str) -> str:
 
 
 def audit_script(files: RuleFiles) -> str:
-    """Read-only: prints each section after a `== name` line. The compiled files are loaded only inside a
-    scratch network namespace (its own netfilter tables and ipsets), which disappears with its `sh`. They are
-    loaded as they land on the host (enclave.push.host_files: each set named by a hash of its members)."""
+    """Read-only (enclave/host/audit.sh): prints each section after a `== name` line. The compiled files, as
+    they land on the host (enclave.push.host_files), are written to a temporary directory given as audit.sh's
+    $1; they are loaded only inside a scratch network namespace."""
     on_host = host_files(files)
-    return f"""#!/bin/sh
-# enclave audit: host {files.host}, compiled rules {digest(files)} (reads only)
-set -u
-{STATE}
-PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
-echo "== confirmed"; cat "$STATE/confirmed/digest" 2>/dev/null
-echo "== pending"; cat "$STATE/pending" 2>/dev/null
-echo "== rolled-back"; cat "$STATE/rolled-back" 2>/dev/null
-echo "== live4"; iptables-save -t filter
-echo "== live6"; ip6tables-save -t filter
-echo "== sets"; ipset save
-tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
-{_heredoc('"$tmp/ipsets"', on_host["ipsets"])}{_heredoc('"$tmp/rules.v4"', on_host["rules.v4"])}{_heredoc('"$tmp/rules.v6"', on_host["rules.v6"])}unshare -n sh -c '
-  ipset restore < "$1/ipsets" >&2 || exit 1
-  echo "== want4"; iptables-restore -w < "$1/rules.v4" >&2 && iptables-save -t filter
-  echo "== want6"; ip6tables-restore -w < "$1/rules.v6" >&2 && ip6tables-save -t filter
-  echo "== wantsets"; ipset save' audit "$tmp"
-"""
+    return (
+        f"#!/bin/sh\n# enclave audit: host {files.host}, compiled rules {digest(files)} (reads only)\n"
+        "compiled=$(mktemp -d) || exit 1\ntrap 'rm -rf \"$compiled\"' EXIT\n"
+        + "".join(heredoc(f'"$compiled/{name}"', on_host[name]) for name in ("ipsets", "rules.v4", "rules.v6"))
+        + 'set -- "$compiled"\n'
+        + host_program("audit.sh")
+    )
 
 
 def _sections(text: str) -> dict[str, list[str]]:
@@ -99,18 +89,8 @@ def _jumps(state: KernelState, family: str) -> set[str]:
 
 
 def _members(lines: list[str]) -> dict[str, set[str]]:
-    """enclave's sets and their members from `ipset save` (staging twins of a push in progress left out)."""
-    out: dict[str, set[str]] = {}
-    for line in lines:
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] in ("create", "add") and parts[1].startswith(SET_PREFIX):
-            name = parts[1]
-            if name.endswith(".new"):
-                continue
-            members = out.setdefault(name, set())
-            if parts[0] == "add":
-                members.add(" ".join(parts[2:]))
-    return out
+    """enclave's sets and their members from `ipset save`."""
+    return {name: set(members) for name, (_, members) in parse_ipsets("\n".join(lines), SET_PREFIX).items()}
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .cloudfirewall import check_cloud_firewalls
 from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
 from .exitcodes import Exit, exit_code_table
+from .push import host_files
 from .sshconfig import SshConfigError, ssh_config
 from .stackargs import add_stack_arguments, stack_from_args
 from .lab import cli as lab_cli
@@ -137,6 +138,29 @@ def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> i
     return report_failed_tests(plan, console)
 
 
+# The rule files of a host, byte for byte as they land (enclave.push.host_files adds only the digest, the host
+# name, the list of sets and their checksums).
+LANDED_FILES = ("ipsets", "rules.v4", "rules.v6")
+
+
+def write_landed_files(plan: Plan, hosts: list[str], output: Path) -> None:
+    """`plan --output DIR`: DIR/<host>/{ipsets,rules.v4,rules.v6} for each host (DIR is created if missing)."""
+    def refuse(why: str) -> StackError:
+        return StackError([StackIssue("--output", f"{shown(str(output))} {why}; give a directory to write "
+                                      f"<host>/rules.v4, rules.v6 and ipsets under, e.g. --output plan-{plan.stack.name}")],
+                          "--output")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise refuse("exists and is not a directory")
+    try:
+        for host in hosts:
+            landed = host_files(plan.files[host])
+            (output / host).mkdir(parents=True, exist_ok=True)
+            for name in LANDED_FILES:
+                (output / host / name).write_bytes(landed[name].encode())
+    except OSError as e:
+        raise refuse(f"cannot be written: {e.strerror or e}") from None
+
+
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     stack = stack_from_args(args)
     if args.diff_from is not None:
@@ -145,20 +169,25 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     plan = build_plan(stack, addresses)
     if args.host is not None and args.host not in plan.files:
         raise no_such_host(args.host, list(plan.files), "no such host")
-    if args.format == "json":
+    if args.output is not None:
+        hosts = [args.host] if args.host else list(plan.files)
+        write_landed_files(plan, hosts, args.output)
+        console.print(f"wrote {', '.join(LANDED_FILES)} of {len(hosts)} hosts under {args.output}/<host>/",
+                      markup=False, highlight=False, soft_wrap=True)
+    elif args.format == "json":
         data = plan.to_json()
         firewalls = check_cloud_firewalls(stack.name, plan.policy)
         if firewalls:
             data["cloudFirewalls"] = [dataclasses.asdict(fw) for fw in firewalls]
         if args.host:
-            files = plan.files[args.host]
-            data = {"host": args.host, "rules.v4": files.ipv4, "rules.v6": files.ipv6, "ipsets": files.ipsets}
+            landed = host_files(plan.files[args.host])
+            data = {"host": args.host, **{name: landed[name] for name in ("rules.v4", "rules.v6", "ipsets")}}
         print(json.dumps(data, indent=2))
     elif args.host:
-        files = plan.files[args.host]
-        for title, text in (("ipsets", files.ipsets), ("rules.v4", files.ipv4), ("rules.v6", files.ipv6)):
-            # exact file contents: written raw, never wrapped or highlighted
-            sys.stdout.write(f"### {args.host}: {title}\n{text}")
+        landed = host_files(plan.files[args.host])
+        for name in LANDED_FILES:
+            # exact file contents, as they land on the host: written raw, never wrapped or highlighted
+            sys.stdout.write(f"### {args.host}: {name}\n{landed[name]}")
     else:
         print_plan(plan, console)
     return report_failed_tests(plan, console)
@@ -284,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
         "does to each host; offline, with example addresses unless --addresses gives real ones.",
     )
     add_stack_arguments(plan)
-    plan.add_argument("--host", help="print this host's exact rule files (e.g. mysql-1)")
+    plan.add_argument("--host", help="print this host's exact rule files, as they land on it (e.g. mysql-1)")
+    plan.add_argument("--output", "-o", type=Path, metavar="DIR",
+                      help="write every host's rule files (or --host's) as DIR/<host>/rules.v4, rules.v6, ipsets, "
+                      "byte for byte what lands on it")
     plan.add_argument("--addresses", type=Path, help=ADDRESSES_HELP)
     plan.add_argument("--format", choices=("text", "json"), default="text", help="json: the same, for scripts")
     plan.add_argument(

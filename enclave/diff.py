@@ -22,7 +22,9 @@ from config.stackfile import Stack
 
 from .compiler import Addresses, Policy, compile_policy
 from .plan import EXAMPLE_PUBLIC, EXAMPLE_PUBLIC6, Plan, build_plan, example_addresses
-from .render import RuleFiles, staging_name
+from .ipsets import base_name, without_generations
+from .ipsets import parse_ipsets as parse_ipsets  # looked up here at call time (tests count the calls)
+from .render import RuleFiles
 
 Action = Literal["create", "update", "delete", "same"]
 RULE_FILES = ("rules.v4", "rules.v6")
@@ -177,31 +179,15 @@ def carried_addresses(old: dict[str, Addresses], policy: Policy) -> tuple[dict[s
 # ------------------------------------------------------------------------------------------ comparing
 
 
-def parse_ipsets(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-    """A rendered ipsets file -> {set: (type, members)}, read from its `create` and staged `add` lines."""
-    types: dict[str, str] = {}
-    members: dict[str, list[str]] = {}
-    staged = {}
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) >= 3 and words[0] == "create":
-            name = words[1]
-            if name.endswith(".new"):
-                continue
-            types[name] = " ".join(words[2:]).removesuffix(" -exist")
-            members.setdefault(name, [])
-            staged[staging_name(name)] = name
-        elif len(words) == 3 and words[0] == "add" and words[1] in staged:
-            members[staged[words[1]]].append(words[2])
-    return {name: (types[name], tuple(members[name])) for name in types}
-
-
 def _line_changes(name: str, old: str, new: str) -> LineChange | None:
-    # Comment lines carry the stack and host name only; what counts is what iptables-restore reads.
+    # Comment lines carry the stack and host name only; what counts is what iptables-restore reads. A rule that
+    # only follows its set to a new generation is unchanged: the set change says which members join and leave.
     a = [line for line in old.splitlines() if line and not line.startswith("#")]
     b = [line for line in new.splitlines() if line and not line.startswith("#")]
     lines: list[tuple[str, str]] = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+    compared = difflib.SequenceMatcher(a=without_generations("\n".join(a)).split("\n"),
+                                       b=without_generations("\n".join(b)).split("\n"), autojunk=False)
+    for tag, i1, i2, j1, j2 in compared.get_opcodes():
         if tag == "equal":
             continue
         lines += [("-", line) for line in a[i1:i2]]
@@ -209,8 +195,14 @@ def _line_changes(name: str, old: str, new: str) -> LineChange | None:
     return LineChange(name, tuple(lines)) if lines else None
 
 
+def _by_base_name(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    # A set whose members change lands under a new generation name: it is the same set, its members joining and
+    # leaving, so sets are compared by the name without the generation.
+    return {base_name(name): contents for name, contents in parse_ipsets(text).items()}
+
+
 def _set_changes(old: str, new: str) -> list[SetChange]:
-    before, after = parse_ipsets(old), parse_ipsets(new)
+    before, after = _by_base_name(old), _by_base_name(new)
     out = []
     for name in sorted(before.keys() | after.keys()):
         if name not in before:

@@ -12,6 +12,7 @@ Design (why it looks like this):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # Set names live in config.names, where the schema refuses a stack whose names would collide.
@@ -20,6 +21,7 @@ from config.names import set_name as set_name
 from config.schema import PortSpec, StackConfig
 
 from .compiler import Addresses, Flow, Host, Policy
+from .ipsets import landed_name
 from .rulefiles import CHAIN_PREFIX as CHAIN_PREFIX, INPUT_CHAIN as INPUT_CHAIN, OUTPUT_CHAIN as OUTPUT_CHAIN
 from .rulefiles import RuleFiles as RuleFiles
 
@@ -67,11 +69,21 @@ ICMPV6_ND = ("router-advertisement", "neighbour-solicitation", "neighbour-advert
 
 @dataclass(frozen=True)
 class IpSet:
-    name: str
+    name: str  # the base name (config.names); it lands as `landed`
     kind: str  # hash:ip (a role's private addresses) or hash:net (operator ranges)
     family: str  # inet or inet6
     members: tuple[str, ...]
     about: str
+
+    @property
+    def definition(self) -> str:
+        """What follows the name in its `create` line."""
+        return f"{self.kind} family {self.family}{_hashsize(self)}"
+
+    @functools.cached_property
+    def landed(self) -> str:
+        """The name the set has on the host, and in the rules: `<name>.<generation>` (enclave.ipsets)."""
+        return landed_name(self.name, self.definition, self.members)
 
 
 def _comment(text: str) -> str:
@@ -95,8 +107,9 @@ class Renderer:
         self.stack_name = stack_name
         self.interfaces = policy.stack.interfaces
         self._role_sets: dict[str, IpSet] = {}
-        # A set's staging text is the same in every host that uses it; render it once (a 5 000-host fleet
-        # would otherwise rebuild millions of `add` lines).
+        self._operator_sets: dict[int, IpSet] = {}
+        # A set's text (and its generation, a hash of its members) is the same in every host that uses it;
+        # render it once (a 5 000-host fleet would otherwise rebuild millions of `add` lines).
         self._set_texts: dict[str, str] = {}  # by set name: one content per name within a Renderer
         self._hosts_of_role: dict[str, list[str]] = {role: [] for role in policy.stack.roles}
         for h in policy.hosts:
@@ -118,8 +131,11 @@ class Renderer:
         return self._role_sets[role]
 
     def operators_set(self, family: int) -> IpSet:
-        nets = tuple(str(n) for n in self.policy.stack.operators if n.version == family)
-        return IpSet(OPERATORS_SET[family], "hash:net", "inet" if family == 4 else "inet6", nets, "operators")
+        if family not in self._operator_sets:
+            nets = tuple(str(n) for n in self.policy.stack.operators if n.version == family)
+            self._operator_sets[family] = IpSet(OPERATORS_SET[family], "hash:net", "inet" if family == 4 else "inet6", nets,
+                                                "operators")
+        return self._operator_sets[family]
 
     # ------------------------------------------------------------------------------------------ rules
 
@@ -131,7 +147,7 @@ class Renderer:
                 return None
             s = self.role_set(source.name)
             sets[s.name] = s
-            return f"-m set --match-set {s.name} src"
+            return f"-m set --match-set {s.landed} src"
         if source.kind == "host":
             if family == 6:
                 return None
@@ -144,7 +160,7 @@ class Renderer:
             if not s.members:
                 return None
             sets[s.name] = s
-            return f"-m set --match-set {s.name} src"
+            return f"-m set --match-set {s.landed} src"
         cidr = source.name
         return f"-s {cidr}" if (":" in cidr) == (family == 6) else None
 
@@ -188,7 +204,7 @@ class Renderer:
                     sent.add((_port_match(port, 4), s.name))
                     rules.append(
                         f"-A {OUTPUT_CHAIN} -o {self.interfaces.private} {_port_match(port, 4)} "
-                        f"-m set --match-set {s.name} dst {_comment(f'{flow.why}: {flow.source} -> {flow.role} {port}')} -j ACCEPT"
+                        f"-m set --match-set {s.landed} dst {_comment(f'{flow.why}: {flow.source} -> {flow.role} {port}')} -j ACCEPT"
                     )
         rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress restricted: default drop')} -j DROP")
         return rules
@@ -211,7 +227,7 @@ class Renderer:
         ipv6 = self._table(host, 6, sets)
         ordered = [sets[k] for k in sorted(sets)]
         ipsets = "".join(self._set_text(s) for s in ordered)
-        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.name for s in ordered), self._peer_list())
+        return RuleFiles(host.name, ipv4, ipv6, ipsets, tuple(s.landed for s in ordered), self._peer_list())
 
     def _peer_list(self) -> tuple[str, ...]:
         key = (frozenset(self._peer_roles), frozenset(self._peer_hosts))
@@ -304,27 +320,18 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
 
 
 def render_ipsets(sets: list[IpSet]) -> str:
-    """An `ipset restore` file that *stages* each set's members in a ".new" twin.
-
-    Staging changes nothing live (the real set is only created if missing, empty and unreferenced); the
-    push swaps the twins in once the iptables files have passed `--test`. A referenced set is never
-    emptied and refilled in place, so a push opens no window where peers are refused or strangers admitted.
-    """
+    """The `ipset restore` file as it lands on the host: per set, `create` and its `add` lines, under the set's
+    generation name (a hash of its members). A push creates the sets that do not exist yet beside the live ones;
+    the rules then switch to them in one transaction (enclave.push, "one change at a time")."""
     lines = []
     for s in sets:
-        new = staging_name(s.name)
-        lines += [
-            f"# {s.about}",
-            f"create {s.name} {s.kind} family {s.family} -exist",
-            f"create {new} {s.kind} family {s.family}{_hashsize(s)} -exist",
-            f"flush {new}",
-        ]
-        lines += [f"add {new} {m}" for m in s.members]
+        lines.append(f"create {s.landed} {s.definition}")
+        lines += [f"add {s.landed} {m}" for m in s.members]
     return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _hashsize(s: IpSet) -> str:
-    """A large set's staging twin sized for its members up front (the swap hands the size to the live set).
+    """A large set sized for its members up front.
 
     ipset starts a hash at 1 024 buckets and rehashes it over and over while a restore fills it: sized up front,
     10 000 members load in 28 ms instead of 49 ms. Sets within the default render as before.
@@ -332,7 +339,3 @@ def _hashsize(s: IpSet) -> str:
     if not s.kind.startswith("hash:") or len(s.members) <= DEFAULT_HASHSIZE:
         return ""
     return f" hashsize {1 << (len(s.members) - 1).bit_length()}"
-
-
-def staging_name(name: str) -> str:
-    return name + ".new"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from config.schema import PortSpec, enclave_keys, load_config
 from config.stackfile import Stack, load_stack
 from enclave.cli import main
 from enclave.compiler import Endpoint, compile_policy, decide
+from enclave.ipsets import base_name, parse_ipsets, without_generations
 from enclave.plan import build_plan, example_addresses
+from enclave.push import host_files
 from enclave.render import baseline_files, set_name
 
 from .conftest import stack_document
@@ -47,8 +50,8 @@ def test_golden_files_say_what_the_seed_tutorial_wants() -> None:
         assert ":INPUT DROP" in text and "-A ENCLAVE-INPUT -m comment --comment \"default drop\" -j DROP" in text
         ssh = [line for line in text.splitlines() if "--dport 22 " in line]
         if host.startswith("tunnel"):
-            assert any("-i eth0" in line and "enclave-operators src" in line for line in ssh)
-        assert any("-i eth1" in line and "--match-set enclave-tunnel src" in line for line in ssh), host
+            assert any("-i eth0" in line and "--match-set enclave-operators src" in without_generations(line) for line in ssh)
+        assert any("-i eth1" in line and "--match-set enclave-tunnel src" in without_generations(line) for line in ssh), host
         assert not any("-i eth0" in line for line in ssh if not host.startswith("tunnel")), host
         public = [line for line in text.splitlines() if "-i eth0" in line]
         if host.startswith("haproxy"):
@@ -79,9 +82,14 @@ def test_scaling_changes_set_members_not_rules() -> None:
     doc["config"]["enclave:roles"]["wordpress"]["count"] = 3
     after_plan = build_plan(stack_from(doc))
     after, after_addresses = after_plan.files, after_plan.addresses
-    assert after["mysql-1"].ipv4 == before["mysql-1"].ipv4
-    added = set(after["mysql-1"].ipsets.splitlines()) - set(before["mysql-1"].ipsets.splitlines())
-    assert added == {f"add enclave-wordpress.new {after_addresses['wordpress-3'].private}"}
+    # the rules only follow the wordpress set to its new generation (a hash of its members)
+    assert after["mysql-1"].ipv4 != before["mysql-1"].ipv4
+    assert without_generations(after["mysql-1"].ipv4) == without_generations(before["mysql-1"].ipv4)
+    old_sets, new_sets = (
+        {base_name(name): members for name, (_, members) in parse_ipsets(files["mysql-1"].ipsets).items()}
+        for files in (before, after)
+    )
+    assert new_sets == {**old_sets, "enclave-wordpress": (*old_sets["enclave-wordpress"], after_addresses["wordpress-3"].private)}
     # a host that accepts nothing from wordpress does not change at all
     assert after["tunnel-1"] == before["tunnel-1"]
     # and no existing host's example address moved (they do not on DigitalOcean either)
@@ -116,7 +124,8 @@ def test_bastionless_stack_opens_ssh_to_operators_on_every_host() -> None:
     plan = build_plan(stack_from(doc))
     for host, files in plan.files.items():
         ssh = [line for line in files.ipv4.splitlines() if "--dport 22 " in line]
-        assert ssh and all("-i eth0" in line and "enclave-operators src" in line for line in ssh), host
+        assert ssh and all("-i eth0" in line and "--match-set enclave-operators src" in without_generations(line)
+                           for line in ssh), host
     mysql_v6 = plan.files["mysql-1"].ipv6
     assert "enclave-operators_v6" not in mysql_v6  # no IPv6 operator ranges: no IPv6 ssh rule at all
 
@@ -222,6 +231,55 @@ def test_plan_host_prints_exact_files(capsys: pytest.CaptureFixture[str]) -> Non
     assert (GOLDEN / "mysql-1.rules.v6").read_text() in out
 
 
+def plan_host_sections(out: str) -> dict[str, str]:
+    """`plan --host H` output -> {file name: its text} (sections start with `### H: name`)."""
+    sections = re.split(r"^### [^:\n]+: (\S+)\n", out, flags=re.M)
+    return dict(zip(sections[1::2], sections[2::2]))
+
+
+def test_plan_host_prints_what_lands_and_its_rules_name_exactly_its_sets(capsys: pytest.CaptureFixture[str]) -> None:
+    """What `ipset list -n` shows on mysql-1 after a push: the sets the ipsets file creates, each referenced by a
+    rule (enclave sweeps the unreferenced), under their generation names."""
+    assert main(["plan", "--stack", "prod", "--host", "mysql-1"]) == 0
+    printed = plan_host_sections(capsys.readouterr().out)
+    landed = host_files(build_plan(load_stack("prod")).files["mysql-1"])
+    assert printed == {name: landed[name] for name in ("ipsets", "rules.v4", "rules.v6")}
+    created = {line.split()[1] for line in printed["ipsets"].splitlines() if line.startswith("create ")}
+    referenced = set(re.findall(r"--match-set (\S+) ", printed["rules.v4"] + printed["rules.v6"]))
+    assert created == referenced == set(landed["sets"].split())
+    assert all(re.fullmatch(r"enclave-[a-z0-9_-]+\.[0-9a-z]{3}", name) for name in created), created
+    assert {base_name(name) for name in created} == {"enclave-mysql", "enclave-tunnel", "enclave-wordpress"}
+
+
+def test_plan_output_writes_every_hosts_files_byte_for_byte(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan" / "prod"  # created, parents too
+    assert main(["plan", "--stack", "prod", "--output", str(out)]) == 0
+    plan = build_plan(load_stack("prod"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(plan.files)
+    for host, files in plan.files.items():
+        landed = host_files(files)
+        assert sorted(p.name for p in (out / host).iterdir()) == ["ipsets", "rules.v4", "rules.v6"]
+        for name in ("ipsets", "rules.v4", "rules.v6"):
+            assert (out / host / name).read_bytes() == landed[name].encode(), (host, name)
+    assert f"under {out}/<host>/" in capsys.readouterr().out
+    # --host: that host only
+    one = tmp_path / "one"
+    assert main(["plan", "--stack", "prod", "--host", "mysql-1", "--output", str(one)]) == 0
+    assert [p.name for p in one.iterdir()] == ["mysql-1"]
+
+
+def test_plan_output_refuses_a_file_or_an_unwritable_place(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "plan.txt"
+    a_file.write_text("mine\n")
+    assert main(["plan", "--stack", "prod", "--output", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "exists and is not a directory" in err and "give a directory" in err
+    assert a_file.read_text() == "mine\n"
+    assert main(["plan", "--stack", "prod", "--output", str(a_file / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "cannot be written" in err
+
+
 def test_plan_json_and_addresses_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     policy = compile_policy(load_stack("prod").config)
     real = {
@@ -235,7 +293,8 @@ def test_plan_json_and_addresses_file(tmp_path: Path, capsys: pytest.CaptureFixt
     assert data["ok"] is True
     assert {h["name"]: h["private"] for h in data["hosts"]}["mysql-1"] == real["mysql-1"]["private"]
     assert main(["plan", "--stack", "prod", "--addresses", str(path), "--host", "mysql-1"]) == 0
-    assert f"add enclave-wordpress.new {real['wordpress-2']['private']}" in capsys.readouterr().out
+    assert re.search(rf"^add enclave-wordpress\.[0-9a-z]{{3}} {re.escape(str(real['wordpress-2']['private']))}$",
+                     capsys.readouterr().out, re.M)
 
 
 def test_addresses_file_missing_a_host_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

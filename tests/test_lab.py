@@ -113,6 +113,16 @@ def test_prod_pushes_went_over_ssh_through_the_bastion(prod_lab: Lab) -> None:
         assert confirmed.read_text().strip() == digest(prod_lab.files[host])
 
 
+def test_plan_host_shows_the_sets_ipset_lists_on_the_host_after_a_push(prod_lab: Lab,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`enclave plan --host mysql-1` prints what lands: the very set names `ipset list -n` shows there."""
+    assert main(["plan", "--stack", "prod", "--host", "mysql-1"]) == 0
+    ipsets = capsys.readouterr().out.split("### mysql-1: ipsets\n")[1].split("### ")[0]
+    planned = sorted(line.split()[1] for line in ipsets.splitlines() if line.startswith("create "))
+    listed = sorted(prod_lab.console("mysql-1", "ipset list -n").stdout.split())
+    assert planned and listed == planned
+
+
 def test_opening_3306_to_everyone_fails_naming_the_flows(prod_lab: Lab) -> None:
     original = prod_lab.files["mysql-1"]
     wide_open = open_to_everyone(

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from config.stackfile import Stack
+from enclave.ipsets import base_name, landed_name, parse_ipsets
 from enclave.lab.lab import WIPE_KERNEL_STATE, Lab
 from enclave.lab.probe import Outcome, plan_probes, send_probes
 from enclave.push import baseline_script, confirm_script, digest, push_script
@@ -69,6 +70,19 @@ class Rules:
     baseline_digest: str
 
 
+def with_member(files: RuleFiles, base: str, member: str) -> RuleFiles:
+    """files with one more member in the set `base`, under the generation name the renderer would give it."""
+    old_name = next(name for name in files.set_names if base_name(name) == base)
+    definition, members = parse_ipsets(files.ipsets)[old_name]
+    new_name = landed_name(base, definition, (*members, member))
+    return dataclasses.replace(
+        files,
+        ipv4=files.ipv4.replace(f"--match-set {old_name} ", f"--match-set {new_name} "),
+        ipsets=files.ipsets.replace(f" {old_name} ", f" {new_name} ") + f"add {new_name} {member}\n",
+        set_names=tuple(new_name if name == old_name else name for name in files.set_names),
+    )
+
+
 @pytest.fixture(scope="module")
 def rules(lab: Lab) -> Rules:
     old = lab.files[HOST]
@@ -76,9 +90,8 @@ def rules(lab: Lab) -> Rules:
     assert neighbor is not None
     haproxy = lab.addresses["haproxy-www-1"].private
     new = without_rule(old, "roles.wordpress.ingress[0]")
-    new = dataclasses.replace(new, ipsets=new.ipsets.replace(
-        f"add enclave-haproxy-www.new {haproxy}\n", f"add enclave-haproxy-www.new {haproxy}\nadd enclave-haproxy-www.new {neighbor}\n"))
-    assert neighbor in new.ipsets
+    new = with_member(new, "enclave-haproxy-www", neighbor)
+    assert haproxy in new.ipsets and neighbor in new.ipsets
     old_state = lab.firewall_state(HOST)
     lab.push(HOST, new)
     new_state = lab.firewall_state(HOST)

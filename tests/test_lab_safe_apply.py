@@ -142,7 +142,7 @@ def test_a_push_with_an_invalid_file_changes_nothing_and_says_so(lab: Lab, part:
     bad = {
         "rules.v4": dataclasses.replace(good, ipv4=good.ipv4.replace("--dport 3306", "--dport 99999")),
         "rules.v6": dataclasses.replace(good, ipv6=good.ipv6.replace("--ctstate INVALID", "--ctstate INVALID-ISH")),
-        "ipsets": dataclasses.replace(good, ipsets=good.ipsets.replace(f".new {wordpress}\n", ".new 10.120.0.300\n")),
+        "ipsets": dataclasses.replace(good, ipsets=good.ipsets.replace(f" {wordpress}\n", " 10.120.0.300\n")),
     }[part]
     assert bad != good
     before = lab.firewall_state("mysql-1")

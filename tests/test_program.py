@@ -22,7 +22,7 @@ from config.stackfile import Stack
 from enclave.cloudfirewall import cloud_firewalls, role_tag
 from enclave.compiler import compile_policy
 from enclave.plan import build_plan, droplet_name
-from enclave.push import cloud_config, push_script
+from enclave.push import BASTION_MAX_STARTUPS, cloud_config, push_script
 from enclave.pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PRIVATE_KEY, PushRequest
 from enclave.render import Renderer, RuleFiles, baseline_files
 from enclave.sshconfig import jump_host, ssh_config
@@ -145,7 +145,8 @@ def test_resources_for_each_stack(stack_name: str) -> None:
             baseline_files(stack, host.role), ssh_user=stack.ssh_user, ssh_public_key=stack.ssh_public_key,
             bastion=role.bastion,
         )
-        assert ("MaxStartups" in d.inputs["userData"]) is role.bastion
+        # (apply.sh, in every user data, has the drop-in's code; only a bastion's boot passes it a value)
+        assert (f"MAX_STARTUPS={BASTION_MAX_STARTUPS}" in d.inputs["userData"]) is role.bastion
         # a new cloud-init baseline (or key) applies to new droplets, never rebuilds running ones
         assert "userData" in d.ignore_changes
 
