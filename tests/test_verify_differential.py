@@ -94,8 +94,8 @@ def mutate(rng: random.Random, v4: str, ipsets: str) -> tuple[str, str]:
         if names:
             line = re.sub(r"--match-set \S+", f"--match-set {rng.choice(names)}", line)
     elif kind == 4:
-        staged = re.findall(r"create (\S+\.new)", ipsets)
-        ipsets += f"add {rng.choice(staged)} 10.110.16.{rng.randrange(256)}\n"
+        created = re.findall(r"^create (\S+)", ipsets, re.M)
+        ipsets += f"add {rng.choice(created)} 10.110.16.{rng.randrange(256)}\n"
     elif kind == 5:
         line = line.replace("RELATED,ESTABLISHED", rng.choice(("RELATED,ESTABLISHED,NEW", "ESTABLISHED", "RELATED,ESTABLISHED,UNTRACKED")))
     elif kind == 6:

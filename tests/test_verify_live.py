@@ -35,15 +35,12 @@ ipset save > "$2/ipsets"
 
 
 def live_save(tmp_path: Path, host: str, extra: str = "") -> Path:
-    """Load `host`'s rendered files as the push does (twins swapped in, jumps first) in a new namespace; save."""
+    """Load `host`'s rendered files as the push does (sets, then the rules and jumps) in a new namespace; save."""
     files = build_plan(load_stack("prod")).files[host]
     src, out = tmp_path / "src", tmp_path / "live" / host
     src.mkdir()
     out.mkdir(parents=True)
-    names = sorted({line.split()[1] for line in files.ipsets.splitlines()
-                    if line.startswith("create ") and not line.split()[1].endswith(".new")})
-    swaps = [f"swap {n}.new {n}" for n in names] + [f"destroy {n}.new" for n in names]
-    (src / "ipsets").write_text(files.ipsets + "\n".join(swaps) + "\n")
+    (src / "ipsets").write_text(files.ipsets)
     (src / "rules.v4").write_text(files.ipv4)
     (src / "rules.v6").write_text(files.ipv6)
     subprocess.run(["unshare", "-n", "sh", "-c", LOAD, "load", str(src), str(out)], check=True, timeout=60,

@@ -346,9 +346,8 @@ def _refuse_wrong_direction(table: Table, hook: str) -> None:
 
 
 def resolve_set(sets: dict[str, IpSetDef], name: str, family: int, table: Table) -> IpSetDef:
-    """The set a rule's `--match-set NAME` sees once the file is loaded: a rendered `.new` twin is swapped in."""
-    staged = sets.get(name + ".new")
-    s = staged if staged is not None and not table.live else sets.get(name)
+    """The set a rule's `--match-set NAME` matches (rendered files name sets as they land: `enclave-x.k3x`)."""
+    s = sets.get(name)
     if s is None:
         raise VerifyError(f"{table.source}: the rules match set {name!r}, which the ipsets file does not create")
     if s.family != family:
