@@ -1,64 +1,13 @@
-"""What runs on a host: the push, the confirmation, the rollback, the boot restore and the first-boot baseline.
+"""The scripts a host runs: push, confirm, the first-boot baseline and install, each built from enclave/host/.
 
-All of it is POSIX sh in real files, enclave/host/ (shellcheck-clean, tests/test_shellcheck.py), around one
-installed helper, `$STATE/apply.sh` (STATE defaults to /var/lib/enclave). This module only prepends a few
-shell-quoted values and the rule files (here-documents) to those files' text, so the Pulumi program, the lab
-and a user reading `pulumi preview --diff` see the same text.
+The host program is POSIX sh in real files, enclave/host/ (shellcheck-clean, tests/test_shellcheck.py), around
+one installed helper, `$STATE/apply.sh` (STATE defaults to /var/lib/enclave). This module only prepends a few
+shell-quoted values and the rule files (here-documents) to those files' text, so the Pulumi program, the lab and
+`enclave audit` send the same bytes. How a push works and the guarantees it keeps under faults are stated once,
+in docs/how-a-push-works.md; figures are in docs/benchmarks.md.
 
-One change of rules is two SSH commands (the iptables-apply idea, automated):
-
-  push     writes the new files to a private directory, proves them, arms a rollback timer, applies them and
-           marks them pending. Exit 0 = applied and pending.
-  confirm  runs over a NEW SSH connection (through the bastion): an open session survives a rule that blocks
-           new ones, only a new connection proves access. It promotes exactly the applied pending rules to
-           confirmed and disarms the timer. Without it, the timer restores the last confirmed rules.
-
-Guarantees, and how each is kept (the fault-injection suite, tests/test_lab_faults.py, proves them):
-
-1. Never open. Every path that cannot apply rules (boot, rollback, a failed push) falls back: the confirmed
-   rules, else the baseline, else a built-in closed set (policies DROP; ENCLAVE-INPUT admits loopback, replies,
-   ICMPv6 neighbour discovery and only the baseline's SSH accept lines, read by a strict pattern even from a
-   damaged baseline file). A boot restore sets the INPUT and FORWARD policies to DROP before anything else, so
-   even a restore killed half-way leaves the host closed. Nothing ever sets a policy to ACCEPT.
-2. Files are trusted only once proven. Every rule directory is content-addressed ($STATE/rules/<digest>) and
-   carries SHA256SUMS computed where the rules were rendered; a directory is used only if its sums hold. Files
-   are written to a temporary name, fsynced, then renamed; `confirmed` and `baseline` are symlinks flipped by an
-   atomic rename. Before a directory is applied (push, rollback or boot) it is applied for real in a scratch
-   network namespace (`unshare --net`): the kernel itself judges every rule, set and target. `--test` is not
-   enough: on the nf_tables backend `ip6tables-restore --test` accepts `-j NOSUCHTARGET`.
-3. One change at a time, never a mix. Each set's name carries a generation: a short hash of its own contents
-   (`enclave-wordpress.k3x`), and the rules reference those names. New sets are created beside the live ones,
-   then each family's rules switch over in one iptables-restore transaction, then sets no rule references are
-   destroyed. New members never live under old rules or the reverse, an unchanged set is never touched, and a
-   rejected push only destroys the sets it created itself. Measured (benchmarks/push_transaction.py, 2 shared
-   cores, medians): a change of a 10 / 1 000 / 10 000-member set and its rules costs 28 / 33 / 69 ms this way and
-   28 / 40 / 68 ms swapping members into the live set (the previous design, which let them live under old
-   rules); the scratch-namespace proof adds 23 / 39 / 67 ms. One `nft -f` transaction would be atomic too, but
-   ipsets and iptables files are outside any nft transaction: it would mean an nft renderer. Both families are proven in the scratch namespace before either is
-   applied; if one still fails live, the host goes back to its confirmed rules (both families).
-4. One ordered state machine under a host lock (flock $STATE/lock): push, confirm, the rollback timer and the
-   boot restore each hold it, so interleaved pushes serialise. `pending` (digest, token, staged|applied) is
-   written before anything is applied and the timer is armed before the rules change, so whatever is in force
-   unconfirmed always has a rollback armed. A confirm promotes exactly the directory its push applied (same
-   digest, same token's rules, in force now), and only once that push finished ("applied"). The timer checks
-   its own result and writes into `rolled-back` exactly what is in force afterwards; `in-force` always names
-   the rules (or `closed`) in force.
-5. Jump placement: a missing `-j ENCLAVE-INPUT` (or OUTPUT) is inserted just after the last rule of INPUT
-   (OUTPUT) that jumps to another tool's chain (fail2ban's f2b-*, Docker's, ufw's), else first; an existing jump
-   is left where it is. fail2ban inserts its jumps first when it starts (after enclave's boot restore), so ban
-   chains are consulted before enclave's accepts both in a real boot order and after a jump was flushed by hand.
-6. Every failure message names the host, the rules' digest and the cause.
-7. The one case that needs a console: the confirmed rules and every SSH line of the baseline damaged (the closed
-   rules then admit no SSH), or the rollback timer itself killed (the next push or boot converges).
-
-Reboots: a systemd unit (enclave-firewall.service, before the network comes up, with ENCLAVE_STATE_DIR set to the
-push's state directory) and cloud-init's bootcmd both run `apply.sh restore`. The unit checks apply.sh's own
-checksum first and closes the host (policies DROP) if it cannot run it. A push still pending when the host
-restarts is void: a late confirm then fails instead of promoting rules that were never proven.
-
-The test hook: `checkpoint NAME` in these scripts is a no-op unless ENCLAVE_TEST_KILL_AT names that step; then
-the script (and the push or confirm that called it) dies there as under kill -9. Only the fault-injection tests
-set it.
+The test hook: `checkpoint NAME` in apply.sh is a no-op unless ENCLAVE_TEST_KILL_AT names that step; then the
+script (and the push or confirm that called it) dies there as under kill -9. Only the fault-injection tests set it.
 """
 
 from __future__ import annotations
