@@ -37,24 +37,26 @@ $(VENV)/.synced: pyproject.toml uv.lock
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# Three workers, one test file each (module-scoped labs stay shared): most lab tests wait on rollback windows
-# and SSH rather than compute, so the suite takes about 3.5 minutes on 2 cores instead of 7.5.
+# The tests that need no root (tests/unit: pure logic, Pulumi mocks, fakes), on two workers.
 unit: setup
-	$(VENV)/bin/pytest -q -n 3 --dist loadfile
+	$(VENV)/bin/pytest -q -n 2 tests/unit
 
-# The test command (CI runs it): type-check the program against the Pulumi SDKs, then every test.
-test: typecheck unit
+# The test command (CI runs it): type-check the program against the Pulumi SDKs, then both tiers, tests/unit and
+# tests/lab (root: namespaces, sshd, netfilter). Three workers, one test file each (module-scoped labs stay
+# shared): most lab tests wait on rollback windows and SSH rather than compute.
+test: typecheck
+	$(VENV)/bin/pytest -q -n 3 --dist loadfile tests
 
-# The property-based test of hostile input (tests/test_fuzz.py) with a longer budget than `make test` gives it
+# The property-based test of hostile input (tests/unit/test_fuzz.py) with a longer budget than `make test` gives it
 # (60 examples there); FUZZ_EXAMPLES=20000 for a night.
 FUZZ_EXAMPLES ?= 2000
 fuzz: setup
-	ENCLAVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+	ENCLAVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q tests/unit/test_fuzz.py --hypothesis-show-statistics
 
-# Every fault-injection step of tests/test_lab_faults.py (kill -9 and reboot at each step of push, confirm and
+# Every fault-injection step of tests/lab/test_lab_faults.py (kill -9 and reboot at each step of push, confirm and
 # restore); `make test` runs a representative subset. Root, about 4 minutes on 2 shared cores.
 test-faults-long: setup
-	ENCLAVE_FAULTS_LONG=1 $(VENV)/bin/pytest -q tests/test_lab_faults.py
+	ENCLAVE_FAULTS_LONG=1 $(VENV)/bin/pytest -q tests/lab/test_lab_faults.py
 
 plan: setup
 	$(ENCLAVE) plan --stack $(STACK)

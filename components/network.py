@@ -20,7 +20,7 @@ through, preferred), or to its public address when the stack has no bastion.
 
 A push's URN, which `enclave audit` prints in `pulumi up --replace` commands, is
 `urn:pulumi:<stack>::enclave::enclave:index:EnclaveNetwork$command:local:Command::<stack>-<role>-<n>-push`
-(`enclave.resource_names.push_urn`, which audit prints and tests/test_program.py checks); keep the names stable.
+(`enclave.resource_names.push_urn`, which audit prints and tests/unit/test_program.py checks); keep the names stable.
 
 For users: docs/operations.md (what `pulumi up` creates, scaling).
 """

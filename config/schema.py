@@ -81,7 +81,7 @@ MAX_INGRESS_PER_ROLE = 100
 MAX_PORTS_PER_ENTRY = 100
 # A baseline rule each on bastions (the booting droplet has no set yet), and the baseline travels in the user
 # data, which DigitalOcean caps at 64 KiB: 200 IPv6 operators on a bastion with a non-root user fill ~61 KiB
-# (tests/test_schema.py checks the worst case).
+# (tests/unit/test_schema.py checks the worst case).
 MAX_OPERATORS = 200
 MAX_TESTS = 1_000
 # iptables walks a chain rule by rule for every new connection; enclave's rules grow with declarations only

@@ -39,7 +39,7 @@ from .plan import droplet_name
 from .ipsets import parse_ipsets
 from .push import heredoc, digest, host_files, host_program
 from .pushrun import _remote_shell, push_request
-from .resource_names import push_urn  # the URN the program's push resource has (tests/test_program.py)
+from .resource_names import push_urn  # the URN the program's push resource has (tests/unit/test_program.py)
 from .render import INPUT_CHAIN, OUTPUT_CHAIN, SET_PREFIX, RuleFiles
 from .transport import SSH_FAILED, Transport, TransportFactory
 
@@ -48,7 +48,7 @@ SECTIONS = ("confirmed", "pending", "rolled-back", "live4", "live6", "sets", "wa
 
 
 def replace_command(stack: str, droplet: str) -> str:
-    """The fix printed for a drifted host: re-push it by replacing its push resource (tests/test_program.py)."""
+    """The fix printed for a drifted host: re-push it by replacing its push resource (tests/unit/test_program.py)."""
     return f"pulumi up --stack {stack} --replace '{push_urn(stack, droplet)}'"
 
 

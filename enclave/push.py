@@ -1,6 +1,6 @@
 """The scripts a host runs: push, confirm, the first-boot baseline and install, each built from enclave/host/.
 
-The host program is POSIX sh in real files, enclave/host/ (shellcheck-clean, tests/test_shellcheck.py), around
+The host program is POSIX sh in real files, enclave/host/ (shellcheck-clean, tests/unit/test_shellcheck.py), around
 one installed helper, `$STATE/apply.sh` (STATE defaults to /var/lib/enclave). This module only prepends a few
 shell-quoted values and the rule files (here-documents) to those files' text, so the Pulumi program, the lab and
 `enclave audit` send the same bytes. How a push works and the guarantees it keeps under faults are stated once,

@@ -2,7 +2,7 @@
 
 A drifted host's fix is `pulumi up --replace '<urn>'` of that host's push resource (docs/operations.md). The
 program (components/firewall.py) names the resource with `push_resource_name`, and `enclave audit` prints
-`push_urn`; both come from here so the printed URN is the one the engine knows (tests/test_program.py checks it
+`push_urn`; both come from here so the printed URN is the one the engine knows (tests/unit/test_program.py checks it
 against the URNs the Pulumi mocks register).
 """
 

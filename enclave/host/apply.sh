@@ -1,6 +1,6 @@
 #!/bin/sh
 # enclave apply.sh: the one routine behind push, confirm, rollback and boot, installed as $STATE/apply.sh.
-# CHAIN_PREFIX (ENCLAVE), SET_PREFIX (enclave-) and RULE_DIR_FILES are written out here; tests/test_host_files.py
+# CHAIN_PREFIX (ENCLAVE), SET_PREFIX (enclave-) and RULE_DIR_FILES are written out here; tests/unit/test_host_files.py
 # checks they equal the Python constants (enclave.rulefiles, config.names, enclave.push).
 #   apply.sh push DIR WINDOW [BASELINE_DIR]  prove DIR, arm the rollback, apply it, mark it pending
 #   apply.sh confirm DIGEST                  promote the applied pending DIGEST to confirmed
@@ -27,7 +27,7 @@ missing_tools() {
     command -v "${tp%%:*}" >/dev/null 2>&1 || echo "${tp%%:*} (package ${tp#*:})"
   done
 }
-# Test hook (tests/test_lab_faults.py): a no-op unless ENCLAVE_TEST_KILL_AT names this step; then, once (the
+# Test hook (tests/lab/test_lab_faults.py): a no-op unless ENCLAVE_TEST_KILL_AT names this step; then, once (the
 # marker directory), this script and the push/confirm that started it die here as under kill -9.
 checkpoint() {
   if [ "${ENCLAVE_TEST_KILL_AT:-}" = "$1" ] && mkdir "$STATE/test-killed-at-$1" 2>/dev/null; then

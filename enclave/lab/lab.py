@@ -126,7 +126,7 @@ class Lab(Topology, Hosts, Proofs):
       None (default): exhaustive while that costs at most EXHAUSTIVE_MAX_PROBES probes. Either way every host's
       live rules, sets and digest are proven equal to the compiled ones.
     host_wrapper: per host, an argv prefix every command on that host runs through (inside its namespace),
-      e.g. a test's emulation of a stock image's /usr/sbin (tests/stock_image).
+      e.g. a test's emulation of a stock image's /usr/sbin (tests/lab/stock_image).
     starve_neighbours: a failure injected into the harness, for tests: these namespaces get no static
       neighbour entries and cannot resolve any neighbour, as when the kernel's shared neighbour table is full.
     """

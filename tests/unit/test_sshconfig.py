@@ -16,7 +16,7 @@ from enclave.cli import main
 from enclave.compiler import compile_policy
 from enclave.plan import example_addresses
 
-from .conftest import stack_document
+from ..conftest import stack_document
 
 
 def resolved(config: Path, alias: str) -> dict[str, str]:

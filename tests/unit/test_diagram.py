@@ -18,7 +18,7 @@ from enclave.cli import main
 from enclave.compiler import compile_policy
 from enclave.diagram import PRIVATE_COLOR, PUBLIC_COLOR, network_picture, to_dot, to_mermaid, write_diagram
 
-from .conftest import ROOT, stack_document
+from ..conftest import ROOT, stack_document
 
 SVG_NS = {"svg": "http://www.w3.org/2000/svg"}
 REGENERATE = "regenerate with `.venv/bin/enclave diagram --stack prod --output docs/prod`"

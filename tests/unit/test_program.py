@@ -27,8 +27,8 @@ from enclave.pushrun import COMMAND, ENV_PREVIOUS_PRIVATE_KEY, ENV_PRIVATE_KEY, 
 from enclave.render import Renderer, RuleFiles, baseline_files
 from enclave.sshconfig import jump_host, ssh_config
 
-from .conftest import stack_document
-from .pulumi_harness import (
+from ..conftest import stack_document
+from ..pulumi_harness import (
     ROOT,
     TEST_PRIVATE_KEY,
     ProgramRun,

@@ -18,7 +18,7 @@ from enclave.lab.probe import Outcome, ProbeSet, plan_probes, probe_numbers
 from enclave.lab.report import port_summary
 from enclave.plan import Plan, build_plan, outsiders
 
-from .conftest import stack_document
+from ..conftest import stack_document
 
 
 def prod_probes() -> tuple[ProbeSet, Plan]:

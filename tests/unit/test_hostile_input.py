@@ -14,7 +14,7 @@ from enclave.compiler import compile_policy
 from enclave.plan import example_addresses
 from config.stackfile import load_stack
 
-from .conftest import STACKS
+from ..conftest import STACKS
 
 
 def prod_addresses() -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ from enclave.limits import check_limits
 from enclave.cli import main
 from enclave.ipsets import base_name
 
-from .conftest import STACKS, stack_document
+from ..conftest import STACKS, stack_document
 
 Doc = dict[str, Any]
 ROOT_PROD = STACKS / "Pulumi.prod.yaml"

@@ -13,7 +13,7 @@ haproxy-www set: neither the old rules nor B admit the neighbour on tcp/80, but 
 rules would. So a push that ever mixed them shows as an admitted packet.
 
 `make test` runs a representative subset; `make test-faults-long` (ENCLAVE_FAULTS_LONG=1) runs every step.
-The full disk is host-local (tests/test_push.py): it needs no SSH.
+The full disk is host-local (tests/lab/test_push.py): it needs no SSH.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from enclave.lab.probe import Outcome, plan_probes, send_probes
 from enclave.push import baseline_script, confirm_script, digest, push_script
 from enclave.render import RuleFiles, baseline_files
 
-from .conftest import pushed_lab
+from ..conftest import pushed_lab
 from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")

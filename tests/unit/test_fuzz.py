@@ -10,7 +10,7 @@ generated flags, `--addresses` files, `--diff-from`). Each runs in `tests/cli_wo
 
 `make fuzz` runs it with a longer budget (ENCLAVE_FUZZ_EXAMPLES, default 2 000 there, 60 in `make test`).
 `lab` is left out on purpose: a valid stack would build a real lab; its stack loading is `plan`'s
-(tests/test_schema.py::test_lab_refuses_bad_input_like_plan).
+(tests/unit/test_schema.py::test_lab_refuses_bad_input_like_plan).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from .conftest import ROOT, stack_document
+from ..conftest import ROOT, stack_document
 
 EXAMPLES = int(os.environ.get("ENCLAVE_FUZZ_EXAMPLES", "60"))
 DEADLINE_S = 60.0

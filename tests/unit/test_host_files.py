@@ -12,7 +12,7 @@ from config.names import SET_PREFIX
 from enclave.push import RULE_DIR_FILES, STATE_DIR_DEFAULT, UNIT_NAME, host_program, install_helpers
 from enclave.rulefiles import CHAIN_PREFIX
 
-HOST = Path(__file__).resolve().parent.parent / "enclave" / "host"
+HOST = Path(__file__).resolve().parent.parent.parent / "enclave" / "host"
 
 
 def test_apply_sh_spells_the_python_constants() -> None:

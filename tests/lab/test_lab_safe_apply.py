@@ -25,7 +25,7 @@ from enclave.lab.progress import PlainProgress
 from enclave.push import confirm_script, digest, push_script
 from enclave.render import ICMPV6_ND, RuleFiles
 
-from .conftest import pushed_lab, send_one
+from ..conftest import pushed_lab, send_one
 from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")

@@ -14,7 +14,7 @@ import pytest
 from config.stackfile import Stack
 from enclave.lab.lab import Lab
 
-from .conftest import leftovers
+from ..conftest import leftovers
 from .stock_image import installed, make_view, prefix
 
 pytestmark = pytest.mark.skipif(

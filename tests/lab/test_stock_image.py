@@ -1,7 +1,7 @@
 """A stock droplet image, host-local: no `ipset` (every stock image), no `iptables` (Debian), `nft` everywhere.
 
 Each test's host is a fresh network namespace running the real generated scripts on an emulated stock image
-(tests/stock_image: /usr/sbin without the missing packages' commands, a pretend apt-get and mirror). What a
+(tests/lab/stock_image: /usr/sbin without the missing packages' commands, a pretend apt-get and mirror). What a
 user checks: the first boot is closed at once and reachable for the first push, the install brings the full
 baseline, the first push succeeds, a push that arrives mid-install waits for it, and with no way to install,
 the host stays closed (or, with no packet filter tool at all, says it is OPEN).

@@ -18,7 +18,7 @@ from enclave.ipsets import base_name, parse_ipsets
 from enclave.plan import Plan, build_plan
 from enclave.render import set_name
 
-from .conftest import STACKS, stack_document
+from ..conftest import STACKS, stack_document
 
 PROD = STACKS / "Pulumi.prod.yaml"
 

@@ -21,7 +21,7 @@ from enclave.plan import build_plan
 from enclave.push import baseline_script, confirm_script, install_script, push_script
 from enclave.render import baseline_files
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 SHELLCHECK = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE5ldy1rZXktZW5jbGF2ZS10ZXN0LTAwMDAwMDAw new@enclave"
 
@@ -54,7 +54,7 @@ def shell_files() -> list[Path]:
 
 def test_the_host_program_and_the_test_images_are_found() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in shell_files()}
-    assert {"enclave/host/apply.sh", "enclave/host/install.sh", "enclave/host/audit.sh", "tests/stock_image/apt-get"} <= names
+    assert {"enclave/host/apply.sh", "enclave/host/install.sh", "enclave/host/audit.sh", "tests/lab/stock_image/apt-get"} <= names
 
 
 @pytest.mark.parametrize("path", shell_files(), ids=lambda p: p.relative_to(ROOT).as_posix())

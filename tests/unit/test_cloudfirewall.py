@@ -24,7 +24,7 @@ from enclave.cloudfirewall import (
 )
 from enclave.compiler import Policy, compile_policy
 
-from .conftest import stack_document
+from ..conftest import stack_document
 
 ANYWHERE = ("0.0.0.0/0", "::/0")
 

@@ -33,7 +33,7 @@ from enclave.push import digest, push_script
 from enclave.pushrun import COMMAND, ENV_PRIVATE_KEY, EXIT_BAD_REQUEST, PushRequest, push_request
 from enclave.render import RuleFiles
 
-from .conftest import stack_document
+from ..conftest import stack_document
 from .test_lab import _unavailable, without_rule
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")

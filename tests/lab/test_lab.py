@@ -36,7 +36,7 @@ from enclave.plan import build_plan
 from enclave.push import digest
 from enclave.render import RuleFiles
 
-from .conftest import ROOT, stack_document
+from ..conftest import ROOT, stack_document
 
 
 def _unavailable() -> str | None:

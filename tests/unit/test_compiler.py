@@ -20,9 +20,9 @@ from enclave.plan import build_plan, example_addresses
 from enclave.push import host_files
 from enclave.render import baseline_files, set_name
 
-from .conftest import stack_document
+from ..conftest import stack_document
 
-GOLDEN = Path(__file__).parent / "golden" / "prod"
+GOLDEN = Path(__file__).parent.parent / "golden" / "prod"
 UPDATE = os.environ.get("ENCLAVE_UPDATE_GOLDEN") == "1"
 
 

@@ -32,7 +32,7 @@ import pytest
 from config.stackfile import Stack
 from enclave.lab.lab import Lab
 
-from .conftest import pushed_lab, send_one
+from ..conftest import pushed_lab, send_one
 from .test_lab import _unavailable
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")

@@ -1,0 +1,1 @@
+"""Tests that need no root: pure logic, mocks, fakes (make unit)."""
