@@ -32,6 +32,7 @@ from .pulumi_harness import (
     ROOT,
     TEST_PRIVATE_KEY,
     ProgramRun,
+    _keypair,
     Registration,
     enclave_config,
     is_secret,
@@ -347,10 +348,11 @@ def test_key_rotation_gives_every_push_both_keys_and_re_runs_them() -> None:
     """Rotating: the previous key joins the environment (each push logs in with whichever works and installs
     the new public key, which is in its request), so every push runs again."""
     before = run_ok("prod", stack_config_map("prod")).by_name(PUSH)
-    new_public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG5ldy1rZXktbm90LXJlYWwtZm9yLXRlc3RzLW9ubHk= ops@example"
+    new_private, new_public = _keypair("new@enclave")  # the new pair; the one pushed so far becomes the previous
 
     def rotate(config: dict[str, Any]) -> None:
-        _rotating(config)
+        config["enclave:sshPreviousPrivateKey"] = TEST_PRIVATE_KEY
+        config["enclave:sshPrivateKey"] = new_private
         config["enclave:sshPublicKey"] = new_public
 
     after = run_ok("prod", config_with("prod", rotate)).by_name(PUSH)
@@ -531,6 +533,38 @@ def test_the_program_refuses(stack_name: str, edit: Any, secret_keys: list[str] 
     assert run.error is not None and expected in str(run.error), run.error
     for secret in (TEST_PRIVATE_KEY.strip(), OLD_PRIVATE_KEY.strip(), "AAAA"):
         assert secret not in str(run.error)
+
+
+def test_the_shipped_stacks_are_refused_before_any_resource() -> None:
+    """Skipping the README's key and operators steps stops the program, naming both, before any droplet exists
+    (it used to create them, then wait 600 s per push for a key nobody holds)."""
+    for name in ("prod", "dev"):
+        run = run_program(name, pulumi_config(stack_document(name), as_shipped=True))
+        assert run.registrations == []
+        message = str(run.error)
+        assert "enclave:sshPublicKey: is the shipped example key" in message, message
+        assert "enclave:operators: 198.51.100.7/32 is a documentation address" in message, message
+        assert "ssh-keygen -t ed25519" in message and "pulumi config set --path 'enclave:operators[0]'" in message
+
+
+def test_a_public_key_that_is_not_the_private_keys_is_refused() -> None:
+    _, other_public = _keypair("someone-else@enclave")
+
+    def other(config: dict[str, Any]) -> None:
+        config["enclave:sshPublicKey"] = other_public
+
+    run = run_program("prod", config_with("prod", other))
+    assert run.registrations == []
+    assert "enclave:sshPublicKey: is not the public key of enclave:sshPrivateKey" in str(run.error), run.error
+    assert TEST_PRIVATE_KEY.strip() not in str(run.error)
+
+
+def test_a_plaintext_token_is_refused() -> None:
+    run = run_program("prod", stack_config_map("prod"), secret_keys=["enclave:sshPrivateKey"])
+    assert run.registrations == []
+    message = str(run.error)
+    assert "digitalocean:token: is stored in plain text" in message and "dop_v1_test" not in message, message
+    assert "pulumi config set --secret digitalocean:token <" in message and "DIGITALOCEAN_TOKEN" in message
 
 
 def test_a_push_depends_on_the_droplets_it_dials_not_on_its_peers() -> None:
