@@ -17,7 +17,7 @@ BENCH_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup python-check apt test typecheck unit fuzz test-faults-long plan lab bench bench-setup clean
+.PHONY: setup python-check apt requirements test typecheck unit fuzz test-faults-long plan lab bench bench-setup clean
 
 setup: python-check apt $(VENV)/.synced
 
@@ -44,6 +44,12 @@ $(VENV)/.synced: pyproject.toml uv.lock
 	@test -x $(UV) || $(VENV)/bin/pip install -q "uv==$(UV_VERSION)"
 	$(UV) sync --frozen --inexact --python $(VENV)/bin/python -q
 	@touch $@
+
+# What Pulumi's own installer reads (`pulumi install`, and `pulumi up` in a fresh clone or Pulumi Deployments:
+# Pulumi.yaml's `toolchain: pip` runs `pip install -r requirements.txt` into .venv): uv.lock's runtime packages,
+# pinned with their hashes. tests/test_requirements.py fails when it differs from uv.lock; `make requirements`.
+requirements: $(VENV)/.synced
+	$(UV) export --frozen --no-dev --no-emit-project -q -o requirements.txt
 
 typecheck: setup
 	$(VENV)/bin/mypy
