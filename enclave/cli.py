@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser(
         "audit", help="does every host run the rules the stack compiles to? (over SSH, read-only)",
         description="Connect to every host through the push's transport and compare its live rules, sets and "
-        "confirmed digest with what the stack compiles to; drift gets the `pulumi up --replace` that re-pushes "
+        "confirmed digest with what the stack compiles to; drift gets the commands that re-push "
         "the host. Exit 1 on drift.",
     )
     add_stack_arguments(audit)

@@ -87,6 +87,9 @@ class PushRequest:
     files     the host's rule files; baseline: its role's baseline (refreshed on the host by every push)
     public_key the OpenSSH public key the host must authorize for `user` (installed by the push: key rotation)
     deadline_s how long the whole run may keep retrying (a droplet still booting) before it fails
+    repush    the stack's re-push counter of this host (enclave:repush): the run ignores it; raising it changes
+              the input, so the engine re-runs the push as an update, previous output (PULUMI_COMMAND_STDOUT)
+              and with it the bastion fallback kept. Written only when above 0: no other request changes.
     """
 
     stack: str
@@ -98,6 +101,7 @@ class PushRequest:
     baseline: RuleFiles
     public_key: str
     deadline_s: int
+    repush: int = 0
 
     def to_stdin(self) -> str:
         """Compact JSON, rule files compressed: this is what Pulumi stores as the command's input."""
@@ -113,6 +117,8 @@ class PushRequest:
             "publicKey": self.public_key,
             "deadlineSeconds": self.deadline_s,
         }
+        if self.repush:
+            document["repush"] = self.repush
         return json.dumps(document, separators=(",", ":"), sort_keys=True) + "\n"
 
     @classmethod
@@ -130,6 +136,7 @@ class PushRequest:
             baseline=_unpack_files(data["baseline"]),
             public_key=data["publicKey"],
             deadline_s=int(data["deadlineSeconds"]),
+            repush=int(data.get("repush", 0)),
         )
 
     @property

@@ -293,10 +293,10 @@ def test_audit_finds_drift_names_the_fix_and_the_next_push_repairs_it(two_bastio
     assert any(d.startswith("flushed: IPv6") for d in hosts["wordpress-1"]["drift"]), hosts["wordpress-1"]
     assert any(d.startswith("rolled back:") for d in hosts["haproxy-www-1"]["drift"]), hosts["haproxy-www-1"]
     assert hosts["mysql-1"]["fix"] == [
-        f"pulumi up --stack {lab.stack.name} --replace "
-        f"'urn:pulumi:{lab.stack.name}::enclave::enclave:index:EnclaveNetwork$command:local:Command::{lab.stack.name}-mysql-1-push'"]
+        f"pulumi config set --stack {lab.stack.name} --path 'repush[\"mysql-1\"]' 1 && pulumi up --stack {lab.stack.name} "
+        f"--target 'urn:pulumi:{lab.stack.name}::enclave::enclave:index:EnclaveNetwork$command:local:Command::{lab.stack.name}-mysql-1-push'"]
     for host in ("mysql-1", "wordpress-1", "haproxy-www-1"):
-        lab.push(host)  # what the printed `pulumi up --replace` runs: the host's push
+        lab.push(host)  # what the printed re-push runs: the host's push
     code, hosts = audited(lab)
     assert code == 0, {h: v["drift"] for h, v in hosts.items() if v["drift"]}
 

@@ -114,13 +114,13 @@ def test_resources_for_each_stack(stack_name: str) -> None:
     for r in run.registrations:
         if r.type != NETWORK:
             assert r.parent == network.urn, r.name
-    # the URN `enclave audit` prints in its `pulumi up --replace '<urn>'` fix is the one the engine registers
+    # the URN `enclave audit` prints in its `pulumi up --target '<urn>'` fix is the one the engine registers
     pushes = run.by_name(PUSH)
     assert set(pushes) == {push_resource_name(droplet_name(stack_name, h)) for h in policy.hosts}
     for h in policy.hosts:
         push = pushes[push_resource_name(droplet_name(stack_name, h))]
-        fix = audit.replace_command(stack_name, droplet_name(stack_name, h))
-        assert fix == f"pulumi up --stack {stack_name} --replace '{push.urn}'"
+        fix = audit.repush_command(Stack(stack_name, enclave_config(config)), h.name, droplet_name(stack_name, h))
+        assert fix.endswith(f" && pulumi up --stack {stack_name} --target '{push.urn}'")
 
     vpc = run.of_type(VPC)[0].inputs
     assert vpc["ipRange"] == str(stack.vpc_ip_range) and vpc["region"] == stack.region
@@ -361,6 +361,39 @@ def test_key_rotation_gives_every_push_both_keys_and_re_runs_them() -> None:
         assert request(push).public_key == new_public
         assert ENV_PREVIOUS_PRIVATE_KEY in environment(push) and ENV_PREVIOUS_PRIVATE_KEY not in environment(before[name])
         assert push.inputs["stdin"] != before[name].inputs["stdin"]
+
+
+def test_the_re_push_audit_prints_is_an_update_of_that_host_alone() -> None:
+    """What `enclave audit` prints for a drifted host (raise its repush counter, `pulumi up --target` its push)
+    changes that push's stdin and nothing else: pulumi-command runs it as an update (no triggers, no
+    replaceOnChanges), which hands the run PULUMI_COMMAND_STDOUT, so the bastion fallback is kept; a replace
+    would Create from empty outputs. Applying it twice raises the counter again."""
+    config = stack_config_map("prod")
+    before = run_ok("prod", config).by_name(PUSH)
+    fixes = []
+    for round_ in (1, 2):
+        stack = Stack("prod", enclave_config(config))
+        fix = audit.repush_command(stack, "mysql-1", "prod-mysql-1")
+        fixes.append(fix)
+        setting = fix.split(" && ")[0]
+        assert setting == f"pulumi config set --stack prod --path 'repush[\"mysql-1\"]' {round_}"
+        config = {**config, "enclave:repush": json.dumps({"mysql-1": round_})}  # what that `config set` stores
+        after = run_ok("prod", config).by_name(PUSH)
+        for name, push in after.items():
+            changed = {k for k in push.inputs if push.inputs[k] != before[name].inputs[k]}
+            assert changed == ({"stdin"} if name == "prod-mysql-1-push" else set()), (name, changed)
+            assert "triggers" not in push.inputs and push.inputs["addPreviousOutputInEnv"] is True
+        assert request(after["prod-mysql-1-push"]).repush == round_
+        assert dataclasses.replace(request(after["prod-mysql-1-push"]), repush=round_ - 1) == request(before["prod-mysql-1-push"])
+        before = after
+    assert fixes[0] != fixes[1]
+
+
+def test_a_re_push_counter_of_no_such_host_is_refused() -> None:
+    config = {**stack_config_map("prod"), "enclave:repush": json.dumps({"mysql-9": 1})}
+    run = run_program("prod", config)
+    assert run.registrations == []
+    assert "enclave:repush.mysql-9: no host 'mysql-9'" in str(run.error), run.error
 
 
 def test_the_push_command_needs_the_project_venv() -> None:
