@@ -25,6 +25,8 @@ How the run goes (the transport is enclave/transport.py):
            logging in with the new key only, retried until the deadline; once the host rolled back by itself,
            the late confirm gets in and fails naming the reason.
 A run killed at any point leaves the host either unchanged or rolling back by itself; the next run pushes again.
+Killed with SIGKILL (how the engine cancels it), its guard removes its key files and kills its ssh clients
+(enclave/runguard.py).
 """
 
 from __future__ import annotations
@@ -309,9 +311,13 @@ def main() -> int:
     previous = os.environ.get(ENV_PREVIOUS_PRIVATE_KEY) or None
     previous_stdout = os.environ.get(ENV_PREVIOUS_STDOUT)
     hops = [via for via in push_routes(request, previous_stdout) if via is not None]
+    # The engine cancels a push with SIGKILL to this process alone: lead a process group of our own, so the
+    # transport's guard can kill our ssh clients with us (enclave/runguard.py), and only them.
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)
     try:
         with Transport(stack=request.stack, user=request.user, private_key=key, previous_private_key=previous,
-                       address=request.address, bastions=hops) as transport:
+                       address=request.address, bastions=hops, kill_group=True) as transport:
             document = run(request, transport, previous_stdout)
     except TransportError as exc:
         return fail("request", EXIT_BAD_REQUEST, str(exc))

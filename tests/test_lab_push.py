@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,14 @@ def kill_sshd(lab: Lab, host: str) -> None:
 def start_sshd(lab: Lab, host: str) -> None:
     lab._start_sshd(host)
     while not (lab.host_dir(host) / "sshd.pid").exists():
+        time.sleep(0.05)
+
+
+def wait_until(condition: Callable[[], object], describe: Callable[[], str], deadline_s: float) -> None:
+    """Until condition() holds; fails with describe() (what was seen) after a generous deadline. No fixed sleep."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < end, f"not within {deadline_s} s: {describe()}"
         time.sleep(0.05)
 
 
@@ -150,14 +158,61 @@ def test_a_run_killed_halfway_leaves_hosts_rolling_back_by_themselves_and_the_ne
     failures = fleet.push_all(16, continue_on_error=False, kill_after=4)  # SIGKILL every push still running
     killed = [h for h, f in failures.items() if f.step == "killed"]
     assert killed, {h: f.step for h, f in failures.items()}
-    assert run_dirs(fleet)  # SIGKILL: the killed runs could not remove their key files...
-    time.sleep(WINDOW_S + 2)
-    assert pending(fleet) == []  # ...but no host waits for a confirmation that will never come
+    # the killed runs' guards removed their key files, and no host waits for a confirmation that will never come
+    wait_until(lambda: run_dirs(fleet) == [], lambda: f"run directories left: {run_dirs(fleet)}", 60)
+    wait_until(lambda: pending(fleet) == [], lambda: f"still pending: {pending(fleet)}", WINDOW_S + 120)
     for host in fleet.files:
         assert confirmed(fleet, host) in (before[host], digest(fleet.files[host])), host
     assert not fleet.push_all(16, continue_on_error=False)
     assert {h: confirmed(fleet, h) for h in fleet.files} == {h: digest(f) for h, f in fleet.files.items()}
-    assert run_dirs(fleet) == []  # ...and the next run removed them
+    assert run_dirs(fleet) == []
+
+
+def run_ssh(run_dir: Path) -> dict[int, str]:
+    """The run's own ssh processes (pid: command line): those given its generated config, except the bastion's
+    shared ControlMaster, which serves every run and exits by itself CONTROL_PERSIST_S after its last session."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if argv and Path(argv[0]).name == "ssh" and any(str(run_dir) in a for a in argv) \
+                and "ControlMaster=yes" not in argv:
+            found[int(entry.name)] = " ".join(argv)
+    return found
+
+
+def test_a_push_sigkilled_as_the_engine_cancels_it_leaves_no_key_no_ssh_and_the_host_rolls_back(fleet: Lab) -> None:
+    """Ctrl-C on `pulumi up`: pulumi-command SIGKILLs the command's process alone, no grace, so the run's own
+    cleanup never runs. Killed mid-push (rules applied and pending, its ssh retrying the confirm), the run
+    leaves no key on disk and no ssh of its own, and the host rolls back by itself."""
+    host = next(h.name for h in fleet.hosts if not fleet.policy.stack.roles[h.role].bastion)
+    before = confirmed(fleet, host)
+    cut = marked(without_rule(fleet.files[host], "ssh through bastion tunnel"), "killed mid-push")
+    proc, stdin = fleet._start_push(host, cut, WINDOW_S + 300, None)  # keeps retrying the confirm until killed
+    assert proc.stdin is not None
+    proc.stdin.write(stdin)
+    proc.stdin.close()
+
+    def runs() -> list[Path]:
+        return sorted((fleet.dir / "s").glob(f"run-{proc.pid}-*"))
+
+    wait_until(lambda: host in pending(fleet) and runs() and run_ssh(runs()[0]),
+               lambda: f"{host} pending with the run's ssh confirming (pending: {pending(fleet)}, runs: {runs()})", 120)
+    run_dir = runs()[0]
+    assert (run_dir / "key").exists()
+    ssh = run_ssh(run_dir)
+    proc.kill()  # SIGKILL to the run alone, as exec.CommandContext does
+    proc.wait(30)
+    wait_until(lambda: not run_dir.exists(), lambda: f"the key is still on disk: {sorted(run_dir.iterdir())}", 30)
+    wait_until(lambda: not run_ssh(run_dir), lambda: f"the run's ssh outlived it: {run_ssh(run_dir)} (was {ssh})", 30)
+    wait_until(lambda: host not in pending(fleet), lambda: f"{host} still pending", WINDOW_S + 120)
+    assert confirmed(fleet, host) == before
+    assert (fleet.state_dir(host) / "rolled-back").exists()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 # --------------------------------------------------------------------------- bastions, keys, rebuilds

@@ -52,7 +52,8 @@ class PushHandle(Protocol):
         ...
 
     def kill(self) -> None:
-        """Cancel the push now (SIGKILL the run and its ssh); wait() then returns or raises soon."""
+        """Cancel the push now, as the engine does: SIGKILL to the run alone (its guard kills its ssh and removes
+        its key: enclave/runguard.py); wait() then returns or raises soon."""
         ...
 
 
