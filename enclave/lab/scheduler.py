@@ -37,7 +37,11 @@ class PushFailed(LabError):
     def __init__(self, host: str, step: str, result: subprocess.CompletedProcess[str]) -> None:
         self.host, self.step, self.result = host, step, result
         output = (result.stderr.strip() or result.stdout.strip() or "no output")[-3000:]
-        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}")
+        # The run's verdict is its last line (`enclave push HOST: confirm of rules D failed: why`): first, so a
+        # message cut short (pytest's summary line, a narrow terminal) still says why; the whole output follows.
+        verdict = output.splitlines()[-1]
+        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {verdict}"
+                         + (f"\n{output}" if output != verdict else ""))
 
 
 def not_started(host: str, why: str) -> PushFailed:
