@@ -117,8 +117,7 @@ def _token_issues() -> list[StackIssue]:
     key = "digitalocean:token"
     if key not in pulumi_config_values() or is_config_secret(key):
         return []
-    return [StackIssue(key, f"is stored in plain text; `pulumi config rm {key}` and set it with "
-                       f"`pulumi config set --secret {key} < {SECRET_CONFIG_KEYS[key]}`, or export DIGITALOCEAN_TOKEN")]
+    return [StackIssue(key, f"is stored in plain text; `pulumi config rm {key}`, then {SECRET_CONFIG_KEYS[key]}")]
 
 
 def _push_command_issues() -> list[StackIssue]:

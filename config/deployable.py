@@ -24,11 +24,14 @@ from typing import Any
 
 from .schema import NAMESPACE, StackConfig, StackIssue
 
-# pulumi config set --secret writes `key: {secure: v1:...}`; anything else under these keys is clear text
+# pulumi config set --secret writes `key: {secure: v1:...}`; anything else under these keys is clear text. Each
+# with the command that stores it encrypted, reading the value from stdin (never on a command line: shell history).
 SECRET_CONFIG_KEYS = {
-    f"{NAMESPACE}:sshPrivateKey": "~/.ssh/enclave-<stack>",
-    f"{NAMESPACE}:sshPreviousPrivateKey": "~/.ssh/enclave-<stack>.old",
-    "digitalocean:token": "a file holding the token (or export DIGITALOCEAN_TOKEN instead)",
+    f"{NAMESPACE}:sshPrivateKey": f"`pulumi config set --secret {NAMESPACE}:sshPrivateKey < ~/.ssh/enclave-<stack>`",
+    f"{NAMESPACE}:sshPreviousPrivateKey":
+        f"`pulumi config set --secret {NAMESPACE}:sshPreviousPrivateKey < ~/.ssh/enclave-<stack>.old`",
+    "digitalocean:token": "`pulumi config set --secret digitalocean:token` (no value: it reads the token from stdin), "
+                          "or leave it out of the stack and export DIGITALOCEAN_TOKEN",
 }
 
 # RFC 5737 / RFC 3849: addresses reserved for examples, never anyone's machine
@@ -42,15 +45,15 @@ PLACEHOLDER_KEY_MARK = b"example-key-not-real"
 def plaintext_secret_issues(config: dict[str, Any]) -> list[StackIssue]:
     """The secret keys a stack file's `config:` map holds in clear text (their values are never echoed)."""
     issues = []
-    for key, source in SECRET_CONFIG_KEYS.items():
+    for key, fix in SECRET_CONFIG_KEYS.items():
         if key not in config:
             continue
         value = config[key]
         if isinstance(value, dict) and set(value) == {"secure"}:
             continue
         issues.append(StackIssue(key, (
-            f"is in plain text in the stack file, which is committed: delete the line, then set it as a secret "
-            f"reading stdin, `pulumi config set --secret {key} < {source}` (and rotate it if it was ever pushed)")))
+            f"is in plain text in the stack file, which is committed: delete the line, then store it encrypted with "
+            f"{fix} (and rotate it if the file was ever pushed)")))
     return issues
 
 

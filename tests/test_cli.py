@@ -32,7 +32,7 @@ def test_plan_refuses_a_secret_in_clear_in_the_stack_file(key: str, tmp_path: Pa
     assert main(["plan", "--stack-file", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"{key}: is in plain text in the stack file" in err, err
-    assert f"pulumi config set --secret {key} <" in err
+    assert f"`pulumi config set --secret {key}" in err
     assert "notasecret" not in err  # the value is never echoed
 
 

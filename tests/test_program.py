@@ -597,7 +597,8 @@ def test_a_plaintext_token_is_refused() -> None:
     assert run.registrations == []
     message = str(run.error)
     assert "digitalocean:token: is stored in plain text" in message and "dop_v1_test" not in message, message
-    assert "pulumi config set --secret digitalocean:token <" in message and "DIGITALOCEAN_TOKEN" in message
+    assert "`pulumi config set --secret digitalocean:token` (no value: it reads the token from stdin)" in message
+    assert "export DIGITALOCEAN_TOKEN" in message
 
 
 def test_a_push_depends_on_the_droplets_it_dials_not_on_its_peers() -> None:
