@@ -26,7 +26,8 @@ How the run goes (the transport is enclave/transport.py):
            the late confirm gets in and fails naming the reason.
 A run killed at any point leaves the host either unchanged or rolling back by itself; the next run pushes again.
 Killed with SIGKILL (how the engine cancels it), its guard removes its key files and kills its ssh clients
-(enclave/runguard.py).
+(enclave/runguard.py); left behind by a killed `/bin/sh -c` (dash does not exec the command), it notices its
+parent is gone and stops as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -63,6 +65,7 @@ ENV_PREVIOUS_STDOUT = "PULUMI_COMMAND_STDOUT"  # pulumi-command hands an update 
 EXIT_CONFIRMED, EXIT_REFUSED, EXIT_BAD_REQUEST, EXIT_UNREACHABLE = (
     PushExit.CONFIRMED, PushExit.REFUSED, PushExit.BAD_REQUEST, PushExit.UNREACHABLE)  # enclave.exitcodes
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 15.0
+ORPHAN_POLL_S = 0.5  # how soon a run whose parent was killed notices
 REQUEST_VERSION = 1
 
 
@@ -285,9 +288,20 @@ def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the transport's cleanup (the key files)
 
 
+def _stop_when_orphaned(parent: int) -> None:
+    """SIGTERM this run once its parent is gone. pulumi-command runs `/bin/sh -c COMMAND` and cancels by SIGKILLing
+    that shell; dash (Debian's /bin/sh) forks the command rather than exec it, so the kill leaves this run behind
+    the shell, still holding the engine's stdout pipe (the engine waits for it) and pushing on. It then stops
+    the way a SIGTERM stops it: its ssh killed, its key removed."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise_on_signal)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     text = sys.stdin.read()
     host, d = "?", "?"
 

@@ -196,8 +196,12 @@ class Transport:
         self.config.write_text(self._config_text())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.kill_group and exc_type is not None:
+            # a failed push or a signal: keep the pipe open, so that once this process has exited (closing it)
+            # the guard kills whatever is left of its group
+            return
         os.write(self._guard, RUNGUARD_DONE)  # a normal end: the guard leaves this process's group alone
         os.close(self._guard)
 

@@ -116,3 +116,55 @@ def test_kill_group_needs_a_group_of_its_own(runtime: Path) -> None:
         with Transport(stack="t", user="root", private_key=KEY, previous_private_key=None, address="192.0.2.1",
                        bastions=[], kill_group=True):
             pass
+
+
+FAKE_SSH = """#!/bin/sh
+# a connection that hangs: stands in for OpenSSH (no traffic leaves this machine)
+echo $$ >> "$FAKE_SSH_PIDS"
+exec sleep 300
+"""
+
+
+@pytest.mark.parametrize("killed", ["the shell", "the run"])
+def test_the_real_push_run_cancelled_as_pulumi_command_cancels_it_leaves_nothing(
+        killed: str, runtime: Path, tmp_path: Path) -> None:
+    """pulumi-command runs `/bin/sh -c COMMAND` and cancels with SIGKILL to that shell. dash (Debian's /bin/sh)
+    forks the command, so the run is left behind the killed shell: it notices and stops as on SIGTERM. A shell
+    that execs (bash) makes the run itself the one killed: its guard cleans up. Either way: no key, no ssh, no
+    run, and the engine's stdout pipe closes (what pulumi-command waits for)."""
+    from config.stackfile import load_stack_file
+    from enclave.plan import build_plan
+    from enclave.pushrun import COMMAND, ENV_PRIVATE_KEY, push_request
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    pids_file = tmp_path / "ssh-pids"
+    pids_file.touch()
+    plan = build_plan(load_stack_file(ROOT / "stacks" / "Pulumi.dev.yaml"))
+    host = plan.policy.host_by_name["mysql-1"]
+    request = push_request("dev", plan.policy, plan.addresses, host, plan.files["mysql-1"], user="root",
+                           public_key="ssh-ed25519 AAAA", deadline_s=300)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SSH_PIDS": str(pids_file), ENV_PRIVATE_KEY: KEY}
+    command = " ".join([sys.executable, *COMMAND.split()[1:]])
+    shell = subprocess.Popen(["/bin/sh", "-c", command], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert shell.stdin is not None and shell.stdout is not None
+    shell.stdin.write(request.to_stdin())
+    shell.stdin.close()
+
+    def ssh_pids() -> list[int]:
+        return [int(line) for line in pids_file.read_text().split()]
+
+    wait_until(lambda: ssh_pids() and list(runtime.glob("run-*")), "the run dialing, its key on disk")
+    (run_dir,) = runtime.glob("run-*")
+    run_pid = int(run_dir.name.split("-")[1])
+    assert (run_dir / "key").read_text() == KEY
+    os.kill(shell.pid if killed == "the shell" else run_pid, signal.SIGKILL)
+    wait_until(lambda: not run_dir.exists(), f"{run_dir} (the key) removed")
+    wait_until(lambda: not any(alive(pid) for pid in ssh_pids()), f"the run's ssh {ssh_pids()} killed")
+    wait_until(lambda: not alive(run_pid), f"the run {run_pid} ended")
+    assert shell.stdout.read() == ""  # EOF, nothing confirmed: no holder of the engine's stdout pipe is left
+    shell.wait(30)
+    shell.stdout.close()
