@@ -157,7 +157,7 @@ def test_the_real_push_run_cancelled_as_pulumi_command_cancels_it_leaves_nothing
     def ssh_pids() -> list[int]:
         return [int(line) for line in pids_file.read_text().split()]
 
-    wait_until(lambda: ssh_pids() and list(runtime.glob("run-*")), "the run dialing, its key on disk")
+    wait_until(lambda: bool(ssh_pids()) and any(runtime.glob("run-*")), "the run dialing, its key on disk")
     (run_dir,) = runtime.glob("run-*")
     run_pid = int(run_dir.name.split("-")[1])
     assert (run_dir / "key").read_text() == KEY
