@@ -5,7 +5,10 @@ VENV := .venv
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 ENCLAVE := $(VENV)/bin/enclave
+# The stack `make plan` / `make lab` show: the CLI's default too (enclave/stackargs.py DEFAULT_STACK)
 STACK ?= prod
+# enclave needs Python 3.11+; on a machine whose python3 is older: `make setup PYTHON=python3.11`
+PYTHON ?= python3
 APT_PACKAGES := python3 python3-venv iproute2 iptables ipset nftables openssh-server openssh-client graphviz librsvg2-bin procps
 # Only `make bench` needs these (a load generator and a small web server for the data-plane figures); RUNLEVEL=1
 # keeps the package from starting nginx on the machine itself: the benchmark runs its own inside namespaces.
@@ -14,9 +17,17 @@ BENCH_ARGS ?=
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: setup apt test typecheck unit fuzz test-faults-long plan lab bench bench-setup clean
+.PHONY: setup python-check apt requirements test typecheck unit fuzz test-faults-long plan lab bench bench-setup clean
 
-setup: apt $(VENV)/.synced
+setup: python-check apt $(VENV)/.synced
+
+# Refuse an old Python before building anything (uv would fail later on requires-python, naming no fix).
+python-check:
+	@version=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || \
+	  { echo "make setup: $(PYTHON) not found; install Python 3.11 or newer (apt-get install python3 python3-venv)"; exit 1; }; \
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+	  { echo "make setup: enclave needs Python 3.11 or newer, $(PYTHON) is $$version. On Ubuntu 22.04: \
+	apt-get install python3.11 python3.11-venv, then rm -rf $(VENV) && make setup PYTHON=python3.11"; exit 1; }
 
 apt:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -29,10 +40,16 @@ apt:
 
 # The venv comes from uv.lock exactly (--frozen); uv itself is bootstrapped into the venv with pip.
 $(VENV)/.synced: pyproject.toml uv.lock
-	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(VENV)/bin/pip install -q "uv==$(UV_VERSION)"
 	$(UV) sync --frozen --inexact --python $(VENV)/bin/python -q
 	@touch $@
+
+# What Pulumi's own installer reads (`pulumi install`, and `pulumi up` in a fresh clone or Pulumi Deployments:
+# Pulumi.yaml's `toolchain: pip` runs `pip install -r requirements.txt` into .venv): uv.lock's runtime packages,
+# pinned with their hashes. tests/unit/test_requirements.py fails when it differs from uv.lock; `make requirements`.
+requirements: $(VENV)/.synced
+	$(UV) export --frozen --no-dev --no-emit-project -q -o requirements.txt
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -18,7 +18,7 @@ no peer. Bastions are pushed and confirmed first, on their public address; every
 every bastion's and goes to its private address through the bastions (the first one, which `ssh_config` jumps
 through, preferred), or to its public address when the stack has no bastion.
 
-A push's URN, which `enclave audit` prints in `pulumi up --replace` commands, is
+A push's URN, which `enclave audit` prints in `pulumi up --target` commands, is
 `urn:pulumi:<stack>::enclave::enclave:index:EnclaveNetwork$command:local:Command::<stack>-<role>-<n>-push`
 (`enclave.resource_names.push_urn`, which audit prints and tests/unit/test_program.py checks); keep the names stable.
 
@@ -178,6 +178,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
                     baseline=baseline,
                     public_key=stack.ssh_public_key,
                     deadline_s=stack.push_timeout,
+                    repush=stack.repush.get(host.name, 0),
                 )
 
             droplet = droplet_name(settings.name, host)

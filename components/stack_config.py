@@ -40,6 +40,7 @@ from config.schema import (
     load_config,
     stack_name_issues,
 )
+from config.deployable import SECRET_CONFIG_KEYS, deployment_issues
 from config.stackfile import Stack, stack_file_issues
 from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
 from enclave.compiler import compile_policy
@@ -111,6 +112,14 @@ def _private_key_issues(values: dict[str, Any], name: str = PRIVATE_KEY) -> list
     return problems
 
 
+def _token_issues() -> list[StackIssue]:
+    """The DigitalOcean token, when set in the stack (rather than DIGITALOCEAN_TOKEN), must be a secret."""
+    key = "digitalocean:token"
+    if key not in pulumi_config_values() or is_config_secret(key):
+        return []
+    return [StackIssue(key, f"is stored in plain text; `pulumi config rm {key}`, then {SECRET_CONFIG_KEYS[key]}")]
+
+
 def _push_command_issues() -> list[StackIssue]:
     interpreter = COMMAND.split()[0]
     if os.access(interpreter, os.X_OK):
@@ -143,7 +152,11 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
     issues += stack_file_issues(name)  # the stack file as written: refused if YAML versions read it differently
     issues += _private_key_issues(values)
     issues += _private_key_issues(values, PREVIOUS_PRIVATE_KEY)
+    issues += _token_issues()
     issues += _push_command_issues()
+    if not issues and config is not None:
+        # placeholders and a public key that is not the private key's: only a deployment cannot use them
+        issues += deployment_issues(name, config, values.get(PRIVATE_KEY))
     if issues or config is None:
         raise InvalidStack(StackError(issues, source))
     issues = limit_issues(compile_policy(config))  # rules per host, set members: counted as rendered

@@ -289,6 +289,18 @@ class StackConfig(_Strict):
     # apt's HTTP(S) proxy on every droplet (cloud-init's apt module), for droplets that reach no package mirror
     # themselves: the first boot and every push install ipset (and iptables on Debian) through it.
     apt_proxy: str | None = None
+    # Per host, a counter that is part of its push's input: raising it re-runs that host's push as an update,
+    # which keeps the previous run's output (the bastion it was last confirmed through). `enclave audit` prints
+    # the `pulumi config set --path 'repush["<host>"]' N` that re-pushes a drifted host.
+    repush: dict[str, int] = Field(default_factory=dict, max_length=25_000)
+
+    @field_validator("repush")
+    @classmethod
+    def _repush_counts(cls, value: dict[str, int]) -> dict[str, int]:
+        for host, count in value.items():
+            if not 0 <= count <= 1_000_000:
+                raise ValueError(f"repush[{host!r}] is {count}: a re-push counter is 0 or more (raise it by one)")
+        return value
 
     @field_validator("apt_proxy")
     @classmethod
@@ -444,6 +456,12 @@ class StackConfig(_Strict):
                 "has no IPv4 range, but `pulumi up` pushes over SSH to public IPv4 addresses; add the IPv4 "
                 "address you run `pulumi up` from (e.g. 198.51.100.7/32)",
             )
+
+        for host in self.repush:
+            role_name, _, number = host.rpartition("-")
+            if role_name not in self.roles or not number.isdigit() or not 1 <= int(number) <= self.roles[role_name].count:
+                bad(f"repush.{host}", f"no host {host!r} in this stack (hosts are <role>-<n>); remove the entry: "
+                    f"`pulumi config rm --path 'repush[\"{host}\"]'`")
 
         hosts = sum(role.count for role in self.roles.values())
         # DigitalOcean reserves the network and broadcast addresses and a gateway; keep 3 spare.

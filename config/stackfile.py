@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .schema import StackConfig, StackError, StackIssue, enclave_keys, load_config, stack_name_issues
+from .deployable import plaintext_secret_issues
 
 PROJECT_FILE = "Pulumi.yaml"
 
@@ -329,7 +330,8 @@ def parse_stack_yaml(text: str, source: str) -> dict[str, Any]:
             loader.dispose()
     if not isinstance(document, dict) or not isinstance(document.get("config"), dict):
         raise StackError([StackIssue("config", "a stack file is a mapping with a `config:` mapping inside")], source)
-    issues = _unreadable_values(document["config"], "")
+    # a secret in clear text is refused by every reader of the file (plan, lab, program): it is committed
+    issues = _unreadable_values(document["config"], "") + plaintext_secret_issues(document["config"])
     if issues:
         raise StackError(issues, source)
     return enclave_keys(document["config"], source)

@@ -18,7 +18,10 @@ live is touched. Drift found:
   host key changed   the droplet was rebuilt from the panel (or someone is in between): nothing was read
   unreachable        SSH could not get in at all
 
-Each drifted host gets the command that re-pushes it: `pulumi up --replace <urn>` of its push resource.
+Each drifted host gets the commands that re-push it: raise its re-push counter (`enclave:repush`), which changes
+its push's input, then `pulumi up --target <urn>` of its push resource. The engine runs that as an update, which
+keeps the previous run's output and with it the bastion it was confirmed through (`pulumi up --replace` would
+re-create the push from empty outputs and lose that fallback).
 Exit: 0 every host as compiled, 1 drift on any host, 2 bad input (stack, addresses, key file).
 """
 
@@ -47,9 +50,12 @@ AUDIT_DEADLINE_S = 30
 SECTIONS = ("confirmed", "pending", "rolled-back", "live4", "live6", "sets", "want4", "want6", "wantsets")
 
 
-def replace_command(stack: str, droplet: str) -> str:
-    """The fix printed for a drifted host: re-push it by replacing its push resource (tests/unit/test_program.py)."""
-    return f"pulumi up --stack {stack} --replace '{push_urn(stack, droplet)}'"
+def repush_command(stack: Stack, host: str, droplet: str) -> str:
+    """The fix printed for a drifted host: raise its re-push counter and update its push (module docstring;
+    tests/unit/test_program.py runs it under mocks)."""
+    count = stack.config.repush.get(host, 0) + 1
+    return (f"pulumi config set --stack {stack.name} --path 'repush[\"{host}\"]' {count} && "
+            f"pulumi up --stack {stack.name} --target '{push_urn(stack.name, droplet)}'")
 
 
 def audit_script(files: RuleFiles) -> str:
@@ -171,7 +177,7 @@ def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], fi
                            public_key="", deadline_s=AUDIT_DEADLINE_S)
     droplet = droplet_name(stack.name, host)
     result = HostAudit(files.host, droplet, request.address, digest(files))
-    replace = replace_command(stack.name, droplet)
+    replace = repush_command(stack, files.host, droplet)
     with transport(stack=stack.name, user=request.user, private_key=private_key, previous_private_key=None,
                    address=request.address, bastions=request.bastions) as ssh:
         via = None if request.direct else request.bastions[0]

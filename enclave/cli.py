@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import sys
@@ -298,13 +299,31 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
 # ----------------------------------------------------------------------------------------------- main
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions wrapped to the terminal; the exit-code table (the epilog) kept line for line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("exit codes:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def installed_version() -> str:
+    """The version pyproject.toml gives, as installed into the venv (`make setup`)."""
+    try:
+        return importlib.metadata.version("enclave")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without `make setup`
+        return "unknown (not installed: run `make setup`)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="enclave",
         description="Isolate DigitalOcean droplets in a private network: plan, prove in a lab, then `pulumi up`.",
         epilog=exit_code_table() + "\n\n`enclave COMMAND --help` for each command.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog is a table: keep its lines
+        formatter_class=HelpFormatter,  # the epilog is a table: keep its lines
     )
+    parser.add_argument("--version", action="version", version=f"enclave {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plan = sub.add_parser(
@@ -349,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser(
         "audit", help="does every host run the rules the stack compiles to? (over SSH, read-only)",
         description="Connect to every host through the push's transport and compare its live rules, sets and "
-        "confirmed digest with what the stack compiles to; drift gets the `pulumi up --replace` that re-pushes "
+        "confirmed digest with what the stack compiles to; drift gets the commands that re-push "
         "the host. Exit 1 on drift.",
     )
     add_stack_arguments(audit)
@@ -360,7 +379,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify_cli.register(sub, add_stack_arguments, ADDRESSES_HELP, stack_from_args)  # prove, explain, reach
     lab_cli.register(sub)  # the lab's subcommands
+    # `enclave COMMAND --help` ends with the same exit-code table as `enclave --help`
+    for command in _subparsers(parser):
+        command.epilog = exit_code_table()
+        command.formatter_class = HelpFormatter
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:  # argparse keeps subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subparsers(child)]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     except StackError as exc:
         err = Console(stderr=True)
         # soft_wrap: a path or a key is never cut in two, whatever the terminal width
+        # A stack the command refused is one `pulumi up` would refuse before creating anything: say so. A bad
+        # flag (an unknown --host, an --output that cannot be written) says nothing about the stack.
+        flag = any(issue.path.startswith("--") for issue in exc.issues)
         err.print(
-            f"[red bold]error:[/] {escape(exc.source)}: {len(exc.issues)} problem(s); nothing was created or changed",
+            f"[red bold]error:[/] {escape(exc.source)}: {len(exc.issues)} problem(s)"
+            + ("" if flag else "; nothing was created or changed"),
             highlight=False, soft_wrap=True,
         )
         for issue in exc.issues:

@@ -25,6 +25,9 @@ How the run goes (the transport is enclave/transport.py):
            logging in with the new key only, retried until the deadline; once the host rolled back by itself,
            the late confirm gets in and fails naming the reason.
 A run killed at any point leaves the host either unchanged or rolling back by itself; the next run pushes again.
+Killed with SIGKILL (how the engine cancels it), its guard removes its key files and kills its ssh clients
+(enclave/runguard.py); left behind by a killed `/bin/sh -c` (dash does not exec the command), it notices its
+parent is gone and stops as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -61,6 +65,7 @@ ENV_PREVIOUS_STDOUT = "PULUMI_COMMAND_STDOUT"  # pulumi-command hands an update 
 EXIT_CONFIRMED, EXIT_REFUSED, EXIT_BAD_REQUEST, EXIT_UNREACHABLE = (
     PushExit.CONFIRMED, PushExit.REFUSED, PushExit.BAD_REQUEST, PushExit.UNREACHABLE)  # enclave.exitcodes
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 15.0
+ORPHAN_POLL_S = 0.5  # how soon a run whose parent was killed notices
 REQUEST_VERSION = 1
 
 
@@ -87,6 +92,9 @@ class PushRequest:
     files     the host's rule files; baseline: its role's baseline (refreshed on the host by every push)
     public_key the OpenSSH public key the host must authorize for `user` (installed by the push: key rotation)
     deadline_s how long the whole run may keep retrying (a droplet still booting) before it fails
+    repush    the stack's re-push counter of this host (enclave:repush): the run ignores it; raising it changes
+              the input, so the engine re-runs the push as an update, previous output (PULUMI_COMMAND_STDOUT)
+              and with it the bastion fallback kept. Written only when above 0: no other request changes.
     """
 
     stack: str
@@ -98,6 +106,7 @@ class PushRequest:
     baseline: RuleFiles
     public_key: str
     deadline_s: int
+    repush: int = 0
 
     def to_stdin(self) -> str:
         """Compact JSON, rule files compressed: this is what Pulumi stores as the command's input."""
@@ -113,6 +122,8 @@ class PushRequest:
             "publicKey": self.public_key,
             "deadlineSeconds": self.deadline_s,
         }
+        if self.repush:
+            document["repush"] = self.repush
         return json.dumps(document, separators=(",", ":"), sort_keys=True) + "\n"
 
     @classmethod
@@ -130,6 +141,7 @@ class PushRequest:
             baseline=_unpack_files(data["baseline"]),
             public_key=data["publicKey"],
             deadline_s=int(data["deadlineSeconds"]),
+            repush=int(data.get("repush", 0)),
         )
 
     @property
@@ -276,9 +288,20 @@ def _raise_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the transport's cleanup (the key files)
 
 
+def _stop_when_orphaned(parent: int) -> None:
+    """SIGTERM this run once its parent is gone. pulumi-command runs `/bin/sh -c COMMAND` and cancels by SIGKILLing
+    that shell; dash (Debian's /bin/sh) forks the command rather than exec it, so the kill leaves this run behind
+    the shell, still holding the engine's stdout pipe (the engine waits for it) and pushing on. It then stops
+    the way a SIGTERM stops it: its ssh killed, its key removed."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_POLL_S)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, _raise_on_signal)
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     text = sys.stdin.read()
     host, d = "?", "?"
 
@@ -302,9 +325,13 @@ def main() -> int:
     previous = os.environ.get(ENV_PREVIOUS_PRIVATE_KEY) or None
     previous_stdout = os.environ.get(ENV_PREVIOUS_STDOUT)
     hops = [via for via in push_routes(request, previous_stdout) if via is not None]
+    # The engine cancels a push with SIGKILL to this process alone: lead a process group of our own, so the
+    # transport's guard can kill our ssh clients with us (enclave/runguard.py), and only them.
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)
     try:
         with Transport(stack=request.stack, user=request.user, private_key=key, previous_private_key=previous,
-                       address=request.address, bastions=hops) as transport:
+                       address=request.address, bastions=hops, kill_group=True) as transport:
             document = run(request, transport, previous_stdout)
     except TransportError as exc:
         return fail("request", EXIT_BAD_REQUEST, str(exc))

@@ -1,6 +1,6 @@
 """The names the Pulumi program gives its resources, without Pulumi: `enclave audit` prints them.
 
-A drifted host's fix is `pulumi up --replace '<urn>'` of that host's push resource (docs/operations.md). The
+A drifted host's fix ends in `pulumi up --target '<urn>'` of that host's push resource (docs/operations.md). The
 program (components/firewall.py) names the resource with `push_resource_name`, and `enclave audit` prints
 `push_urn`; both come from here so the printed URN is the one the engine knows (tests/unit/test_program.py checks it
 against the URNs the Pulumi mocks register).
@@ -34,5 +34,5 @@ def push_resource_name(droplet: str) -> str:
 
 
 def push_urn(stack_name: str, droplet: str) -> str:
-    """The URN of a host's push, as the engine records it and `pulumi up --replace` takes it."""
+    """The URN of a host's push, as the engine records it and `pulumi up --target` takes it."""
     return f"urn:pulumi:{stack_name}::{project_name()}::{PUSH_RESOURCE_TYPE}::{push_resource_name(droplet)}"

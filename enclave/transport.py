@@ -13,8 +13,9 @@ under a private runtime directory (ENV_RUNTIME_DIR, default $XDG_RUNTIME_DIR/enc
                    through (or to) one bastion at once, across processes, so its sshd never sees more
                    concurrent handshakes than its MaxStartups admits at droplet defaults (10:30:100).
   run-<pid>-<rnd>/ one run's private files: the key(s) from the environment (0600) and the generated ssh config.
-                   Removed when the run ends, also on SIGTERM/SIGINT/SIGHUP; a run killed with SIGKILL leaves it,
-                   and the next run removes every run directory whose process is gone.
+                   Removed when the run ends, also on SIGTERM/SIGINT/SIGHUP; when the run is SIGKILLed (how the
+                   Pulumi engine cancels a push), by the run's guard (enclave/runguard.py), which also kills the
+                   run's ssh clients; the next run removes any directory whose process is gone, as a backstop.
 
 The generated config gives every hop its own ConnectTimeout and keepalives (a `-o` on the command line would
 reach the host but not the bastion hop that `-J` starts). Host keys: StrictHostKeyChecking accept-new against a
@@ -35,6 +36,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ COMMAND_TIMEOUT_S = 120  # one ssh command at most this long beyond the run's de
 SSH_FAILED = 255  # ssh's own exit status when it could not connect or log in
 
 HOST_KEY_CHANGED = "REMOTE HOST IDENTIFICATION HAS CHANGED"
+RUNGUARD = Path(__file__).with_name("runguard.py")
+RUNGUARD_DONE = b"done"  # enclave.runguard.DONE (the guard imports nothing of enclave)
 
 
 class TransportError(Exception):
@@ -171,8 +175,11 @@ class Transport:
     """
 
     def __init__(self, *, stack: str, user: str, private_key: str, previous_private_key: str | None,
-                 address: str, bastions: Sequence[str]) -> None:
+                 address: str, bastions: Sequence[str], kill_group: bool = False) -> None:
+        """kill_group: this process leads its own process group (enclave.pushrun makes it so), and its guard
+        SIGKILLs that group if the process dies; else the guard only removes the files."""
         self.stack, self.user, self.address = stack, user, address
+        self.kill_group = kill_group
         self.bastions = list(dict.fromkeys(b for b in bastions if b))
         self.runtime = runtime_dir()
         self.known_hosts = known_hosts_file(stack)
@@ -181,6 +188,7 @@ class Transport:
 
     def __enter__(self) -> Transport:
         sweep_stale_runs(self.runtime)
+        self._guard = self._start_guard()  # before the key exists: no moment where a kill strands it
         self.dir.mkdir(mode=0o700)
         self.key = self._write_key("key", self._keys[0])
         self.previous_key = self._write_key("previous", self._keys[1]) if self._keys[1] else None
@@ -188,8 +196,33 @@ class Transport:
         self.config.write_text(self._config_text())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self.kill_group and exc_type is not None:
+            # a failed push or a signal: keep the pipe open, so that once this process has exited (closing it)
+            # the guard kills whatever is left of its group
+            return
+        os.write(self._guard, RUNGUARD_DONE)  # a normal end: the guard leaves this process's group alone
+        os.close(self._guard)
+
+    def _start_guard(self) -> int:
+        """enclave/runguard.py watching this process; returns the pipe's write end (this process's only copy:
+        os.pipe() fds are not inherited by the ssh children)."""
+        if self.kill_group and os.getpgrp() != os.getpid():
+            raise TransportError("kill_group: this process must lead its own process group (os.setpgid(0, 0))")
+        read_end, write_end = os.pipe()
+        try:
+            subprocess.Popen(
+                [sys.executable, "-I", str(RUNGUARD), str(read_end), str(self.dir), str(os.getpid() if self.kill_group else 0)],
+                pass_fds=(read_end,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,  # outside the group it kills, and away from the terminal's Ctrl-C
+            )
+        except OSError as exc:
+            os.close(write_end)
+            raise TransportError(f"cannot start the run's guard ({RUNGUARD}): {exc.strerror}") from None
+        finally:
+            os.close(read_end)
+        return write_end
 
     def _write_key(self, name: str, text: str | None) -> Path:
         path = self.dir / name

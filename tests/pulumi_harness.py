@@ -12,6 +12,7 @@ new root stack, so runs in one process cannot see each other's config, resources
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import gc
@@ -20,6 +21,8 @@ import ipaddress
 import json
 import logging
 import runpy
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from pulumi.runtime.settings import get_root_resource, reset_options
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _sync_await
 
+from config.deployable import DOCUMENTATION_NETWORKS, PLACEHOLDER_KEY_MARK
 from config.schema import StackConfig, StackError, load_config
 from enclave.compiler import Addresses
 from enclave.resource_names import project_name
@@ -41,17 +45,44 @@ PROGRAM = ROOT / "__main__.py"
 PROJECT = project_name()  # as the engine does: Pulumi.yaml's `name:`, the project part of every URN
 PRISTINE = contextvars.copy_context()
 
-# Not a usable key: the shape of one, so the program's checks accept it and the tests can look for it.
-TEST_PRIVATE_KEY = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\n"
-    "b3BlbnNzaC1rZXktdjEAAAAAdGVzdC1vbmx5LW5vdC1hLXJlYWwta2V5LWVuY2xhdmU=\n"
-    "-----END OPENSSH PRIVATE KEY-----\n"
-)
+
+
+def _keypair(comment: str) -> tuple[str, str]:
+    """A fresh ed25519 key pair (private, public) made by ssh-keygen for this test process: the program derives
+    the public key from the private one and refuses a mismatch, so the tests need a real pair."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
+        return path.read_text(), path.with_suffix(".pub").read_text().strip()
+
+
+TEST_PRIVATE_KEY, TEST_PUBLIC_KEY = _keypair("test@enclave")
 SECRET_KEYS = ["enclave:sshPrivateKey", "enclave:sshPreviousPrivateKey", "digitalocean:token"]
+# An operator address that is not in a documentation range (the program refuses those: nobody's machine).
+TEST_OPERATOR = "100.64.0.7/32"
 
 
-def pulumi_config(document: dict[str, Any], private_key: str | None = TEST_PRIVATE_KEY) -> dict[str, str]:
-    """A stack file's `config:` as the Pulumi CLI passes it to a program: strings, maps and lists as JSON."""
+def deployable(document: dict[str, Any]) -> dict[str, Any]:
+    """The shipped stack made deployable as an operator's own would be: the test key pair's public key in place
+    of the example key, TEST_OPERATOR in place of documentation operator addresses."""
+    config = dict(document["config"])
+    if PLACEHOLDER_KEY_MARK in base64.b64decode(str(config.get("enclave:sshPublicKey", "x AA==")).split()[1]):
+        config["enclave:sshPublicKey"] = TEST_PUBLIC_KEY
+    operators = config.get("enclave:operators")
+    if isinstance(operators, list):
+        config["enclave:operators"] = [
+            TEST_OPERATOR if any(ipaddress.ip_network(str(o)).subnet_of(d)  # type: ignore[arg-type]
+                                 for d in DOCUMENTATION_NETWORKS if d.version == ipaddress.ip_network(str(o)).version)
+            else o for o in operators]
+    return {**document, "config": config}
+
+
+def pulumi_config(document: dict[str, Any], private_key: str | None = TEST_PRIVATE_KEY,
+                  as_shipped: bool = False) -> dict[str, str]:
+    """A stack file's `config:` as the Pulumi CLI passes it to a program: strings, maps and lists as JSON.
+    Made `deployable` unless `as_shipped` (the placeholders the program refuses left in)."""
+    if not as_shipped:
+        document = deployable(document)
     out: dict[str, str] = {"digitalocean:token": "dop_v1_test"}
     for key, value in document["config"].items():
         if isinstance(value, (dict, list)):

@@ -125,11 +125,17 @@ def cmd_down(args: argparse.Namespace, console: Console) -> int:
 
 def register(sub: Any) -> None:
     """Add the lab's subcommands to the `enclave` parser."""
-    lab = sub.add_parser("lab", help="prove a stack's rules with real packets in network namespaces (root)")
+    lab = sub.add_parser(
+        "lab", help="prove a stack's rules with real packets in network namespaces (root)",
+        description="Build the stack's network out of Linux network namespaces on this machine (root), push every "
+        "host's rules over real SSH as `pulumi up` does, and probe every flow with real packets.")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
 
     check = lab_sub.add_parser(
-        "check", help="build the lab, push every host over SSH, probe every flow, print the matrix, tear down"
+        "check", help="build the lab, push every host over SSH, probe every flow, print the matrix, tear down",
+        description="Build the lab for the stack, push every host's rules over SSH as `pulumi up` does, prove each "
+        "host's live rules equal the compiled ones, probe every flow with real packets, print the matrix, and "
+        "remove the lab. Exit 0 when every probe saw what the stack expects.",
     )
     add_stack_arguments(check)
     check.add_argument("--format", choices=("text", "json"), default="text",
@@ -138,12 +144,18 @@ def register(sub: Any) -> None:
     _add_mode(check)
     check.set_defaults(func=_guarded(cmd_check))
 
-    up = lab_sub.add_parser("up", help="like check, but keep the lab running to explore it")
+    up = lab_sub.add_parser(
+        "up", help="like check, but keep the lab running to explore it",
+        description="Like `enclave lab check`, but keep the lab's namespaces running afterwards to explore them "
+        "(it prints the run id and how to enter each host); `enclave lab down` removes it.")
     add_stack_arguments(up)
     _add_mode(up)
     up.set_defaults(func=_guarded(cmd_up))
 
-    down = lab_sub.add_parser("down", help="remove a kept lab (the only one, RUN_ID, or --all)")
+    down = lab_sub.add_parser(
+        "down", help="remove a kept lab (the only one, RUN_ID, or --all)",
+        description="Remove a lab `enclave lab up` kept: the only one, the one RUN_ID names, or with --all every "
+        "kept lab of yours and any of yours whose controller died.")
     down.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run id `enclave lab up` printed")
     down.add_argument("--all", action="store_true",
                       help="every kept lab of yours, and any of yours whose controller died")

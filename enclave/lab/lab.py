@@ -108,8 +108,10 @@ class _RunningPush:
         self.lab._finish_push(self.host, self.proc, stdout, stderr)
 
     def kill(self) -> None:
+        # As the engine cancels a push: SIGKILL to the command's process alone (`ip netns exec` execs python, so
+        # that is the run), no grace; its guard then kills its ssh and removes its key (enclave/runguard.py).
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # ip netns exec execs python: the group is the run's
+            self.proc.kill()
         except ProcessLookupError:
             pass  # it ended by itself meanwhile
 
@@ -302,8 +304,8 @@ class Lab(Topology, Hosts, Proofs):
         through them). Without continue_on_error, the first failure starts nothing more (the engine cancels
         what is queued; running pushes finish), as a plain `pulumi up` does; with it (`lab check`,
         `--continue-on-error`) every host is tried and hosts behind a failed bastion push are not started.
-        kill_after: cancel the run once that many pushes finished: SIGKILL every running push and its ssh
-        (a Ctrl-C'd or killed `pulumi up`), start nothing more.
+        kill_after: cancel the run once that many pushes finished: SIGKILL every running push, alone, as the
+        engine does (a Ctrl-C'd or killed `pulumi up`), start nothing more.
 
         Returns the hosts that did not confirm (step `not started` for those never run).
         """

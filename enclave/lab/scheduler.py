@@ -1,10 +1,19 @@
 """The lab's push scheduler: how `pulumi up` runs the pushes of a stack (one pulumi-command resource per host).
 
 The engine starts ready resources first in, first out, at most `--parallel` at once (its default 4 x CPUs).
-Every other host's push depends on the bastions' (it goes through them), so the bastions' pushes run first and
-the rest become ready once they all finished; a failed bastion push leaves its dependents unstarted. A plain
-`pulumi up` starts nothing more after the first failure (what runs finishes); `--continue-on-error` tries
-every host that is ready. A cancelled run (Ctrl-C twice, a killed engine) kills what runs and starts nothing.
+Every other host's push `depends_on` every bastion's push (it goes through them; components/network.py). The
+Python SDK registers a resource only once the URNs of its `depends_on` resolve, i.e. once those registrations
+returned (pulumi/runtime/resource.py `_resolve_depends_on_urns`), so the others are registered, and started,
+only when every bastion push has ended. Then:
+
+- plain `pulumi up`: the first failed step cancels the deployment (pkg/resource/deploy/step_executor.go
+  `cancelDueToError`, L435-462): what runs finishes, nothing more starts;
+- `--continue-on-error`: a failed step is recorded instead, and each step generated later whose resource
+  depends on a failed or skipped URN (parent, dependsOn, property dependencies, deletedWith, replaceWith) is
+  skipped, transitively (deployment_executor.go L630-642, `doesStepDependOn` L559-574). Every other bastion's
+  push still runs; if any bastion push failed, every non-bastion push is skipped.
+
+A cancelled run (Ctrl-C twice, a killed engine) kills what runs and starts nothing.
 
 The scheduler knows pushes only through a seam, `start(host) -> PushHandle` (wait, kill): the lab hands it
 real `python -m enclave.pushrun` processes, the unit tests fakes. No root, no subprocess here.
@@ -28,7 +37,11 @@ class PushFailed(LabError):
     def __init__(self, host: str, step: str, result: subprocess.CompletedProcess[str]) -> None:
         self.host, self.step, self.result = host, step, result
         output = (result.stderr.strip() or result.stdout.strip() or "no output")[-3000:]
-        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {output}")
+        # The run's verdict is its last line (`enclave push HOST: confirm of rules D failed: why`): first, so a
+        # message cut short (pytest's summary line, a narrow terminal) still says why; the whole output follows.
+        verdict = output.splitlines()[-1]
+        super().__init__(f"{step} to {host} failed (exit {result.returncode}): {verdict}"
+                         + (f"\n{output}" if output != verdict else ""))
 
 
 def not_started(host: str, why: str) -> PushFailed:
@@ -43,7 +56,8 @@ class PushHandle(Protocol):
         ...
 
     def kill(self) -> None:
-        """Cancel the push now (SIGKILL the run and its ssh); wait() then returns or raises soon."""
+        """Cancel the push now, as the engine does: SIGKILL to the run alone (its guard kills its ssh and removes
+        its key: enclave/runguard.py); wait() then returns or raises soon."""
         ...
 
 
@@ -98,7 +112,8 @@ def run_pushes(bastions: Sequence[str], others: Sequence[str], start: Callable[[
             if not queue and not running and waiting:  # the bastions are done: their dependents become ready
                 failed = [b for b in bastions if b in failures]
                 if failed:
-                    why = f"bastion push {', '.join(failed)} failed; the engine runs no dependent"
+                    why = (f"skipped: bastion push {', '.join(failed)} failed, and every other push depends on "
+                           "every bastion push (the engine skips the dependents of a failed step)")
                     failures.update((h, not_started(h, why)) for h in waiting)
                     waiting = []
                 queue, waiting = waiting, []

@@ -117,7 +117,7 @@ def test_one_host_audited_over_the_transport_reads_its_sections() -> None:
 def test_a_changed_host_key_reads_nothing_and_says_how_to_fix_it() -> None:
     done, _ = audit_mysql(Result(SSH_FAILED, "", f"{HOST_KEY_CHANGED}\nHost key for 10.10.0.5 has changed"))
     assert done.drift[0].startswith("host key changed:") and "nothing was read" in done.drift[0]
-    assert any(line.startswith("ssh-keygen -R ") for line in done.fix) and "--replace" in done.fix[-1]
+    assert any(line.startswith("ssh-keygen -R ") for line in done.fix) and "repush" in done.fix[-1] and "--target" in done.fix[-1]
 
 
 def test_an_unreachable_host_is_reported_with_ssh_s_words() -> None:

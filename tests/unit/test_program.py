@@ -32,6 +32,7 @@ from ..pulumi_harness import (
     ROOT,
     TEST_PRIVATE_KEY,
     ProgramRun,
+    _keypair,
     Registration,
     enclave_config,
     is_secret,
@@ -113,13 +114,13 @@ def test_resources_for_each_stack(stack_name: str) -> None:
     for r in run.registrations:
         if r.type != NETWORK:
             assert r.parent == network.urn, r.name
-    # the URN `enclave audit` prints in its `pulumi up --replace '<urn>'` fix is the one the engine registers
+    # the URN `enclave audit` prints in its `pulumi up --target '<urn>'` fix is the one the engine registers
     pushes = run.by_name(PUSH)
     assert set(pushes) == {push_resource_name(droplet_name(stack_name, h)) for h in policy.hosts}
     for h in policy.hosts:
         push = pushes[push_resource_name(droplet_name(stack_name, h))]
-        fix = audit.replace_command(stack_name, droplet_name(stack_name, h))
-        assert fix == f"pulumi up --stack {stack_name} --replace '{push.urn}'"
+        fix = audit.repush_command(Stack(stack_name, enclave_config(config)), h.name, droplet_name(stack_name, h))
+        assert fix.endswith(f" && pulumi up --stack {stack_name} --target '{push.urn}'")
 
     vpc = run.of_type(VPC)[0].inputs
     assert vpc["ipRange"] == str(stack.vpc_ip_range) and vpc["region"] == stack.region
@@ -348,10 +349,11 @@ def test_key_rotation_gives_every_push_both_keys_and_re_runs_them() -> None:
     """Rotating: the previous key joins the environment (each push logs in with whichever works and installs
     the new public key, which is in its request), so every push runs again."""
     before = run_ok("prod", stack_config_map("prod")).by_name(PUSH)
-    new_public = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG5ldy1rZXktbm90LXJlYWwtZm9yLXRlc3RzLW9ubHk= ops@example"
+    new_private, new_public = _keypair("new@enclave")  # the new pair; the one pushed so far becomes the previous
 
     def rotate(config: dict[str, Any]) -> None:
-        _rotating(config)
+        config["enclave:sshPreviousPrivateKey"] = TEST_PRIVATE_KEY
+        config["enclave:sshPrivateKey"] = new_private
         config["enclave:sshPublicKey"] = new_public
 
     after = run_ok("prod", config_with("prod", rotate)).by_name(PUSH)
@@ -360,6 +362,39 @@ def test_key_rotation_gives_every_push_both_keys_and_re_runs_them() -> None:
         assert request(push).public_key == new_public
         assert ENV_PREVIOUS_PRIVATE_KEY in environment(push) and ENV_PREVIOUS_PRIVATE_KEY not in environment(before[name])
         assert push.inputs["stdin"] != before[name].inputs["stdin"]
+
+
+def test_the_re_push_audit_prints_is_an_update_of_that_host_alone() -> None:
+    """What `enclave audit` prints for a drifted host (raise its repush counter, `pulumi up --target` its push)
+    changes that push's stdin and nothing else: pulumi-command runs it as an update (no triggers, no
+    replaceOnChanges), which hands the run PULUMI_COMMAND_STDOUT, so the bastion fallback is kept; a replace
+    would Create from empty outputs. Applying it twice raises the counter again."""
+    config = stack_config_map("prod")
+    before = run_ok("prod", config).by_name(PUSH)
+    fixes = []
+    for round_ in (1, 2):
+        stack = Stack("prod", enclave_config(config))
+        fix = audit.repush_command(stack, "mysql-1", "prod-mysql-1")
+        fixes.append(fix)
+        setting = fix.split(" && ")[0]
+        assert setting == f"pulumi config set --stack prod --path 'repush[\"mysql-1\"]' {round_}"
+        config = {**config, "enclave:repush": json.dumps({"mysql-1": round_})}  # what that `config set` stores
+        after = run_ok("prod", config).by_name(PUSH)
+        for name, push in after.items():
+            changed = {k for k in push.inputs if push.inputs[k] != before[name].inputs[k]}
+            assert changed == ({"stdin"} if name == "prod-mysql-1-push" else set()), (name, changed)
+            assert "triggers" not in push.inputs and push.inputs["addPreviousOutputInEnv"] is True
+        assert request(after["prod-mysql-1-push"]).repush == round_
+        assert dataclasses.replace(request(after["prod-mysql-1-push"]), repush=round_ - 1) == request(before["prod-mysql-1-push"])
+        before = after
+    assert fixes[0] != fixes[1]
+
+
+def test_a_re_push_counter_of_no_such_host_is_refused() -> None:
+    config = {**stack_config_map("prod"), "enclave:repush": json.dumps({"mysql-9": 1})}
+    run = run_program("prod", config)
+    assert run.registrations == []
+    assert "enclave:repush.mysql-9: no host 'mysql-9'" in str(run.error), run.error
 
 
 def test_the_push_command_needs_the_project_venv() -> None:
@@ -532,6 +567,39 @@ def test_the_program_refuses(stack_name: str, edit: Any, secret_keys: list[str] 
     assert run.error is not None and expected in str(run.error), run.error
     for secret in (TEST_PRIVATE_KEY.strip(), OLD_PRIVATE_KEY.strip(), "AAAA"):
         assert secret not in str(run.error)
+
+
+def test_the_shipped_stacks_are_refused_before_any_resource() -> None:
+    """Skipping the README's key and operators steps stops the program, naming both, before any droplet exists
+    (it used to create them, then wait 600 s per push for a key nobody holds)."""
+    for name in ("prod", "dev"):
+        run = run_program(name, pulumi_config(stack_document(name), as_shipped=True))
+        assert run.registrations == []
+        message = str(run.error)
+        assert "enclave:sshPublicKey: is the shipped example key" in message, message
+        assert "enclave:operators: 198.51.100.7/32 is a documentation address" in message, message
+        assert "ssh-keygen -t ed25519" in message and "pulumi config set --path 'enclave:operators[0]'" in message
+
+
+def test_a_public_key_that_is_not_the_private_keys_is_refused() -> None:
+    _, other_public = _keypair("someone-else@enclave")
+
+    def other(config: dict[str, Any]) -> None:
+        config["enclave:sshPublicKey"] = other_public
+
+    run = run_program("prod", config_with("prod", other))
+    assert run.registrations == []
+    assert "enclave:sshPublicKey: is not the public key of enclave:sshPrivateKey" in str(run.error), run.error
+    assert TEST_PRIVATE_KEY.strip() not in str(run.error)
+
+
+def test_a_plaintext_token_is_refused() -> None:
+    run = run_program("prod", stack_config_map("prod"), secret_keys=["enclave:sshPrivateKey"])
+    assert run.registrations == []
+    message = str(run.error)
+    assert "digitalocean:token: is stored in plain text" in message and "dop_v1_test" not in message, message
+    assert "`pulumi config set --secret digitalocean:token` (no value: it reads the token from stdin)" in message
+    assert "export DIGITALOCEAN_TOKEN" in message
 
 
 def test_a_push_depends_on_the_droplets_it_dials_not_on_its_peers() -> None:

@@ -108,6 +108,24 @@ def test_no_host_behind_a_failed_bastion_push_is_started(continue_on_error: bool
         assert "bastion push bastion-1 failed" in str(failures[host])
 
 
+def test_with_continue_on_error_a_failed_bastion_push_skips_every_other_host_but_not_the_other_bastions() -> None:
+    """As the engine does (enclave.lab.scheduler's docstring cites its source): the other bastion is still pushed,
+    every non-bastion push is skipped, even those that could have gone through the other bastion."""
+    pushes = FakePushes({"bastion-1": FAIL})
+    failures = run(pushes, ["bastion-1", "bastion-2"], ["web-1", "mysql-1"], parallel=1, continue_on_error=True)
+    assert pushes.started == ["bastion-1", "bastion-2"]
+    assert sorted(failures) == ["bastion-1", "mysql-1", "web-1"]
+    assert "skipped: bastion push bastion-1 failed" in str(failures["web-1"])
+
+
+def test_without_continue_on_error_a_failed_bastion_push_starts_nothing_more() -> None:
+    pushes = FakePushes({"bastion-1": FAIL})
+    failures = run(pushes, ["bastion-1", "bastion-2"], ["web-1"], parallel=1)
+    assert pushes.started == ["bastion-1"]
+    assert {h: f.step for h, f in failures.items()} == {"bastion-1": "push", "bastion-2": "not started",
+                                                       "web-1": "not started"}
+
+
 def test_kill_after_cancels_the_running_pushes_and_starts_nothing_more() -> None:
     pushes = FakePushes({"web-2": HANG, "web-3": HANG})
     failures = run(pushes, [], ["web-1", "web-2", "web-3", "web-4", "web-5"], parallel=3, kill_after=1)
