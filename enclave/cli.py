@@ -63,7 +63,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     for h in plan.policy.hosts:
         a = plan.addresses[h.name]
         hosts.add_row(
-            h.name, droplet_name(plan.stack.name, h), h.role, a.private, a.public, a.public6 or "-",
+            h.name, droplet_name(plan.stack.name, h), h.role, a.private, a.public or "none (public: false)", a.public6 or "-",
             str(plan.files[h.name].rule_count),
         )
     console.print(hosts)

@@ -50,6 +50,7 @@ DROPLET = "digitalocean:index/droplet:Droplet"
 PUSH = "command:local:Command"
 REMOTE_COMMAND = "command:remote:Command"
 FIREWALL = "digitalocean:index/firewall:Firewall"
+RESERVED_IP = "digitalocean:index/reservedIp:ReservedIp"
 # Not a usable key either; what the previous key of a rotation looks like.
 OLD_PRIVATE_KEY = TEST_PRIVATE_KEY.replace("b3BlbnNzaC1rZXkt", "b2xkLWtleS1vbGQt")
 
@@ -95,7 +96,8 @@ def droplet_dependencies(run: ProgramRun, push: Registration) -> set[str]:
 
 @pytest.mark.parametrize("stack_name", ["dev", "prod"])
 def test_resources_for_each_stack(stack_name: str) -> None:
-    """One VPC, one key, a droplet and ONE push (a local command) per host, all inside the stack's EnclaveNetwork."""
+    """One VPC, one key, a droplet and ONE push (a local command) per host, a reserved IP per bastion, all inside
+    the stack's EnclaveNetwork; no NAT gateway (no role has `public: false`)."""
     config = stack_config_map(stack_name)
     stack = enclave_config(config)
     policy = compile_policy(stack)
@@ -106,7 +108,8 @@ def test_resources_for_each_stack(stack_name: str) -> None:
         counts[r.type] = counts.get(r.type, 0) + 1
     n = len(policy.hosts)
     assert n == sum(role.count for role in stack.roles.values())
-    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n}
+    bastions = len(policy.bastion_hosts())
+    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n, RESERVED_IP: bastions}
     assert REMOTE_COMMAND not in counts
 
     network = run.of_type(NETWORK)[0]
