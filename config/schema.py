@@ -282,9 +282,10 @@ class NatGateway(_Strict):
 
 def _nat_gateway(value: object) -> object:
     # `natGateway: false` opts out, `true` (or nothing) takes the defaults, a mapping sets size and timeouts
-    if value is True:
+    # (the Pulumi CLI hands a program booleans as text)
+    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
         return NatGateway()
-    if value is False:
+    if value is False or (isinstance(value, str) and value.strip().lower() == "false"):
         return None
     return value
 
