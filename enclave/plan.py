@@ -20,6 +20,7 @@ from config.schema import PolicyTest, StackConfig, StackError, StackIssue
 from config.stackfile import Stack, read_bounded_text
 
 from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide
+from .private import install_warnings
 from .render import Renderer, RuleFiles
 
 # Documentation/benchmark ranges (RFC 2544, RFC 5737, RFC 3849): never anybody's real address.
@@ -277,6 +278,7 @@ class Plan:
                 {"test": t.describe(), "expect": t.test.expect, "seen": t.seen, "passed": t.passed, "detail": t.detail}
                 for t in self.tests
             ],
+            "warnings": install_warnings(self.stack.config),
             "ok": self.ok,
         }
 
