@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from config.schema import StackError, enclave_keys, load_config
+from config.schema import PortSpec, StackError, enclave_keys, load_config
 from config.stackfile import Stack, load_stack
 from enclave.cloudfirewall import cloud_firewalls
-from enclave.compiler import Endpoint, PortSpec, compile_policy, decide
+from enclave.compiler import Endpoint, compile_policy, decide
 from enclave.diff import compare_stacks
 from enclave.plan import build_plan, load_addresses
 from enclave.private import install_warnings
