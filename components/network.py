@@ -20,9 +20,10 @@
 Scaling is additive: a droplet's inputs come from its role alone (never from its peers), so adding a host
 changes no existing droplet, and removing one removes the highest-numbered. Firewall changes only ever touch
 push commands. Droplets boot closed: their user data (cloud-init) applies the role's baseline, which depends on
-no peer. Bastions are pushed and confirmed first, on their public address; every other host's push waits for
-every bastion's and goes to its private address through the bastions (the first one, which `ssh_config` jumps
-through, preferred), or to its public address when the stack has no bastion.
+no peer. Bastions are pushed and confirmed first, on their droplet's own public address (operators get the
+reserved IP); every other host's push waits for every bastion's and goes to its private address through the
+bastions (the first one, which `ssh_config` jumps through, preferred), or to its public address when the stack
+has no bastion. Droplets of a role with `public: false` have no public address and always go through bastions.
 
 A push's URN, which `enclave audit` prints in `pulumi up --replace` commands, is
 `urn:pulumi:<stack>::enclave::enclave:index:EnclaveNetwork$command:local:Command::<stack>-<role>-<n>-push`
@@ -80,9 +81,9 @@ def user_data(stack: StackConfig, role: str) -> str:
 
 def _addresses(droplet: digitalocean.Droplet, ipv6: bool, reserved: digitalocean.ReservedIp | None = None
                ) -> pulumi.Output[Addresses]:
-    """A droplet's addresses as pushes, `hosts` and `sshConfig` use them: a bastion's public address is its
-    reserved IP, known once it is assigned to this droplet (so a push never dials it while it still points at
-    a replaced bastion); a droplet without public networking has none (the provider says "")."""
+    """A droplet's addresses as operators use them (`hosts`, `bastion`, `sshConfig`): a bastion's public address
+    is its reserved IP, known once it is assigned to this droplet; a droplet without public networking has none
+    (the provider says ""). The pushes dial a bastion on its droplet's own address (`_push_firewalls` says why)."""
     public: pulumi.Output[Any] = droplet.ipv4_address
     if reserved is not None:
         public = pulumi.Output.all(reserved.ip_address, reserved.droplet_id).apply(lambda v: v[0])
@@ -215,9 +216,15 @@ class EnclaveNetwork(pulumi.ComponentResource):
         policy = settings.plan.policy
         bastions = policy.bastion_hosts()
         rules = HostRuleFiles(policy, addresses, settings.name, settings.plan.files)
+        # A bastion is dialed on its droplet's own public address, not its reserved IP: when a bastion is replaced,
+        # the reserved IP moves to the new droplet before the other hosts are pushed, and they admit only the old
+        # one until their push lands. The previous run's "via" (pushrun's fallback) must still reach the old
+        # droplet, which stays until the update ends; and a new droplet on a new address is a new known_hosts
+        # entry (accept-new), where the same reserved IP with a new host key would be refused as changed.
+        own = {b.name: self.droplets[b.name].ipv4_address for b in bastions}
         # Jump hosts in preference order: the first bastion (the one `ssh_config` jumps through) first, so
         # pushrun dials through it and falls back to the others (and to the one in PULUMI_COMMAND_STDOUT).
-        jumps = [_public(b, addresses) for b in bastions]
+        jumps = [own[b.name] for b in bastions]
         environment = self._push_environment(settings)
         baselines = {role: baseline_files(stack, role) for role in stack.roles}
         pushes: dict[str, local.Command] = {}
@@ -248,7 +255,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
             )
 
         for host in bastions:
-            push(host, _public(host, addresses), [], [])
+            push(host, own[host.name], [], [])
         bastion_pushes = [pushes[b.name] for b in bastions]
         for host in policy.hosts:
             if host.name not in pushes:

@@ -97,6 +97,14 @@ def mocked_addresses(stack_name: str, stack: StackConfig) -> dict[str, Addresses
     return out
 
 
+def droplet_public(address: Addresses) -> str | None:
+    """The public address the mocks give the droplet itself: a bastion's is RESERVED_OFFSET below its reserved IP."""
+    own = address.public
+    if own is not None and ipaddress.ip_address(own) in RESERVED_RANGE:
+        own = str(ipaddress.ip_address(own) - RESERVED_OFFSET)
+    return own
+
+
 @dataclass
 class Registration:
     """One resource as the engine received it."""
@@ -146,11 +154,8 @@ class DropletMocks(mocks.Mocks):
         if args.typ == "digitalocean:index/droplet:Droplet" and args.inputs["name"] in self.addresses:
             # (in a preview, a droplet left out of `addresses` is one still to be created: its addresses unknown)
             a = self.addresses[args.inputs["name"]]
-            own = a.public
-            if own is not None and ipaddress.ip_address(own) in RESERVED_RANGE:
-                own = str(ipaddress.ip_address(own) - RESERVED_OFFSET)
             # the provider reads a droplet without public networking as ipv4Address ""
-            state.update(ipv4Address=own or "", ipv4AddressPrivate=a.private)
+            state.update(ipv4Address=droplet_public(a) or "", ipv4AddressPrivate=a.private)
             if args.inputs.get("ipv6"):
                 state["ipv6Address"] = a.public6
         elif args.typ == "digitalocean:index/reservedIp:ReservedIp":

@@ -33,6 +33,7 @@ from .pulumi_harness import (
     TEST_PRIVATE_KEY,
     ProgramRun,
     Registration,
+    droplet_public,
     enclave_config,
     is_secret,
     is_unknown,
@@ -181,14 +182,16 @@ def test_each_push_runs_pushrun_with_the_compilers_rules_bastions_first(stack_na
         assert got.files == renderer.render(host)  # exactly what the compiler renders for these addresses
         assert got.baseline == baseline_files(stack, host.role)  # the push refreshes the host's baseline
         assert got.public_key == stack.ssh_public_key and got.deadline_s == stack.push_timeout == 600
+        # a bastion is pushed on its droplet's own public address, not its reserved IP (components/network.py:
+        # the fallback to the previous run's bastion must reach the replaced droplet)
         if stack.roles[host.role].bastion:
-            assert got.address == known[host.name].public and got.bastions == ()
+            assert got.address == droplet_public(known[host.name]) != known[host.name].public and got.bastions == ()
             assert not bastion_pushes & set(push.dependencies)
         else:
             assert got.address == known[host.name].private
-            # every bastion's public address, the one ssh_config jumps through first (bastion replacement)
-            assert got.bastions == tuple(known[b.name].public for b in bastions)
-            assert got.bastions[0] == known[jump.name].public
+            # every bastion's own public address, the one ssh_config jumps through first (bastion replacement)
+            assert got.bastions == tuple(droplet_public(known[b.name]) for b in bastions)
+            assert got.bastions[0] == droplet_public(known[jump.name])
             # the bastions' pushes (which confirm before they exit) come first
             assert bastion_pushes <= set(push.dependencies), f"{host.name} is pushed before its bastion"
 
