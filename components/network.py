@@ -108,7 +108,7 @@ def nat_gateway(stack: StackConfig, name: str, vpc: digitalocean.Vpc, parent: pu
     "Automatic outbound internet connectivity when the NAT gateway is configured as the default route for the
     VPC"). It is set at creation only: the provider never sends `vpcs` on update (docs/operations.md)."""
     gateway = stack.nat_gateway
-    if gateway is None or not stack.private_roles():
+    if gateway is None or not stack.uses_nat_gateway():
         return None
     return digitalocean.VpcNatGateway(
         f"{TAG}-{name}",

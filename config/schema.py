@@ -435,8 +435,8 @@ class StackConfig(_Strict):
         return self.interfaces.private if self.roles[role].public else self.interfaces.private_only
 
     def uses_nat_gateway(self) -> bool:
-        """Whether the stack creates a VPC NAT gateway: it has private roles and did not opt out."""
-        return bool(self.private_roles()) and self.nat_gateway is not None
+        """Whether the stack creates a VPC NAT gateway: it has private droplets and did not opt out."""
+        return any(self.roles[r].count for r in self.private_roles()) and self.nat_gateway is not None
 
     def check_references(self, prefix: str = NAMESPACE + ":") -> list[StackIssue]:
         issues: list[StackIssue] = []

@@ -80,6 +80,10 @@ def test_nat_gateway_settings() -> None:
     doc["config"]["enclave:natGateway"] = {"sise": 2}
     (issue,) = issues_of(doc)
     assert issue.startswith("enclave:natGateway.sise:") and "unknown key" in issue
+    doc = private_doc()
+    db(doc)["count"] = 0
+    doc["config"]["enclave:tests"] = [t for t in doc["config"]["enclave:tests"] if "db" not in str(t)]
+    assert not stack_of(doc).config.uses_nat_gateway()  # no private droplet: no gateway to pay for
     prod = load_stack("prod").config
     assert prod.nat_gateway is not None and not prod.uses_nat_gateway()  # no private role: no gateway
 
