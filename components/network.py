@@ -3,8 +3,14 @@
     enclave:index:EnclaveNetwork  <stack>
     ├── digitalocean:Vpc              enclave-<stack>     the private network (vpcIpRange); peers talk only here
     ├── digitalocean:SshKey           enclave-<stack>     sshPublicKey, installed on every droplet at creation
+    ├── digitalocean:VpcNatGateway    enclave-<stack>     only when a role has `public: false` (and natGateway is
+    │                                                     not false): the VPC's default gateway, created before
+    │                                                     the droplets, so private droplets reach the Internet
     ├── digitalocean:Droplet          <stack>-<role>-<n>  one per host, in the VPC, tagged enclave, enclave-<stack>,
-    │                                                     enclave-<stack>-<role> and the role's own tags
+    │                                                     enclave-<stack>-<role> and the role's own tags;
+    │                                                     `public: false` roles without public networking
+    ├── digitalocean:ReservedIp       <stack>-<role>-<n>-ip  one per bastion host, assigned to it: the address
+    │                                                     operators and pushes dial, kept when the bastion is replaced
     ├── command:local:Command         <stack>-<role>-<n>-push  one per host: `.venv/bin/python -m enclave.pushrun`
     │                                                     pushes its rules over SSH and confirms them over a new
     │                                                     connection, in one run (components/firewall.py)
@@ -14,9 +20,10 @@
 Scaling is additive: a droplet's inputs come from its role alone (never from its peers), so adding a host
 changes no existing droplet, and removing one removes the highest-numbered. Firewall changes only ever touch
 push commands. Droplets boot closed: their user data (cloud-init) applies the role's baseline, which depends on
-no peer. Bastions are pushed and confirmed first, on their public address; every other host's push waits for
-every bastion's and goes to its private address through the bastions (the first one, which `ssh_config` jumps
-through, preferred), or to its public address when the stack has no bastion.
+no peer. Bastions are pushed and confirmed first, on their droplet's own public address (operators get the
+reserved IP); every other host's push waits for every bastion's and goes to its private address through the
+bastions (the first one, which `ssh_config` jumps through, preferred), or to its public address when the stack
+has no bastion. Droplets of a role with `public: false` have no public address and always go through bastions.
 
 A push's URN, which `enclave audit` prints in `pulumi up --target` commands, is
 `urn:pulumi:<stack>::enclave::enclave:index:EnclaveNetwork$command:local:Command::<stack>-<role>-<n>-push`
@@ -72,13 +79,49 @@ def user_data(stack: StackConfig, role: str) -> str:
     )
 
 
-def _addresses(droplet: digitalocean.Droplet, ipv6: bool) -> pulumi.Output[Addresses]:
-    parts = [droplet.ipv4_address, droplet.ipv4_address_private] + ([droplet.ipv6_address] if ipv6 else [])
+def _addresses(droplet: digitalocean.Droplet, ipv6: bool, reserved: digitalocean.ReservedIp | None = None
+               ) -> pulumi.Output[Addresses]:
+    """A droplet's addresses as operators use them (`hosts`, `bastion`, `sshConfig`): a bastion's public address
+    is its reserved IP, known once it is assigned to this droplet; a droplet without public networking has none
+    (the provider says ""). The pushes dial a bastion on its droplet's own address (`_push_firewalls` says why)."""
+    public: pulumi.Output[Any] = droplet.ipv4_address
+    if reserved is not None:
+        public = pulumi.Output.all(reserved.ip_address, reserved.droplet_id).apply(lambda v: v[0])
+    parts = [public, droplet.ipv4_address_private] + ([droplet.ipv6_address] if ipv6 else [])
 
     def make(values: list[Any]) -> Addresses:
-        return Addresses(public=values[0], private=values[1], public6=(values[2] or None) if ipv6 else None)
+        return Addresses(public=values[0] or None, private=values[1], public6=(values[2] or None) if ipv6 else None)
 
     return pulumi.Output.all(*parts).apply(make)
+
+
+def _public(host: Host, addresses: Mapping[str, pulumi.Output[Addresses]]) -> pulumi.Output[str]:
+    return addresses[host.name].apply(lambda a: a.require_public(host.name))
+
+
+def nat_gateway(stack: StackConfig, name: str, vpc: digitalocean.Vpc, parent: pulumi.Resource
+                ) -> digitalocean.VpcNatGateway | None:
+    """The VPC's NAT gateway, when the stack has private roles and did not opt out (`natGateway: false`).
+
+    `default_gateway: True` makes it the VPC's default route, which is what gives droplets without public
+    networking their outbound Internet with no configuration on the droplet (DigitalOcean, "Private Droplets":
+    "Automatic outbound internet connectivity when the NAT gateway is configured as the default route for the
+    VPC"). It is set at creation only: the provider never sends `vpcs` on update (docs/operations.md)."""
+    gateway = stack.nat_gateway
+    if gateway is None or not stack.uses_nat_gateway():
+        return None
+    return digitalocean.VpcNatGateway(
+        f"{TAG}-{name}",
+        name=f"{TAG}-{name}",
+        type="PUBLIC",
+        region=stack.region,
+        size=gateway.size,
+        vpcs=[digitalocean.VpcNatGatewayVpcArgs(vpc_uuid=vpc.id, default_gateway=True)],
+        tcp_timeout_seconds=gateway.tcp_timeout_seconds,
+        udp_timeout_seconds=gateway.udp_timeout_seconds,
+        icmp_timeout_seconds=gateway.icmp_timeout_seconds,
+        opts=pulumi.ResourceOptions(parent=parent),
+    )
 
 
 class EnclaveNetwork(pulumi.ComponentResource):
@@ -103,10 +146,15 @@ class EnclaveNetwork(pulumi.ComponentResource):
             f"{TAG}-{name}", name=f"{TAG}-{name}", public_key=stack.ssh_public_key, opts=child
         )
 
+        self.nat_gateway = nat_gateway(stack, name, self.vpc, self)
         self.droplets: dict[str, digitalocean.Droplet] = {}
+        self.reserved_ips: dict[str, digitalocean.ReservedIp] = {}
         addresses: dict[str, pulumi.Output[Addresses]] = {}
         for host in policy.hosts:
             role = stack.roles[host.role]
+            # a private droplet boots into a VPC whose default route must already be the gateway: its first boot
+            # installs packages through it
+            after = [self.nat_gateway] if self.nat_gateway is not None and not role.public else []
             droplet = digitalocean.Droplet(
                 droplet_name(name, host),
                 name=droplet_name(name, host),
@@ -115,6 +163,8 @@ class EnclaveNetwork(pulumi.ComponentResource):
                 size=role.size,
                 vpc_uuid=self.vpc.id,
                 ipv6=role.ipv6,
+                # only ever false: public roles leave it to the provider's default, as before this key existed
+                public_networking=None if role.public else False,
                 ssh_keys=[self.ssh_key.fingerprint],
                 tags=host_tags(name, host.role, role.tags),
                 user_data=user_data(stack, host.role),
@@ -125,10 +175,19 @@ class EnclaveNetwork(pulumi.ComponentResource):
                     # ssh_keys: DigitalOcean only installs keys at creation; rotating sshPublicKey must not
                     # replace (wipe) every droplet either.
                     ignore_changes=["user_data", "ssh_keys"],
+                    depends_on=after,
                 ),
             )
             self.droplets[host.name] = droplet
-            addresses[host.name] = _addresses(droplet, role.ipv6)
+            if role.bastion:
+                # droplet_id is not ForceNew in the provider: a replaced bastion's address moves to the new droplet
+                self.reserved_ips[host.name] = digitalocean.ReservedIp(
+                    f"{droplet_name(name, host)}-ip",
+                    region=stack.region,
+                    droplet_id=droplet.id.apply(int),
+                    opts=child,
+                )
+            addresses[host.name] = _addresses(droplet, role.ipv6, self.reserved_ips.get(host.name))
 
         self.pushes = self._push_firewalls(settings, addresses)
         self.cloud_firewalls = role_firewalls(settings.cloud_firewalls, self.droplets, parent=self)
@@ -140,7 +199,7 @@ class EnclaveNetwork(pulumi.ComponentResource):
                 h.name: {"role": h.role, "droplet": droplet_name(name, h), **asdict(known[h.name])} for h in policy.hosts
             }
         )
-        self.bastion = addresses[jump.name].apply(lambda a: a.public) if jump else pulumi.Output.from_input(None)
+        self.bastion = _public(jump, addresses) if jump else pulumi.Output.from_input(None)
         self.ssh_config = all_addresses.apply(
             lambda known: ssh_config(name, policy, known, stack.ssh_user, identity_file=f"~/.ssh/{TAG}-{name}")
         )
@@ -157,9 +216,15 @@ class EnclaveNetwork(pulumi.ComponentResource):
         policy = settings.plan.policy
         bastions = policy.bastion_hosts()
         rules = HostRuleFiles(policy, addresses, settings.name, settings.plan.files)
+        # A bastion is dialed on its droplet's own public address, not its reserved IP: when a bastion is replaced,
+        # the reserved IP moves to the new droplet before the other hosts are pushed, and they admit only the old
+        # one until their push lands. The previous run's "via" (pushrun's fallback) must still reach the old
+        # droplet, which stays until the update ends; and a new droplet on a new address is a new known_hosts
+        # entry (accept-new), where the same reserved IP with a new host key would be refused as changed.
+        own = {b.name: self.droplets[b.name].ipv4_address for b in bastions}
         # Jump hosts in preference order: the first bastion (the one `ssh_config` jumps through) first, so
         # pushrun dials through it and falls back to the others (and to the one in PULUMI_COMMAND_STDOUT).
-        jumps = [addresses[b.name].apply(lambda a: a.public) for b in bastions]
+        jumps = [own[b.name] for b in bastions]
         environment = self._push_environment(settings)
         baselines = {role: baseline_files(stack, role) for role in stack.roles}
         pushes: dict[str, local.Command] = {}
@@ -191,11 +256,12 @@ class EnclaveNetwork(pulumi.ComponentResource):
             )
 
         for host in bastions:
-            push(host, addresses[host.name].apply(lambda a: a.public), [], [])
+            push(host, own[host.name], [], [])
         bastion_pushes = [pushes[b.name] for b in bastions]
         for host in policy.hosts:
             if host.name not in pushes:
-                address = addresses[host.name].apply(lambda a: a.private if bastions else a.public)
+                address = (addresses[host.name].apply(lambda a: a.private) if bastions
+                           else _public(host, addresses))
                 push(host, address, jumps, bastion_pushes)
         return pushes
 

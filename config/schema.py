@@ -228,6 +228,10 @@ class Role(_Strict):
     ipv6: bool = False
     tags: list[str] = Field(default_factory=list)
     bastion: bool = False
+    # false: droplets without public networking (DigitalOcean "private droplets"): one interface, the private
+    # one, named `interfaces.privateOnly`; reached only through a bastion, the Internet only through the
+    # stack's NAT gateway. Fixed at creation: changing it replaces the role's droplets.
+    public: bool = True
     egress: Literal["open", "restricted"] = "open"
     ingress: list[Ingress] = Field(default_factory=list, max_length=MAX_INGRESS_PER_ROLE)
 
@@ -243,8 +247,11 @@ class Role(_Strict):
 class Interfaces(_Strict):
     public: str = "eth0"
     private: str = "eth1"
+    # A droplet created without public networking has one interface, the private one, and DigitalOcean names it
+    # eth0, not eth1 (docs.digitalocean.com/products/droplets/details/private-droplets: "eth0: Private IPv4 Only").
+    private_only: str = "eth0"
 
-    @field_validator("public", "private")
+    @field_validator("public", "private", "private_only")
     @classmethod
     def _is_interface_name(cls, name: str) -> str:
         if not INTERFACE_NAME.fullmatch(name) or name in (".", ".."):
@@ -260,6 +267,27 @@ class Interfaces(_Strict):
                 "interface (DigitalOcean: public eth0, private eth1)"
             )
         return name
+
+
+# A VPC NAT gateway's size (DigitalOcean sells it in units; 1 is the smallest) and its idle timeouts, which
+# DigitalOcean defaults when they are not given (the provider leaves them computed).
+class NatGateway(_Strict):
+    """`enclave:natGateway`: the VPC NAT gateway private roles reach the Internet through."""
+
+    size: int = Field(default=1, ge=1, le=100)
+    tcp_timeout_seconds: int | None = Field(default=None, ge=1, le=86_400)
+    udp_timeout_seconds: int | None = Field(default=None, ge=1, le=86_400)
+    icmp_timeout_seconds: int | None = Field(default=None, ge=1, le=86_400)
+
+
+def _nat_gateway(value: object) -> object:
+    # `natGateway: false` opts out, `true` (or nothing) takes the defaults, a mapping sets size and timeouts
+    # (the Pulumi CLI hands a program booleans as text)
+    if value is True or (isinstance(value, str) and value.strip().lower() == "true"):
+        return NatGateway()
+    if value is False or (isinstance(value, str) and value.strip().lower() == "false"):
+        return None
+    return value
 
 
 class PolicyTest(_Strict):
@@ -301,6 +329,8 @@ class StackConfig(_Strict):
             if not 0 <= count <= 1_000_000:
                 raise ValueError(f"repush[{host!r}] is {count}: a re-push counter is 0 or more (raise it by one)")
         return value
+    # Only used when a role has `public: false`; None (`natGateway: false`) when private droplets need no Internet.
+    nat_gateway: Annotated[NatGateway | None, BeforeValidator(_nat_gateway)] = Field(default_factory=NatGateway)
 
     @field_validator("apt_proxy")
     @classmethod
@@ -404,6 +434,22 @@ class StackConfig(_Strict):
     def bastion_roles(self) -> list[str]:
         return [name for name, role in self.roles.items() if role.bastion]
 
+    def private_roles(self) -> list[str]:
+        """Roles whose droplets have no public networking (`public: false`)."""
+        return [name for name, role in self.roles.items() if not role.public]
+
+    def public_interface(self, role: str) -> str | None:
+        """The role's droplets' public interface, or None for a private role (it has none)."""
+        return self.interfaces.public if self.roles[role].public else None
+
+    def private_interface(self, role: str) -> str:
+        """The interface on the VPC: eth1 beside a public eth0, eth0 on a private droplet (interfaces.privateOnly)."""
+        return self.interfaces.private if self.roles[role].public else self.interfaces.private_only
+
+    def uses_nat_gateway(self) -> bool:
+        """Whether the stack creates a VPC NAT gateway: it has private droplets and did not opt out."""
+        return any(self.roles[r].count for r in self.private_roles()) and self.nat_gateway is not None
+
     def check_references(self, prefix: str = NAMESPACE + ":") -> list[StackIssue]:
         issues: list[StackIssue] = []
 
@@ -427,6 +473,8 @@ class StackConfig(_Strict):
             for i, tag in enumerate(role.tags):
                 if tag.startswith("enclave"):
                     bad(f"roles.{role_name}.tags[{i}]", f"tag {tag!r}: tags starting with 'enclave' are enclave's own")
+
+        issues += [StackIssue(prefix + path, message) for path, message in self._private_role_issues()]
 
         if self.bastion_roles():
             if not self.operators:
@@ -496,6 +544,30 @@ class StackConfig(_Strict):
             if test.port.proto != "icmp" and test.port.low != test.port.high:
                 bad(f"tests[{i}].port", f"a test probes one port, not the range {test.port}")
         return issues
+
+    def _private_role_issues(self) -> list[tuple[str, str]]:
+        """What a role without public networking cannot have: nothing public reaches it, nothing public is on it."""
+        out: list[tuple[str, str]] = []
+        for role_name in self.private_roles():
+            role = self.roles[role_name]
+            key = f"roles.{role_name}"
+            if role.bastion:
+                out.append((f"{key}.public", "a bastion is what operators SSH to from the Internet, so it needs public "
+                            "networking; remove `public: false` or `bastion: true`"))
+            if role.ipv6:
+                out.append((f"{key}.ipv6", "a droplet without public networking has no IPv6 address (the VPC is "
+                            "IPv4 only); remove `ipv6: true` or `public: false`"))
+            for i, rule in enumerate(role.ingress):
+                for source in rule.sources:
+                    if source in ("internet", "operators") or (source not in self.roles and not self.role_of_host(source)
+                                                               and self._source_problem(source) is None):
+                        out.append((f"{key}.ingress[{i}].from", f"{source!r} arrives on a public interface, which a "
+                                    f"role with `public: false` does not have, so nothing public can reach it; admit "
+                                    "a role or host of the stack, or remove `public: false`"))
+        if self.private_roles() and not self.bastion_roles():
+            out.append((f"roles.{self.private_roles()[0]}.public", "droplets without public networking are reached "
+                        "only through a bastion, and the stack has none; add a role with `bastion: true`"))
+        return out
 
     def _hosts_named(self, name: str) -> set[str]:
         if name in self.roles:
@@ -629,7 +701,7 @@ def _path(loc: tuple[Any, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            name = {"sources": "from", "vpc_ip_range": "vpcIpRange", "ssh_user": "sshUser"}.get(part, part)
+            name = {"sources": "from"}.get(part, to_camel(part) if "_" in part else part)
             if name.startswith("[") or name in ("function-after", "function-before"):
                 continue
             out += ("." if out else "") + name

@@ -28,6 +28,7 @@ from .compiler import Addresses, Policy, compile_policy
 from .cloudfirewall import check_cloud_firewalls
 from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
+from .private import install_warnings
 from .exitcodes import Exit, exit_code_table
 from .push import host_files
 from .sshconfig import SshConfigError, ssh_config
@@ -64,7 +65,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     for h in plan.policy.hosts:
         a = plan.addresses[h.name]
         hosts.add_row(
-            h.name, droplet_name(plan.stack.name, h), h.role, a.private, a.public, a.public6 or "-",
+            h.name, droplet_name(plan.stack.name, h), h.role, a.private, a.public or "none (public: false)", a.public6 or "-",
             str(plan.files[h.name].rule_count),
         )
     console.print(hosts)
@@ -93,6 +94,9 @@ def print_plan(plan: Plan, console: Console) -> None:
         for fw in firewalls:
             table.add_row(fw.name, ", ".join(fw.tags), "\n".join(str(r) for r in fw.inbound_rules), str(fw.rule_count))
         console.print(table)
+
+    for warning in install_warnings(plan.stack.config):
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 def report_failed_tests(plan: Plan, console: Console) -> int:

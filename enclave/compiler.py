@@ -39,9 +39,16 @@ class Host:
 class Addresses:
     """A host's addresses: the inputs that make a policy concrete (Pulumi outputs, lab or example plan)."""
 
-    public: str
+    public: str | None  # None: a droplet without public networking (a role with `public: false`)
     private: str
     public6: str | None = None
+
+    def require_public(self, host: str) -> str:
+        """The public IPv4 address, for what only a host with public networking has (a bastion dialed from
+        outside); a private host here is a bug in the caller, since the schema gives private roles bastions."""
+        if self.public is None:
+            raise ValueError(f"{host} has no public address (its role has `public: false`)")
+        return self.public
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,8 @@ def decide(
         return None  # DigitalOcean VPCs are IPv4 only
     if family == 6 and not policy.stack.roles[dst.role].ipv6:
         return None
+    if interface == "public" and not policy.stack.roles[dst.role].public:
+        return None  # no public networking: nothing arrives from outside the VPC
     for flow in policy.flows_to_role[dst.role]:
         if not any(p.contains(port) for p in flow.ports):
             continue

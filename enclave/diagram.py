@@ -108,6 +108,9 @@ def _role_facts(policy: Policy, role_name: str) -> str:
     facts = [f"{role.count} × {role.size}"]
     if role.bastion:
         facts.append("bastion")
+    if not role.public:
+        facts.append("private: no public address"
+                     + (", Internet via the NAT gateway" if policy.stack.uses_nat_gateway() else ", no Internet"))
     if role.ipv6:
         facts.append("IPv6")
     if role.egress == "restricted":

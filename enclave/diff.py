@@ -154,7 +154,7 @@ def carried_addresses(old: dict[str, Addresses], policy: Policy) -> tuple[dict[s
     )
     publics = _Pool(
         (str(EXAMPLE_PUBLIC.network_address + 10 + i) for i in range(EXAMPLE_PUBLIC.num_addresses - 11)),
-        {a.public for a in kept.values()},
+        {a.public for a in kept.values() if a.public},
     )
     publics6 = _Pool(
         (str(EXAMPLE_PUBLIC6.network_address + 0x10 + i) for i in range(1 << 20)),
@@ -164,11 +164,12 @@ def carried_addresses(old: dict[str, Addresses], policy: Policy) -> tuple[dict[s
     for host in policy.hosts:
         before, example = kept.get(host.name), fresh[host.name]
         private = before.private if before else privates.take(example.private)
-        public = before.public if before else publics.take(example.public)
+        # a role that changed `public` is on new droplets: a public address only where the new role has one
+        public = (before.public if before and before.public else publics.take(example.public)) if example.public else None
         public6 = None
         if policy.stack.roles[host.role].ipv6:
             public6 = before.public6 if before and before.public6 else publics6.take(example.public6)
-        if private is None or public is None:
+        if private is None or (public is None and example.public):
             raise StackError(
                 [StackIssue(f"{NAMESPACE}:vpcIpRange", f"{vpc} has no free address left for {host.name}; use a larger range")]
             )
@@ -253,7 +254,24 @@ def diff_plans(old: Plan, new: Plan, readdressed: bool = False) -> PlanDiff:
     diff = PlanDiff(new.stack.name, hosts, readdressed)
     if readdressed:
         diff.notes.append("vpcIpRange changed: every droplet is re-created in the new VPC with a new address")
+    diff.notes += replacement_notes(old.policy, new.policy)
     return diff
+
+
+def replacement_notes(old: Policy, new: Policy) -> list[str]:
+    """Roles whose droplets a change re-creates although the rules alone would only be pushed: `public` is fixed
+    when DigitalOcean creates a droplet (the provider's `public_networking` forces a new droplet)."""
+    notes = []
+    for name, role in new.stack.roles.items():
+        before = old.stack.roles.get(name)
+        if before is None or before.public == role.public or role.count == 0:
+            continue
+        hosts = ", ".join(h.name for h in new.hosts_of(name) if h.name in old.host_by_name)
+        if hosts:
+            notes.append(f"roles.{name}.public changed ({str(before.public).lower()} -> {str(role.public).lower()}): "
+                         f"droplets {hosts} are replaced (public networking is fixed when a droplet is created): "
+                         "their disks are wiped, and they boot with new addresses")
+    return notes
 
 
 def compare_stacks(

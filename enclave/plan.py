@@ -20,6 +20,7 @@ from config.schema import PolicyTest, StackConfig, StackError, StackIssue
 from config.stackfile import Stack, read_bounded_text
 
 from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide
+from .private import install_warnings
 from .render import Renderer, RuleFiles
 
 # Documentation/benchmark ranges (RFC 2544, RFC 5737, RFC 3849): never anybody's real address.
@@ -43,8 +44,9 @@ def example_addresses(policy: Policy) -> dict[str, Addresses]:
     for i, host in enumerate(policy.hosts):
         slot = (host.index - 1) * len(role_pos) + role_pos[host.role] if interleave else i
         ipv6 = policy.stack.roles[host.role].ipv6
+        public = policy.stack.roles[host.role].public
         out[host.name] = Addresses(
-            public=str(EXAMPLE_PUBLIC.network_address + 10 + slot),
+            public=str(EXAMPLE_PUBLIC.network_address + 10 + slot) if public else None,
             private=str(vpc.network_address + 2 + slot),  # .1 is the VPC gateway
             public6=str(EXAMPLE_PUBLIC6.network_address + 0x10 + slot) if ipv6 else None,
         )
@@ -92,10 +94,17 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
         if not isinstance(entry, dict):
             issues.append(StackIssue(f"--addresses {host.name}", "missing; give public and private addresses"))
             continue
-        missing = [key for key in ("public", "private") if entry.get(key) is None]
+        has_public = policy.stack.roles[host.role].public
+        missing = [key for key in ("public", "private") if entry.get(key) is None and (key == "private" or has_public)]
         if missing:
             issues.append(StackIssue(f"--addresses {host.name}", f"{' and '.join(missing)} missing; give both"))
             continue
+        if not has_public and entry.get("public") not in (None, ""):
+            issues.append(StackIssue(f"--addresses {host.name}", f"public {entry['public']!r} given, but role "
+                                     f"{host.role} has `public: false`: its droplets have no public address"))
+            continue
+        if not has_public:
+            entry = {**entry, "public": None}  # the program's `hosts` output says null
         try:
             for key, family in (("public", 4), ("private", 4), ("public6", 6)):
                 if entry.get(key) is not None and not isinstance(entry[key], str):
@@ -107,10 +116,10 @@ def load_addresses(path: Path, policy: Policy) -> dict[str, Addresses]:
                     raise ValueError(f"{key} must be IPv{family}")
             if ipaddress.ip_address(entry["private"]) not in vpc:
                 raise ValueError(f"private {entry['private']} is outside vpcIpRange {vpc}")
-            if ipaddress.ip_address(entry["public"]) in vpc:
+            if has_public and ipaddress.ip_address(entry["public"]) in vpc:
                 raise ValueError(f"public {entry['public']} is inside vpcIpRange {vpc}: the public address is the "
                                  "droplet's Internet one (ip_address), not its VPC one (private_ip_address)")
-            out[host.name] = Addresses(entry["public"], entry["private"], entry.get("public6"))
+            out[host.name] = Addresses(entry["public"] if has_public else None, entry["private"], entry.get("public6"))
         except ValueError as exc:
             message = str(exc) if len(str(exc)) <= 300 else str(exc)[:300] + "…"
             issues.append(StackIssue(f"--addresses {host.name}", message))
@@ -269,6 +278,7 @@ class Plan:
                 {"test": t.describe(), "expect": t.test.expect, "seen": t.seen, "passed": t.passed, "detail": t.detail}
                 for t in self.tests
             ],
+            "warnings": install_warnings(self.stack.config),
             "ok": self.ok,
         }
 

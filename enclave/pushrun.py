@@ -157,13 +157,13 @@ def push_request(stack: str, policy: Policy, addresses: Mapping[str, Addresses],
     the stack's bastions (their public addresses, the first one first: the jump host of `enclave ssh-config`)."""
     from .render import baseline_files  # here, not at the top: the run itself must start fast (enclave.rulefiles)
 
-    jumps = [addresses[b.name].public for b in policy.bastion_hosts()] if bastions is None else list(bastions)
+    jumps = [addresses[b.name].require_public(b.name) for b in policy.bastion_hosts()] if bastions is None else list(bastions)
     direct = not jumps or policy.stack.roles[host.role].bastion
     return PushRequest(
         stack=stack,
         host=host.name,
         user=user,
-        address=addresses[host.name].public if direct else addresses[host.name].private,
+        address=addresses[host.name].require_public(host.name) if direct else addresses[host.name].private,
         bastions=() if direct else tuple(jumps),
         files=files,
         baseline=baseline_files(policy.stack, host.role),

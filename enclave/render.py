@@ -105,7 +105,6 @@ class Renderer:
         self.policy = policy
         self.addresses = addresses
         self.stack_name = stack_name
-        self.interfaces = policy.stack.interfaces
         self._role_sets: dict[str, IpSet] = {}
         self._operator_sets: dict[int, IpSet] = {}
         # A set's text (and its generation, a hash of its members) is the same in every host that uses it;
@@ -165,7 +164,9 @@ class Renderer:
         return f"-s {cidr}" if (":" in cidr) == (family == 6) else None
 
     def _input_rules(self, host: Host, family: int, sets: dict[str, IpSet]) -> list[str]:
-        role = self.policy.stack.roles[host.role]
+        stack = self.policy.stack
+        role = stack.roles[host.role]
+        interface = {"public": stack.public_interface(host.role), "private": stack.private_interface(host.role)}
         rules: list[str] = []
         # A packet a rule already admits needs no second rule: an entry written twice (or a role named in two
         # entries on one port) is rendered once, under the first declaration's comment.
@@ -173,10 +174,12 @@ class Renderer:
         for flow in self.policy.flows_to_role[host.role]:
             if family == 6 and (flow.interface == "private" or not role.ipv6):
                 continue  # the VPC is IPv4 only; a role without ipv6 has no public IPv6 address
+            iface = interface[flow.interface]
+            if iface is None:
+                continue  # a public source and a role without public networking: the schema refuses it
             match = self._source_match(flow, family, sets)
             if match is None:
                 continue
-            iface = self.interfaces.public if flow.interface == "public" else self.interfaces.private
             for port in flow.ports:
                 if (iface, _port_match(port, family), match) in matched:
                     continue
@@ -187,12 +190,14 @@ class Renderer:
         return rules
 
     def _output_rules(self, host: Host, family: int, sets: dict[str, IpSet]) -> list[str]:
-        """Restricted egress: new connections only out of the public interface, or to what peers accept."""
+        """Restricted egress: new connections only to the Internet, or to what peers accept."""
+        stack = self.policy.stack
+        private = stack.private_interface(host.role)
         rules = [
             f"-A {OUTPUT_CHAIN} -o lo -j ACCEPT",
             f"-A {OUTPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            *internet_egress(stack, host.role, family),
         ]
-        rules.append(f"-A {OUTPUT_CHAIN} -o {self.interfaces.public} {_comment('new traffic to the Internet')} -j ACCEPT")
         if family == 4:
             sent: set[tuple[str, str]] = set()  # one rule per (port, destination set), as for input
             for flow in self.policy.flows_from_host(host):
@@ -203,7 +208,7 @@ class Renderer:
                         continue
                     sent.add((_port_match(port, 4), s.name))
                     rules.append(
-                        f"-A {OUTPUT_CHAIN} -o {self.interfaces.private} {_port_match(port, 4)} "
+                        f"-A {OUTPUT_CHAIN} -o {private} {_port_match(port, 4)} "
                         f"-m set --match-set {s.landed} dst {_comment(f'{flow.why}: {flow.source} -> {flow.role} {port}')} -j ACCEPT"
                     )
         rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress restricted: default drop')} -j DROP")
@@ -215,7 +220,7 @@ class Renderer:
         title = f"enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}"
         body = self._input_rules(host, family, sets)
         output = self._output_rules(host, family, sets) if restricted else []
-        ipv6_public = self.interfaces.public if role.ipv6 else None
+        ipv6_public = self.policy.stack.public_interface(host.role) if role.ipv6 else None
         return filter_table(title, family, body, output, self.policy.stack.log_drops, ipv6_public=ipv6_public)
 
     # ---------------------------------------------------------------------------------------- public
@@ -243,6 +248,21 @@ class Renderer:
 
     def render_all(self) -> dict[str, RuleFiles]:
         return {h.name: self.render(h) for h in self.policy.hosts}
+
+
+def internet_egress(stack: StackConfig, role: str, family: int) -> list[str]:
+    """The restricted-egress rule that lets a host's new connections to the Internet out.
+
+    With public networking, that is everything leaving the public interface. A droplet without it has one
+    interface, the VPC's, and reaches the Internet through the NAT gateway on it: there, the Internet is every
+    destination outside the VPC range (the VPC carries no IPv6, so IPv6 has nowhere to go)."""
+    public = stack.public_interface(role)
+    if public is not None:
+        return [f"-A {OUTPUT_CHAIN} -o {public} {_comment('new traffic to the Internet')} -j ACCEPT"]
+    if family == 6:
+        return []
+    return [f"-A {OUTPUT_CHAIN} -o {stack.private_interface(role)} ! -d {stack.vpc_ip_range} "
+            f"{_comment('new traffic to the Internet, through the NAT gateway')} -j ACCEPT"]
 
 
 def icmpv6_control(ipv6_public: str | None) -> list[str]:
@@ -297,13 +317,13 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
     created), and on the public interface from operators for bastions (or every host without bastions).
     Depends on no peer, so it never changes when the fleet does, and never forces a droplet replacement.
     """
-    public_ssh = stack.roles[role].bastion or not stack.bastion_roles()
+    public_ssh = stack.roles[role].bastion or not stack.bastion_roles()  # never a private role: it has bastions
     tables = []
     for family in (4, 6):
         accepts = []
         if family == 4:
             accepts.append(
-                f"-A {INPUT_CHAIN} -i {stack.interfaces.private} -s {stack.vpc_ip_range} -p tcp -m tcp --dport 22 "
+                f"-A {INPUT_CHAIN} -i {stack.private_interface(role)} -s {stack.vpc_ip_range} -p tcp -m tcp --dport 22 "
                 f"{_comment('baseline: ssh from the VPC until the first push')} -j ACCEPT"
             )
         if public_ssh:
@@ -313,7 +333,7 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
                 for net in stack.operators
                 if net.version == family
             ]
-        ipv6_public = stack.interfaces.public if stack.roles[role].ipv6 else None
+        ipv6_public = stack.public_interface(role) if stack.roles[role].ipv6 else None
         tables.append(filter_table(f"enclave baseline, role {role}, IPv{family}", family, accepts, [],
                                    stack.log_drops, ipv6_public=ipv6_public))
     return RuleFiles(f"baseline-{role}", tables[0], tables[1], "", ())

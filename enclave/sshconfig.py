@@ -69,7 +69,7 @@ def ssh_config(
         addr = addresses[host.name]
         direct = jump is None or policy.stack.roles[host.role].bastion
         lines.append(f"Host {alias}")
-        lines.append(f"  HostName {ssh_config_argument(addr.public if direct else addr.private, host.name + ' address')}")
+        lines.append(f"  HostName {ssh_config_argument(addr.require_public(host.name) if direct else addr.private, host.name + ' address')}")
         lines.append(f"  User {user}")
         lines.append(f"  IdentityFile {identity}")
         lines.append("  IdentitiesOnly yes")

@@ -106,18 +106,34 @@ def enclave_config(config: dict[str, str]) -> StackConfig:
     return load_config(values)
 
 
+# A bastion's public address, as the program uses it, is its reserved IP; the mocks give the droplet itself the
+# address RESERVED_OFFSET below it, so a test can tell which one the program dialed.
+RESERVED_OFFSET = 1 << 16
+RESERVED_RANGE = ipaddress.ip_network("198.19.0.0/16")
+
+
 def mocked_addresses(stack_name: str, stack: StackConfig) -> dict[str, Addresses]:
-    """Addresses the mocks give droplet `<stack>-<role>-<n>`: fixed by role position and n, whatever the counts."""
+    """Addresses the mocks give droplet `<stack>-<role>-<n>`, as the program uses them: fixed by role position and
+    n, whatever the counts; a bastion's public one is its reserved IP; a private role's (`public: false`) none."""
     out = {}
     for position, (role_name, role) in enumerate(stack.roles.items()):
         for n in range(1, 17):
             slot = 16 * position + n
+            public = ipaddress.ip_address("198.18.0.0") + slot + (RESERVED_OFFSET if role.bastion else 0)
             out[f"{stack_name}-{role_name}-{n}"] = Addresses(
-                public=str(ipaddress.ip_address("198.18.0.0") + slot),
+                public=str(public) if role.public else None,
                 private=str(stack.vpc_ip_range.network_address + 1 + slot),
                 public6=str(ipaddress.ip_address("2001:db8:e0::") + slot) if role.ipv6 else None,
             )
     return out
+
+
+def droplet_public(address: Addresses) -> str | None:
+    """The public address the mocks give the droplet itself: a bastion's is RESERVED_OFFSET below its reserved IP."""
+    own = address.public
+    if own is not None and ipaddress.ip_address(own) in RESERVED_RANGE:
+        own = str(ipaddress.ip_address(own) - RESERVED_OFFSET)
+    return own
 
 
 @dataclass
@@ -169,9 +185,16 @@ class DropletMocks(mocks.Mocks):
         if args.typ == "digitalocean:index/droplet:Droplet" and args.inputs["name"] in self.addresses:
             # (in a preview, a droplet left out of `addresses` is one still to be created: its addresses unknown)
             a = self.addresses[args.inputs["name"]]
-            state.update(ipv4Address=a.public, ipv4AddressPrivate=a.private)
+            # the provider reads a droplet without public networking as ipv4Address ""
+            state.update(ipv4Address=droplet_public(a) or "", ipv4AddressPrivate=a.private)
             if args.inputs.get("ipv6"):
                 state["ipv6Address"] = a.public6
+        elif args.typ == "digitalocean:index/reservedIp:ReservedIp":
+            droplet = args.name.removesuffix("-ip")
+            if droplet in self.addresses:  # (in a preview, unknown while its droplet is to be created)
+                state["ipAddress"] = self.addresses[droplet].public
+        elif args.typ == "digitalocean:index/vpcNatGateway:VpcNatGateway":
+            state["vpcs"] = [{**vpc, "gatewayIp": "10.0.0.254"} for vpc in args.inputs["vpcs"]]
         elif args.typ == "digitalocean:index/sshKey:SshKey":
             state["fingerprint"] = "3b:16:e4:bf:8b:00:8b:b8:59:8c:a9:d3:f0:19:fa:45"
         elif args.typ == "command:local:Command":

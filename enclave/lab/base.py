@@ -13,6 +13,7 @@ from config.stackfile import Stack
 from ..compiler import Host
 from ..kernelstate import KernelState
 from ..plan import build_plan, outsiders
+from .nat import NatAddresses, nat_addresses
 from ..render import RuleFiles
 from .machine import NS_PREFIX, RUN_ID_FORMAT, _run, lab_root
 from .probe import ProbeSet, exhaustive_probe_count, plan_probes, probe_ports, sample_hosts
@@ -20,6 +21,7 @@ from .progress import LabProgress
 from .scheduler import PushFailed
 
 OUTSIDERS = ("internet", "operator", "neighbor")
+NAT = "nat"  # the namespace standing for the VPC's NAT gateway (only when the stack has one)
 # Exhaustive (every source to every host) while it costs at most this many probes: about 20 prod-shaped hosts,
 # a few seconds. Beyond it the lab samples (first and last host of each role) and proves every host's rules
 # from its kernel, which is as strong (see docs/lab.md) and linear in hosts instead of quadratic.
@@ -52,6 +54,7 @@ class LabBase:
             raise ValueError(f"files_override names unknown hosts {unknown}; hosts are {', '.join(self.plan.files)}")
         self.files: dict[str, RuleFiles] = {**self.plan.files, **(files_override or {})}
         self.others = outsiders(stack.config, self.addresses)
+        self.nat: NatAddresses | None = nat_addresses(stack.config, self.addresses, self.others)
         self.run_id = run_id or secrets.token_hex(3)
         if not RUN_ID_FORMAT.fullmatch(self.run_id):
             raise ValueError(f"run_id {self.run_id!r}: letters and digits only")
@@ -99,7 +102,8 @@ class LabBase:
     def namespaces(self) -> list[str]:
         """fabric, every host, the outsiders, and `scratch` (where the compiled files are loaded into a clean
         kernel to learn exactly what a host's kernel must show)."""
-        return [self.namespace(n) for n in ["fabric", *(h.name for h in self.hosts), *OUTSIDERS, "scratch"]]
+        nat = [NAT] if self.nat else []
+        return [self.namespace(n) for n in ["fabric", *(h.name for h in self.hosts), *OUTSIDERS, *nat, "scratch"]]
 
     def alias(self, host: str) -> str:
         """The host's name in the lab's ssh config (the same as in the Pulumi output `sshConfig`)."""

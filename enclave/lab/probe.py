@@ -145,7 +145,7 @@ def targets_from(src: Endpoint, dst: Host, addresses: dict[str, Addresses]) -> l
     if src.kind in ("host", "neighbor"):
         out.append(Target(dst.name, "private", a.private))
     if src.kind != "neighbor":
-        if src.address:
+        if src.address and a.public:  # a host without public networking has no public address to send to
             out.append(Target(dst.name, "public", a.public))
         if src.address6 and a.public6:
             out.append(Target(dst.name, "public6", a.public6))

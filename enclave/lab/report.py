@@ -166,8 +166,8 @@ def print_report(report: LabReport, console: Console) -> None:
     console.print(
         Text(
             f"cells: the ports that got through, per address of the {where}: priv = private, pub = public "
-            "IPv4, pub6 = public IPv6; '-' nothing got through, '·' not probed (the host itself); a red ✗ line is a "
-            "mismatch. Probed on every address: every declared port over tcp and udp, ssh, port "
+            "IPv4, pub6 = public IPv6; '-' nothing got through, '·' not probed (the host itself, or no address "
+            "to send to: a host with `public: false` has no public one); a red ✗ line is a mismatch. Probed on every address: every declared port over tcp and udp, ssh, port "
             f"{ps.never_declared} (declared nowhere) and icmp echo.{sample}",
             style="dim",
         )

@@ -3,8 +3,9 @@ entries that keep the kernel's shared neighbour table out of every probe's verdi
 
 from __future__ import annotations
 
-from .base import LabBase
+from .base import NAT, LabBase
 from .machine import LabError, LabUnavailable, _run, _run_all
+from .nat import nat_rules
 from .probe import AddressKind
 
 def mac(index: int, bridge: str) -> str:
@@ -62,11 +63,16 @@ class Topology(LabBase):
                     [f"route add ::/0 dev {iface}"] if any(":" in a for a in addresses) else []
                 )
 
-        prefix = self.stack.config.vpc_ip_range.prefixlen
+        stack = self.stack.config
+        prefix = stack.vpc_ip_range.prefixlen
         for i, h in enumerate(self.hosts):
             a = self.addresses[h.name]
-            plug(i, h.name, pub, "public", [f"{a.public}/32"] + ([f"{a.public6}/128"] if a.public6 else []))
-            plug(i, h.name, priv, "private", [f"{a.private}/{prefix}"])
+            if a.public is not None:
+                plug(i, h.name, pub, "public", [f"{a.public}/32"] + ([f"{a.public6}/128"] if a.public6 else []))
+            # a private droplet's one interface is its private one, named interfaces.privateOnly (eth0)
+            plug(i, h.name, stack.private_interface(h.role), "private", [f"{a.private}/{prefix}"])
+            if a.public is None and self.nat is not None:  # the NAT gateway is the VPC's default route
+                per_ns[self.namespace(h.name)].append(f"route add default via {self.nat.private}")
         n = len(self.hosts)
         for j, endpoint in enumerate((self.others.internet, self.others.operator)):
             addrs = ([f"{endpoint.address}/32"] if endpoint.address else []) + (
@@ -74,6 +80,9 @@ class Topology(LabBase):
             )
             plug(n + j, endpoint.name, pub, "public", addrs)
         plug(n + 2, "neighbor", priv, "private", [f"{self.others.neighbor.address}/{prefix}"])
+        if self.nat is not None:
+            plug(n + 3, NAT, pub, "public", [f"{self.nat.public}/32"])
+            plug(n + 3, NAT, priv, "private", [f"{self.nat.private}/{prefix}"])
         for name, entries in self.neighbour_entries().items():
             per_ns[self.namespace(name)] += [f"neigh replace {address} lladdr {lladdr} dev {iface} nud permanent"
                                              for iface, address, lladdr in sorted(entries)]
@@ -83,17 +92,27 @@ class Topology(LabBase):
         _run_all([(self.in_ns(name, ["sysctl", "-qw", f"net.ipv6.conf.{pub}.disable_ipv6=0"]), None)
                   for name in with_ipv6])
         _run_all([(["ip", "-n", ns, "-batch", "-"], "\n".join(lines) + "\n") for ns, lines in per_ns.items()])
+        if self.nat is not None:
+            _run(self.in_ns(NAT, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+            _run(self.in_ns(NAT, ["iptables-restore"]), input=nat_rules(stack, pub, priv))
         if self.starved:  # the injected fault: these namespaces give up on every neighbour they do not know
             knobs = [f"net.ipv{v}.neigh.{iface}.{k}=0" for v in (4, 6) for iface in (pub, priv)
                      for k in ("mcast_solicit", "ucast_solicit", "app_solicit")]
             for name in sorted(self.starved):
-                ifaces = {"internet": [pub], "operator": [pub], "neighbor": [priv]}.get(name, [pub, priv])
+                ifaces = {"internet": [pub], "operator": [pub], "neighbor": [priv]}.get(name) or self._host_interfaces(name)
                 _run(self.in_ns(name, ["sysctl", "-qew", *(k for k in knobs if k.split(".")[3] in ifaces)]))
 
     # ------------------------------------------------------------------------------ neighbours
 
+    def _host_interfaces(self, host: str) -> list[str]:
+        """A host's interfaces: public and private, or only the private one (interfaces.privateOnly)."""
+        role = self.policy.host_by_name[host].role
+        public = self.stack.config.public_interface(role)
+        return [*([public] if public else []), self.stack.config.private_interface(role)]
+
     def link(self, name: str, kind: AddressKind) -> tuple[str, str, str] | None:
-        """(interface, address, MAC) by which `name` (a host or an outsider) sends and receives on `kind`."""
+        """(interface, address, MAC) by which `name` (a host, an outsider or the NAT gateway) sends and receives
+        on `kind`."""
         pub, priv = self.interfaces.public, self.interfaces.private
         names = [h.name for h in self.hosts]
         n = len(names)
@@ -101,7 +120,14 @@ class Topology(LabBase):
             a = self.addresses[name]
             index = self._index[name]
             address = {"private": a.private, "public": a.public, "public6": a.public6}[kind]
-            iface, bridge = (priv, "private") if kind == "private" else (pub, "public")
+            role = self.policy.host_by_name[name].role
+            iface, bridge = ((self.stack.config.private_interface(role), "private") if kind == "private"
+                             else (pub, "public"))
+        elif name == NAT:
+            if self.nat is None or kind == "public6":
+                return None
+            index, iface, bridge = n + 3, (priv if kind == "private" else pub), kind
+            address = self.nat.private if kind == "private" else self.nat.public
         elif name == "neighbor":
             if kind != "private":
                 return None
@@ -130,8 +156,13 @@ class Topology(LabBase):
                                                     for p in self.probe_set.probes}
         bastions = [h.name for h in self.policy.bastion_hosts()]
         for h in self.hosts:
-            pairs.add(("operator", h.name, "public"))
+            if self.addresses[h.name].public is not None:
+                pairs.add(("operator", h.name, "public"))
+            elif self.nat is not None:  # its default gateway
+                pairs.add((h.name, NAT, "private"))
             pairs.update((b, h.name, "private") for b in bastions if b != h.name)
+        if self.nat is not None:  # the gateway's egress side: whom the private hosts reach on the Internet
+            pairs.update((NAT, outsider, "public") for outsider in ("internet", "operator"))
         return pairs
 
     def neighbour_entries(self) -> dict[str, set[tuple[str, str, str]]]:

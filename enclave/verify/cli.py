@@ -236,9 +236,13 @@ def explain(stack: Stack, src_text: str, dst_text: str, port_text: str,
     files = plan.files[dst.name]
     table = with_push_jumps(parse_tables(files.ipv4 if family == 4 else files.ipv6, family, f"{dst.name}/rules.v{family}"))
     src_regions, _ = table_regions(table, parse_ipsets(files.ipsets, f"{dst.name}/ipsets"))
-    ifaces = policy.stack.interfaces
+    stack_config = policy.stack
+    # a host of a `public: false` role has no public interface: a packet from outside can arrive on none of its
+    # own (its eth0 is its private one), so it is shown arriving on an interface no rule names
+    iface = (stack_config.public_interface(dst.role) if interface == "public"
+             else stack_config.private_interface(dst.role)) or "(none: public: false)"
     proto = {"tcp": 6, "udp": 17}.get(port.proto, 1 if family == 4 else 58)
-    packet = Packet(ifaces.public if interface == "public" else ifaces.private, int(ipaddress.ip_address(address)),
+    packet = Packet(iface, int(ipaddress.ip_address(address)),
                     0, proto, 0, port.low, -1 if port.proto != "icmp" else (8 if family == 4 else 128), "NEW",
                     64, keys_at(src_regions, int(ipaddress.ip_address(address))), frozenset())
     verdict, rule = traverse(table, "INPUT", packet)

@@ -6,7 +6,9 @@ advertisements with hop limit 255, router advertisements from fe80::/10 with hop
 fe80::/10 with hop limit 1, whatever their conntrack state. Every other packet (NEW or UNTRACKED) is what
 `enclave.compiler.decide()` says, the function the plan and the lab use. Outgoing: open, or for
 `egress: restricted` loopback, replies, anything out of the public interface, and on the private interface
-exactly what the destination host accepts from this one.
+exactly what the destination host accepts from this one. A role with `public: false` has one interface, the
+private one (`interfaces.privateOnly`): nothing arrives on a public one, and restricted egress lets out to the
+Internet (through the NAT gateway) what leaves it for an IPv4 address outside the VPC range.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class AddressIndex:
     def __init__(self, policy: Policy, addresses: dict[str, Addresses]) -> None:
         self.host_at: dict[int, Host] = {as_int(addresses[h.name].private): h for h in policy.hosts}
         outsiders = {4: ["192.0.2.10", "10.255.255.254"], 6: ["2001:db8:ff::10", "fe80::1"]}
-        publics = {4: [a.public for a in addresses.values()], 6: [a.public6 for a in addresses.values() if a.public6]}
+        publics = {4: [a.public for a in addresses.values() if a.public], 6: [a.public6 for a in addresses.values() if a.public6]}
         self.preferred = {4: list(self.host_at) + [as_int(x) for x in outsiders[4] + publics[4]],
                           6: [as_int(x) for x in outsiders[6] + publics[6]]}
 
@@ -55,7 +57,8 @@ class HostIntent:
         self.policy, self.addresses, self.host = policy, addresses, host
         stack = policy.stack
         self.role = stack.roles[host.role]
-        self.public, self.private = stack.interfaces.public, stack.interfaces.private
+        self.public, self.private = stack.public_interface(host.role), stack.private_interface(host.role)
+        self.vpc = _interval(stack.vpc_ip_range)
         self.restricted = self.role.egress == "restricted"
         self.index = index if index is not None else AddressIndex(policy, addresses)
         self.host_at = self.index.host_at
@@ -87,11 +90,13 @@ class HostIntent:
 
     def dst_regions(self, family: int, hook: str) -> Regions:
         if hook == "OUTPUT" and family == 4 and self.restricted:
-            return self._role_regions()  # decide() sees a destination host only through its role
+            # decide() sees a destination host only through its role; without a public interface, the Internet
+            # is what lies outside the VPC range
+            return {**self._role_regions(), ("vpc",): [self.vpc]}
         return {}
 
     def interfaces(self) -> list[str]:
-        return ["lo", self.public, self.private]
+        return ["lo", *([self.public] if self.public else []), self.private]
 
     def ports(self, hook: str) -> list[tuple[int, int]]:
         flows = self.policy.flows if hook == "OUTPUT" else self.policy.flows_to_role[self.host.role]
@@ -146,7 +151,8 @@ class HostIntent:
                 return True, "by design: IPv6 multicast listener query from the gateway (link-local)"
         if p.state == "INVALID":
             return False, "by design: INVALID is dropped"
-        interface: Interface | None = {self.public: "public", self.private: "private"}.get(p.iface)  # type: ignore[assignment]
+        names: dict[str | None, Interface] = {self.public: "public", self.private: "private"}
+        interface = names.get(p.iface) if p.iface else None
         port = self._port(family, p)
         if interface is None or port is None:
             return False, "default drop (no declaration opens this interface or protocol)"
@@ -168,8 +174,10 @@ class HostIntent:
             return True, "by design: loopback"
         if p.state in ("ESTABLISHED", "RELATED"):
             return True, "by design: replies (ESTABLISHED, RELATED)"
-        if p.iface == self.public:
+        if self.public is not None and p.iface == self.public:
             return True, "egress: restricted lets new traffic out of the public interface"
+        if self.public is None and p.iface == self.private and family == 4 and not self.vpc[0] <= p.dst < self.vpc[1]:
+            return True, "egress: restricted lets new traffic to the Internet out (through the NAT gateway)"
         dst = self.host_at.get(p.dst) if family == 4 and p.iface == self.private else None
         port = self._port(family, p)
         if dst is not None and port is not None:

@@ -283,7 +283,7 @@ def two_bastions(run_ids: list[str], tmp_path_factory: pytest.TempPathFactory) -
 
 def test_a_replaced_bastion_pushes_through_the_previous_one_and_confirms_through_the_new_one(two_bastions: Lab) -> None:
     lab = two_bastions
-    old, new = (lab.addresses[name].public for name in ("tunnel-1", "tunnel-2"))
+    old, new = (lab.addresses[name].require_public(name) for name in ("tunnel-1", "tunnel-2"))
     host = "mysql-1"
     assert json.loads(lab.push_stdout[host])["via"] == old
     current = lab.plan.files[host]  # the rules of the stack with the new bastion: they admit tunnel-2
@@ -297,7 +297,7 @@ def test_a_replaced_bastion_pushes_through_the_previous_one_and_confirms_through
 
 def test_without_the_previous_bastion_a_host_that_admits_only_it_is_named_unreachable(two_bastions: Lab) -> None:
     lab = two_bastions
-    new = lab.addresses["tunnel-2"].public
+    new = lab.addresses["tunnel-2"].require_public("tunnel-2")
     host = "wordpress-1"
     del lab.push_stdout[host]  # as on a first run: no previous "via" to fall back on
     with pytest.raises(PushFailed) as failed:

@@ -159,7 +159,7 @@ ALIAS_BOMB = ["b0: &b0 [x, x, x, x, x, x, x, x, x, x]"] + [
 
 @st.composite
 def stack_files(draw: st.DrawFn) -> bytes:
-    config: Any = stack_document(draw(st.sampled_from(["prod", "dev"])))["config"]
+    config: Any = stack_document(draw(st.sampled_from(["prod", "dev", "private"])))["config"]
     prelude: list[str] = []
     anchors = draw(st.lists(values, max_size=2))
     for i, anchored in enumerate(anchors):
@@ -199,7 +199,7 @@ def example_addresses_json(stack: str) -> bytes:
 
 
 addresses_files = st.one_of(
-    st.sampled_from(["prod", "dev"]).map(example_addresses_json),
+    st.sampled_from(["prod", "dev", "private"]).map(example_addresses_json),
     st.recursive(st.none() | st.booleans() | st.integers() | any_text | st.sampled_from(WORDS),
                  lambda c: st.lists(c, max_size=3) | st.dictionaries(any_text | st.sampled_from(WORDS), c, max_size=3),
                  max_leaves=10).map(lambda v: json.dumps(v).encode()),

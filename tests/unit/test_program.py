@@ -34,6 +34,7 @@ from ..pulumi_harness import (
     ProgramRun,
     _keypair,
     Registration,
+    droplet_public,
     enclave_config,
     is_secret,
     is_unknown,
@@ -51,6 +52,7 @@ DROPLET = "digitalocean:index/droplet:Droplet"
 PUSH = "command:local:Command"
 REMOTE_COMMAND = "command:remote:Command"
 FIREWALL = "digitalocean:index/firewall:Firewall"
+RESERVED_IP = "digitalocean:index/reservedIp:ReservedIp"
 # Not a usable key either; what the previous key of a rotation looks like.
 OLD_PRIVATE_KEY = TEST_PRIVATE_KEY.replace("b3BlbnNzaC1rZXkt", "b2xkLWtleS1vbGQt")
 
@@ -96,7 +98,8 @@ def droplet_dependencies(run: ProgramRun, push: Registration) -> set[str]:
 
 @pytest.mark.parametrize("stack_name", ["dev", "prod"])
 def test_resources_for_each_stack(stack_name: str) -> None:
-    """One VPC, one key, a droplet and ONE push (a local command) per host, all inside the stack's EnclaveNetwork."""
+    """One VPC, one key, a droplet and ONE push (a local command) per host, a reserved IP per bastion, all inside
+    the stack's EnclaveNetwork; no NAT gateway (no role has `public: false`)."""
     config = stack_config_map(stack_name)
     stack = enclave_config(config)
     policy = compile_policy(stack)
@@ -107,7 +110,8 @@ def test_resources_for_each_stack(stack_name: str) -> None:
         counts[r.type] = counts.get(r.type, 0) + 1
     n = len(policy.hosts)
     assert n == sum(role.count for role in stack.roles.values())
-    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n}
+    bastions = len(policy.bastion_hosts())
+    assert counts == {NETWORK: 1, VPC: 1, SSH_KEY: 1, DROPLET: n, PUSH: n, RESERVED_IP: bastions}
     assert REMOTE_COMMAND not in counts
 
     network = run.of_type(NETWORK)[0]
@@ -179,14 +183,16 @@ def test_each_push_runs_pushrun_with_the_compilers_rules_bastions_first(stack_na
         assert got.files == renderer.render(host)  # exactly what the compiler renders for these addresses
         assert got.baseline == baseline_files(stack, host.role)  # the push refreshes the host's baseline
         assert got.public_key == stack.ssh_public_key and got.deadline_s == stack.push_timeout == 600
+        # a bastion is pushed on its droplet's own public address, not its reserved IP (components/network.py:
+        # the fallback to the previous run's bastion must reach the replaced droplet)
         if stack.roles[host.role].bastion:
-            assert got.address == known[host.name].public and got.bastions == ()
+            assert got.address == droplet_public(known[host.name]) != known[host.name].public and got.bastions == ()
             assert not bastion_pushes & set(push.dependencies)
         else:
             assert got.address == known[host.name].private
-            # every bastion's public address, the one ssh_config jumps through first (bastion replacement)
-            assert got.bastions == tuple(known[b.name].public for b in bastions)
-            assert got.bastions[0] == known[jump.name].public
+            # every bastion's own public address, the one ssh_config jumps through first (bastion replacement)
+            assert got.bastions == tuple(droplet_public(known[b.name]) for b in bastions)
+            assert got.bastions[0] == droplet_public(known[jump.name])
             # the bastions' pushes (which confirm before they exit) come first
             assert bastion_pushes <= set(push.dependencies), f"{host.name} is pushed before its bastion"
 
