@@ -19,7 +19,7 @@ from typing import Any
 from config.schema import PolicyTest, StackConfig, StackError, StackIssue
 from config.stackfile import Stack, read_bounded_text
 
-from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide
+from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide, egress_verdict
 from .render import Renderer, RuleFiles
 
 # Documentation/benchmark ranges (RFC 2544, RFC 5737, RFC 3849): never anybody's real address.
@@ -194,11 +194,44 @@ class TestResult:
         return f"tests[{self.index}]: {t.sources} -> {t.to} {t.port} expect {t.expect}"
 
 
+def is_outside(name: str) -> bool:
+    """A test destination outside the stack: `internet` or a CIDR (a stack host's egress is what is tested)."""
+    return name == "internet" or "/" in name
+
+
+def outside_address(name: str, others: Outsiders) -> str:
+    """The address a test to `internet` or to a CIDR is sent to: the lab's Internet, or inside the CIDR the first
+    address (the lab's Internet answers on it too)."""
+    assert others.internet.address is not None
+    if name == "internet" or ipaddress.ip_address(others.internet.address) in ipaddress.ip_network(name):
+        return others.internet.address
+    net = ipaddress.ip_network(name)
+    return str(net.network_address + 1 if net.num_addresses > 1 else net.network_address)
+
+
+def _egress_test(policy: Policy, test: PolicyTest, index: int, others: Outsiders,
+                 addresses: dict[str, Addresses]) -> TestResult:
+    """A test from stack hosts to `internet` or a CIDR: each host's egress decides."""
+    address = outside_address(test.to, others)
+    allowed = denied = 0
+    shown: list[str] = []
+    for src in endpoints_for(test.sources, policy, others, addresses):
+        why = egress_verdict(policy, policy.host_by_name[src.name], address, None, test.port, "public")
+        allowed += why is not None
+        denied += why is None
+        if (why is None) == (test.expect == "allow") and len(shown) < 5:
+            shown.append(f"{src.name}->{address}" + (f" ({why})" if why else ""))
+    return TestResult(index, test, TestResult.verdict(allowed, denied), "; ".join(shown))
+
+
 def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[TestResult]:
     """Each test over every pair it names: `allow` needs every pair admitted, `deny` needs none."""
     others = outsiders(policy.stack, addresses)
     results = []
     for i, test in enumerate(policy.stack.tests):
+        if is_outside(test.to):
+            results.append(_egress_test(policy, test, i, others, addresses))
+            continue
         # A role-to-role test names |from| x |to| pairs (382 000 in a 5 000-host fleet), but decide() looks at
         # the destination only through its role: decide once per (source, destination role) and count.
         destinations: dict[str, list[Host]] = {}
