@@ -295,8 +295,17 @@ class Plan:
                     "ports": [str(p) for p in f.ports],
                     "interface": f.interface,
                     "why": f.why,
+                    "description": f.description,
                 }
                 for f in self.policy.flows
+            ],
+            "roles": [
+                {"role": role, "hosts": int(count), "egress": egress, "description": description or None}
+                for role, count, egress, description in role_rows(self.policy)
+            ],
+            "egress": [
+                {"from": role, "to": to, "ports": ports.split(), "interface": via, "why": why}
+                for role, to, ports, via, why in egress_rows(self.policy)
             ],
             "tests": [
                 {"test": t.describe(), "expect": t.test.expect, "seen": t.seen, "passed": t.passed, "detail": t.detail}
@@ -304,6 +313,30 @@ class Plan:
             ],
             "ok": self.ok,
         }
+
+
+def egress_word(policy: Policy, role: str) -> str:
+    spec = policy.stack.roles[role]
+    if spec.allowlist is None:
+        return str(spec.egress)
+    n = len(spec.allowlist)
+    return f"allowlist ({n} {'entry' if n == 1 else 'entries'})" if n else "allowlist (empty: essentials only)"
+
+
+def role_rows(policy: Policy) -> list[tuple[str, str, str, str]]:
+    """(role, hosts, egress, description) for the plan's roles table."""
+    return [(name, str(spec.count), egress_word(policy, name), spec.description or "")
+            for name, spec in policy.stack.roles.items()]
+
+
+def egress_rows(policy: Policy) -> list[tuple[str, str, str, str, str]]:
+    """(from role, to, ports, via, why) per allowlist entry and essential, for the plan's egress table."""
+    return [
+        (role, e.to, " ".join(str(p) for p in e.ports), e.interface or "any",
+         e.why + (f" ({e.description})" if e.description else ""))
+        for role, allowed in policy.egress.items()
+        for e in allowed
+    ]
 
 
 def droplet_name(stack_name: str, host: Host) -> str:

@@ -87,10 +87,14 @@ def role_matrix(report: LabReport) -> Table:
     cells: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     role_of = {h.name: h.role for h in ps.hosts}
     for o in report.outcomes:
-        cells[(source_group(report, o.probe.source.name), role_of[o.probe.target.host])].append(o)
+        cells[(source_group(report, o.probe.source.name), role_of.get(o.probe.target.host, o.probe.target.host))].append(o)
+    # the hosts' egress: columns for the Internet (and the CIDRs tests send to), after the roles
+    outside = list(dict.fromkeys(o.probe.target.host for o in report.outcomes if o.probe.target.host not in role_of))
+    for name in outside:
+        table.add_column(f"{name} (egress)")
     rows = list(dict.fromkeys(source_group(report, s.name) for s in ps.sources))
     for row in rows:
-        table.add_row(row, *(_group_cell(cells[(row, r)], ps.declared) for r in roles))
+        table.add_row(row, *(_group_cell(cells[(row, r)], ps.declared) for r in [*roles, *outside]))
     return table
 
 

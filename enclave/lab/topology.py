@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .base import LabBase
 from .machine import LabError, LabUnavailable, _run, _run_all
-from .probe import AddressKind
+from .probe import AddressKind, outside_targets
 
 def mac(index: int, bridge: str) -> str:
     """A lab interface's MAC address: fixed, so every namespace can be given its neighbours' in advance."""
@@ -72,6 +72,9 @@ class Topology(LabBase):
             addrs = ([f"{endpoint.address}/32"] if endpoint.address else []) + (
                 [f"{endpoint.address6}/128"] if endpoint.address6 else []
             )
+            if endpoint is self.others.internet:  # it also answers inside every CIDR a test sends to
+                addrs += [f"{a}/32" for a in sorted(set(outside_targets(self.policy, self.others).values()))
+                          if a != endpoint.address]
             plug(n + j, endpoint.name, pub, "public", addrs)
         plug(n + 2, "neighbor", priv, "private", [f"{self.others.neighbor.address}/{prefix}"])
         for name, entries in self.neighbour_entries().items():
@@ -106,6 +109,11 @@ class Topology(LabBase):
             if kind != "private":
                 return None
             index, address, iface, bridge = n + 2, self.others.neighbor.address, priv, "private"
+        elif name not in ("internet", "operator"):  # a CIDR a test sends to: the Internet answers there
+            address = outside_targets(self.policy, self.others).get(name)
+            if kind != "public" or address is None:
+                return None
+            index, iface, bridge = n, pub, "public"
         else:
             endpoint = self.others.internet if name == "internet" else self.others.operator
             if kind == "private":
