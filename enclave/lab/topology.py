@@ -86,6 +86,13 @@ class Topology(LabBase):
         _run_all([(self.in_ns(name, ["sysctl", "-qw", f"net.ipv6.conf.{pub}.disable_ipv6=0"]), None)
                   for name in with_ipv6])
         _run_all([(["ip", "-n", ns, "-batch", "-"], "\n".join(lines) + "\n") for ns, lines in per_ns.items()])
+        internet = self.others.internet.address
+        for address in sorted(set(outside_targets(self.policy, self.others).values()) - {internet}):
+            # A test CIDR's address is the Internet's too; its listeners are bound to any address, and a UDP
+            # answer would leave from the primary one, which the prober's conntrack does not know: the Internet
+            # DNATs the address to its own, so conntrack answers from the address that was asked.
+            _run(self.in_ns("internet", ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", f"{address}/32",
+                                         "-j", "DNAT", "--to-destination", str(internet)]))
         if self.starved:  # the injected fault: these namespaces give up on every neighbour they do not know
             knobs = [f"net.ipv{v}.neigh.{iface}.{k}=0" for v in (4, 6) for iface in (pub, priv)
                      for k in ("mcast_solicit", "ucast_solicit", "app_solicit")]
@@ -161,6 +168,7 @@ class Topology(LabBase):
                 continue
             if a not in self.starved:
                 entries.setdefault(a, set()).add((la[0], lb[1], lb[2]))
-            if b not in self.starved:
-                entries.setdefault(b, set()).add((lb[0], la[1], la[2]))
+            owner = b if b in self.addresses or b in ("internet", "operator", "neighbor") else "internet"  # a test CIDR
+            if owner not in self.starved:
+                entries.setdefault(owner, set()).add((lb[0], la[1], la[2]))
         return entries
