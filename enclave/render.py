@@ -264,8 +264,7 @@ class Renderer:
     def _table(self, host: Host, family: int, sets: dict[str, IpSet]) -> str:
         role = self.policy.stack.roles[host.role]
         restricted = role.egress != "open"
-        described = f": {role.description}" if role.description else ""
-        title = f"enclave {self.stack_name} {host.name} (role {host.role}{described}), IPv{family}"
+        title = f"enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}"
         body = self._input_rules(host, family, sets)
         output = self._output_rules(host, family, sets) if restricted else []
         ipv6_public = self.interfaces.public if role.ipv6 else None

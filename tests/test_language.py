@@ -245,10 +245,9 @@ def test_lab_probes_each_hosts_egress_and_the_source_egress_between_hosts() -> N
 # ---------------------------------------------------------------------------------------- descriptions
 
 
-def test_descriptions_reach_comments_plan_json_and_titles() -> None:
+def test_descriptions_reach_comments_and_plan_json() -> None:
     plan = plan_of(shop())
     pg = plan.files["pg-1"].ipv4
-    assert "(role pg: Postgres: pg-1 the primary, pg-2 the replica)" in pg.splitlines()[0]
     assert '"roles.pg.ingress[1]: pg-2 -> tcp/5432 (streaming replication from the primary)"' in pg
     data = plan.to_json()
     assert {"role": "bastion", "hosts": 1, "egress": "allowlist (empty: essentials only)",
@@ -286,6 +285,15 @@ def test_a_description_change_shows_in_the_diff_as_the_comment_line() -> None:
     for host in changed.values():
         lines = [(sign, line) for change in host.files for sign, line in change.lines]
         assert len(lines) == 2 * sum("(sessions and jobs)" in line for _, line in lines), lines
+
+
+def test_a_role_description_change_is_a_diff_note_and_no_rule_change() -> None:
+    doc = shop()
+    roles(doc)["redis"]["description"] = "the job queue"
+    _, diff = compare_stacks(Stack("shop", load_config(enclave_keys(doc["config"]))), load_stack("shop").config)
+    assert [h.host for h in diff.hosts if h.action != "same"] == []
+    assert diff.notes == ["roles.redis.description: 'sessions, carts and the job queue' -> 'the job queue' "
+                          "(no rule changes)"]
 
 
 def test_the_diagram_draws_egress_out_and_carries_descriptions() -> None:
