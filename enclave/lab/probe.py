@@ -113,7 +113,8 @@ def probe_numbers(spec: PortSpec) -> list[int]:
 
 
 def declared_ports(policy: Policy) -> list[PortSpec]:
-    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(t.port for t in policy.stack.tests)}
+    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(t.port for t in policy.stack.tests),
+             *(p for allowed in policy.egress.values() for e in allowed for p in e.ports)}
     return sorted(specs)
 
 
