@@ -229,7 +229,7 @@ class Renderer:
             return rules
         done: set[tuple[str, str]] = set()
         for allowed in allowlist:
-            for match in self._destination_matches(allowed, family, sets):
+            for match in self._destination_matches(allowed, family):
                 for port in allowed.ports:
                     if (match, _port_match(port, family)) in done:
                         continue
@@ -240,23 +240,14 @@ class Renderer:
         rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress allowlist: default drop')} -j DROP")
         return rules
 
-    def _destination_matches(self, allowed: EgressFlow, family: int, sets: dict[str, IpSet]) -> list[str]:
+    def _destination_matches(self, allowed: EgressFlow, family: int) -> list[str]:
         """The matches for an allowlist entry's destination in one family ([] if it cannot occur in it)."""
         out = "" if allowed.interface is None else "-o " + (
             self.interfaces.public if allowed.interface == "public" else self.interfaces.private)
         if allowed.kind in ("role", "all", "host"):
-            if family == 6:
-                return []
-            if allowed.kind == "host":
-                self._peer_hosts.add(allowed.to)
-                return [f"{out} -d {self.addresses[allowed.to].private}/32".strip()]
-            roles = list(self.policy.stack.roles) if allowed.kind == "all" else [allowed.to]
-            matches = []
-            for role in roles:
-                s = self.role_set(role)
-                sets[s.name] = s
-                matches.append(f"{out} -m set --match-set {s.landed} dst")
-            return matches
+            # The schema refuses such an entry unless the destination's ingress admits this role on these ports,
+            # so the rule for what peers admit (above) already lets it out: a second rule would never match.
+            return []
         if allowed.kind == "internet":
             return [out]
         return [f"{out} -d {allowed.to}".strip()] if (":" in allowed.to) == (family == 6) else []  # one family
