@@ -4,14 +4,17 @@ hosts), `from: all` (a role added later included), and a wrong egress rule caugh
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Iterator
 
 import pytest
+from rich.console import Console
 
 from config.schema import enclave_keys, load_config
 from config.stackfile import Stack, load_stack
 from enclave.lab.lab import Lab, LabUnavailable, preflight
 from enclave.lab.probe import LabReport
+from enclave.lab.report import print_report
 from enclave.render import RuleFiles
 
 from .conftest import pushed_lab, stack_document
@@ -63,6 +66,11 @@ def test_shop_lab_matches_its_policy_with_egress_to_the_internet(shop_lab: Lab) 
     assert got[("neighbor", "metrics-1", "private", "udp/8125")] is False
     assert got[("internet", "metrics-1", "public", "udp/8125")] is False
     assert [t.passed for t in report.tests] == [True] * len(shop_lab.stack.config.tests)
+    console = Console(record=True, width=200, file=io.StringIO())
+    print_report(report, console)
+    egress = console.export_text().split("what each role's egress let out")[1].split("\n\n")[0]
+    worker_row = next(line for line in egress.splitlines() if line.startswith("│ worker"))
+    assert "tcp 443" in worker_row and "25" not in worker_row
 
 
 def test_the_internet_answers_on_every_probed_port(shop_lab: Lab) -> None:
