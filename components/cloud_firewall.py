@@ -42,7 +42,9 @@ def role_firewalls(
                 digitalocean.FirewallOutboundRuleArgs(
                     protocol=rule.protocol,
                     port_range=rule.port_range,
-                    destination_addresses=list(rule.destination_addresses),
+                    destination_addresses=list(rule.destination_addresses) or None,
+                    destination_tags=list(rule.destination_tags) or None,
+                    destination_droplet_ids=[droplet_ids[host] for host in rule.destination_hosts] or None,
                 )
                 for rule in spec.outbound_rules
             ],

@@ -18,19 +18,24 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 from pydantic.alias_generators import to_camel
 
 from .names import set_name_collisions
+from .services import BUILTIN_SERVICES, MAX_SERVICES, SERVICE_NAME
+from .suggest import closest, did_you_mean
 
 NAMESPACE = "enclave"
 
@@ -146,8 +151,10 @@ class PortSpec:
         if text == "icmp":
             return cls("icmp")
         if "," in text:
-            listed = ", ".join(part.strip() for part in text.split(","))
-            raise ValueError(f"{value!r}: several ports are a list, e.g. ports: [{listed}]")
+            raise ValueError(f"{value!r}: several ports are a list; write ports: [{', '.join(_split_ports(text))}]")
+        swapped = re.fullmatch(r"([0-9]+(?:-[0-9]+)?)/(tcp|udp)", text)
+        if swapped:  # firewalld's and /etc/services' order
+            raise ValueError(f"{value!r}: enclave writes the protocol first; write {swapped[2]}/{swapped[1]}")
         proto, sep, rest = text.partition("/")
         if not sep:  # a bare number means tcp
             proto, rest = "tcp", text
@@ -167,24 +174,93 @@ class PortSpec:
         return cls(proto, low, high)  # type: ignore[arg-type]
 
 
+def _split_ports(text: str) -> list[str]:
+    """`tcp/80,443` -> ['tcp/80', 'tcp/443']: each bare number after the first takes the protocol before it."""
+    out, proto = [], "tcp"
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if "/" in part:
+            proto = part.partition("/")[0]
+            out.append(part)
+        else:
+            out.append(part if part == "icmp" else f"{proto}/{part}")
+    return out
+
+
 def _to_list(value: object) -> object:
     return [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
 
 
-def _parse_ports(value: object) -> object:
+def _services(info: ValidationInfo | None) -> dict[str, tuple[PortSpec, ...]]:
+    """The service names a stack may write for ports: the built-in table and its own `enclave:services`."""
+    context = info.context if info is not None else None
+    if isinstance(context, dict) and "services" in context:
+        return context["services"]  # type: ignore[no-any-return]
+    return BUILTIN_PORTS
+
+
+def _port_or_service(value: object, services: dict[str, tuple[PortSpec, ...]]) -> tuple[PortSpec, ...]:
+    if isinstance(value, str) and value.strip().lower() in services:
+        return services[value.strip().lower()]
+    try:
+        return (PortSpec.parse(value),)
+    except ValueError as exc:
+        if isinstance(value, str) and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", value.strip()):
+            raise ValueError(
+                f"{value!r} is not a port or a service{did_you_mean(value.strip().lower(), services)}; write "
+                "tcp/80, udp/53, tcp/8000-8100, icmp or a service name (built in: "
+                f"{', '.join(BUILTIN_SERVICES)}; more under enclave:services)"
+            ) from None
+        raise exc from None
+
+
+def _parse_ports(value: object, info: ValidationInfo) -> object:
+    if isinstance(value, str) and "," in value:  # `ports: tcp/80,443` is one string, not a list
+        raise ValueError(f"{value!r}: several ports are a list; write ports: [{', '.join(_split_ports(value))}]")
     value = _to_list(value)
     if not isinstance(value, list):
         return value
-    return [PortSpec.parse(item) for item in value]
+    services = _services(info)
+    return list(dict.fromkeys(port for item in value for port in _port_or_service(item, services)))
 
 
-def _parse_port(value: object) -> PortSpec:
-    return PortSpec.parse(value)
+def _parse_port(value: object, info: ValidationInfo) -> PortSpec:
+    ports = _port_or_service(value, _services(info))
+    if len(ports) != 1:
+        raise ValueError(
+            f"{value!r} is {' and '.join(map(str, ports))}; a test probes one port: write one of them, e.g. {ports[-1]}"
+        )
+    return ports[0]
 
 
 Ports = Annotated[list[PortSpec], BeforeValidator(_parse_ports), Field(min_length=1, max_length=MAX_PORTS_PER_ENTRY)]
 Port = Annotated[PortSpec, BeforeValidator(_parse_port)]
 SourceList = Annotated[list[str], BeforeValidator(_to_list), Field(min_length=1)]
+
+BUILTIN_PORTS: dict[str, tuple[PortSpec, ...]] = {
+    name: tuple(PortSpec.parse(p) for p in ports) for name, ports in BUILTIN_SERVICES.items()
+}
+
+# A description is carried into iptables comments, which hold 255 bytes and are written between double quotes
+# in the rule files: printable ASCII without `"` and `\` survives iptables-restore and iptables-save unchanged.
+MAX_DESCRIPTION = 200
+DESCRIPTION_TEXT = re.compile(r'[ !#-\[\]-~]*')
+
+
+def _is_description(value: str | None) -> str | None:
+    if value is None:
+        return None
+    bad = next((c for c in value if not DESCRIPTION_TEXT.fullmatch(c)), None)
+    if bad is not None:
+        raise ValueError(
+            f"{bad!r} cannot be in a description: it becomes an iptables comment, which takes printable ASCII "
+            "without double quotes and backslashes; reword it"
+        )
+    if len(value) > MAX_DESCRIPTION:
+        raise ValueError(f"is {len(value)} characters; a description is at most {MAX_DESCRIPTION} (it becomes an "
+                         "iptables comment, at most 255 with the rule's key)")
+    return value.strip() or None
+
+
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -205,6 +281,31 @@ class Ingress(_Strict):
 
     sources: SourceList = Field(alias="from")
     ports: Ports
+    description: str | None = None
+
+    _description = field_validator("description")(_is_description)
+
+
+class Egress(_Strict):
+    """Where a role with an egress allowlist may open connections, and on which ports."""
+
+    to: SourceList
+    ports: Ports
+    description: str | None = None
+
+    _description = field_validator("description")(_is_description)
+
+
+def _egress_kind(value: object) -> str:
+    return "allowlist" if isinstance(value, list) else "word"
+
+
+# `open`, `restricted`, or an allowlist; the tag picks one reading, so an error names what was written
+# (the tags are skipped in key paths: `_path`).
+EgressSetting = Annotated[
+    Union[Annotated[Literal["open", "restricted"], Tag("word")], Annotated[list[Egress], Tag("allowlist")]],
+    Discriminator(_egress_kind),
+]
 
 
 # A role's private addresses are one ipset on each host that admits the role, and an ipset holds at most
@@ -232,8 +333,16 @@ class Role(_Strict):
     # one, named `interfaces.privateOnly`; reached only through a bastion, the Internet only through the
     # stack's NAT gateway. Fixed at creation: changing it replaces the role's droplets.
     public: bool = True
-    egress: Literal["open", "restricted"] = "open"
+    egress: EgressSetting = "open"
     ingress: list[Ingress] = Field(default_factory=list, max_length=MAX_INGRESS_PER_ROLE)
+    description: str | None = None
+
+    _description = field_validator("description")(_is_description)
+
+    @property
+    def allowlist(self) -> list[Egress] | None:
+        """The egress allowlist, or None for `open` and `restricted`."""
+        return self.egress if isinstance(self.egress, list) else None
 
     @field_validator("tags")
     @classmethod
@@ -299,6 +408,15 @@ class PolicyTest(_Strict):
     expect: Literal["allow", "deny"]
 
 
+class EgressEssentials(_Strict):
+    """What a role with an egress allowlist may always reach, so the droplet keeps working; each can be switched
+    off (`enclave:egressEssentials: {ntp: false}`). docs/stack-file.md "Egress allowlists" says why each exists."""
+
+    dns: bool = True  # DigitalOcean's resolvers, tcp and udp 53
+    metadata: bool = True  # the metadata service, 169.254.169.254 tcp/80 (cloud-init, the droplet agent)
+    ntp: bool = True  # udp/123 out of the public interface (systemd-timesyncd's pool is not a fixed address)
+
+
 class StackConfig(_Strict):
     region: str = Field(min_length=1)
     vpc_ip_range: ipaddress.IPv4Network
@@ -309,6 +427,8 @@ class StackConfig(_Strict):
     interfaces: Interfaces = Field(default_factory=Interfaces)
     roles: dict[str, Role] = Field(min_length=1, max_length=MAX_ROLES)
     tests: list[PolicyTest] = Field(default_factory=list, max_length=MAX_TESTS)
+    services: dict[str, Ports] = Field(default_factory=dict, max_length=MAX_SERVICES)
+    egress_essentials: EgressEssentials = Field(default_factory=EgressEssentials)
     log_drops: bool = False
     cloud_firewall: bool = False
     # How long one host's push (`pulumi up`'s local command) may keep dialing and retrying, booting droplet
@@ -331,6 +451,21 @@ class StackConfig(_Strict):
         return value
     # Only used when a role has `public: false`; None (`natGateway: false`) when private droplets need no Internet.
     nat_gateway: Annotated[NatGateway | None, BeforeValidator(_nat_gateway)] = Field(default_factory=NatGateway)
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _service_names(cls, services: object) -> object:
+        if isinstance(services, dict):
+            for name in services:
+                if not isinstance(name, str) or not SERVICE_NAME.fullmatch(name):
+                    raise ValueError(f"service name {name!r} must be lower-case letters, digits and '-', starting "
+                                     "with a letter, at most 40 characters (e.g. app, gossip)")
+                if name in BUILTIN_SERVICES:
+                    raise ValueError(f"service {name!r} is built in ({', '.join(BUILTIN_SERVICES[name])}); "
+                                     "give your service another name")
+                if name in ("icmp", "tcp", "udp"):
+                    raise ValueError(f"service name {name!r} is a protocol; give your service another name")
+        return services
 
     @field_validator("apt_proxy")
     @classmethod
@@ -470,6 +605,11 @@ class StackConfig(_Strict):
                             f"{source!r} is an IPv6 range but role {role_name} has no IPv6 (ipv6: false), so it "
                             "would admit nothing; set ipv6: true on the role or give an IPv4 range",
                         )
+            for i, entry in enumerate(role.allowlist or []):
+                for destination in entry.to:
+                    problem = self._destination_problem(role_name, destination, entry.ports)
+                    if problem:
+                        bad(f"roles.{role_name}.egress[{i}].to", problem)
             for i, tag in enumerate(role.tags):
                 if tag.startswith("enclave"):
                     bad(f"roles.{role_name}.tags[{i}]", f"tag {tag!r}: tags starting with 'enclave' are enclave's own")
@@ -534,6 +674,9 @@ class StackConfig(_Strict):
                 problem = self._endpoint_problem(name, source=key == "from")
                 if problem:
                     bad(f"tests[{i}].{key}", problem)
+            outside = test.to == "internet" or "/" in test.to
+            if outside and test.sources in ("internet", "operators", "neighbor"):
+                bad(f"tests[{i}].from", f"a test to {test.to} checks a stack host's egress: start it from a role or a host")
             ends = self._hosts_named(test.sources)
             if len(ends) == 1 and ends == self._hosts_named(test.to):
                 bad(
@@ -574,6 +717,66 @@ class StackConfig(_Strict):
             return {f"{name}-{n}" for n in range(1, self.roles[name].count + 1)}
         return {name} if self.role_of_host(name) else set()
 
+    def _names(self) -> list[str]:
+        """Every role and host name, for did-you-mean."""
+        return [*self.roles, *(f"{r}-{n}" for r, spec in self.roles.items() for n in range(1, min(spec.count, 50) + 1))]
+
+    def admits(self, destination_role: str, source_role: str, port: PortSpec) -> bool:
+        """Whether `destination_role`'s ingress (or the built-in SSH through a bastion) admits every host of
+        `source_role` on `port`: what an egress allowlist entry naming the role must agree with."""
+        if port.proto == "tcp" and port.low == port.high == 22 and self.roles[source_role].bastion:
+            return True
+        return any(
+            (source_role in rule.sources or "all" in rule.sources) and any(p.contains(port) for p in rule.ports)
+            for rule in self.roles[destination_role].ingress
+        )
+
+    def _destination_problem(self, role_name: str, destination: str, ports: list[PortSpec]) -> str | None:
+        """Why an egress `to` entry of `role_name` names nothing enclave can allow, or None."""
+        if destination == "internet":
+            return None
+        if destination in self.roles or destination == "all" or self.role_of_host(destination):
+            if destination == "all":
+                targets = [r for r, spec in self.roles.items() if spec.count]
+            else:
+                targets = [destination if destination in self.roles else str(self.role_of_host(destination))]
+            refused = [f"{target} on {port}" for target in targets for port in ports
+                       if not self.admits(target, role_name, port)]
+            if refused:
+                first_role, _, first_port = refused[0].partition(" on ")
+                return (
+                    f"{destination!r}: the ingress of {', '.join(refused[:5])}{' …' if len(refused) > 5 else ''} "
+                    f"does not admit role {role_name}, so the connection would be dropped there; add "
+                    f"{{from: {role_name}, ports: [{first_port}]}} to roles.{first_role}.ingress, or remove this entry"
+                )
+            return None
+        if destination in ("operators", "neighbor", "any"):
+            return (f"{destination!r} is not a destination; egress goes to roles, hosts (<role>-<n>), all, "
+                    "internet or CIDRs")
+        if "," in destination:
+            listed = ", ".join(part.strip() for part in destination.split(","))
+            return f"{destination!r}: several destinations are a list, e.g. to: [{listed}]"
+        if "/" in destination or ":" in destination or re.fullmatch(r"[\d.]+", destination):
+            try:
+                net = ipaddress.ip_network(destination, strict=True)
+            except ValueError as exc:
+                return f"{destination!r} is not a valid CIDR ({exc})"
+            if net.prefixlen == 0:
+                return f"{destination!r} is every address; write `internet`"
+            if net.is_loopback or net.is_multicast:
+                return f"{destination!r} is {'loopback (always open)' if net.is_loopback else 'multicast'}; it is not a destination"
+            if net.version == 4 and net.overlaps(self.vpc_ip_range) and not net.subnet_of(self.vpc_ip_range):
+                return (f"{destination!r} covers vpcIpRange {self.vpc_ip_range} and beyond: the VPC is reached on "
+                        "the private interface, the rest on the public one; write the two ranges apart")
+            if net.version == 6 and not self.roles[role_name].ipv6:
+                return (f"{destination!r} is an IPv6 range but role {role_name} has no IPv6 (ipv6: false); set "
+                        "ipv6: true on the role or give an IPv4 range")
+            return None
+        return self._host_problem(destination) or (
+            f"{destination!r} is not a role, a host (<role>-<n>), all, internet or a CIDR"
+            f"{did_you_mean(destination, [*self._names(), 'all', 'internet'])}; known roles: {', '.join(self.roles)}"
+        )
+
     def _host_problem(self, name: str) -> str | None:
         """Why `name`, shaped like a host of an existing role (`mysql-3`, `mysql-01`), is not one of its hosts."""
         role, dash, number = name.rpartition("-")
@@ -589,7 +792,7 @@ class StackConfig(_Strict):
 
     def _source_problem(self, source: str) -> str | None:
         """Why an ingress `from` entry names nothing enclave can match, or None."""
-        if source in ("internet", "operators") or source in self.roles or self.role_of_host(source):
+        if source in ("internet", "operators", "all") or source in self.roles or self.role_of_host(source):
             return None
         if "," in source:
             listed = ", ".join(part.strip() for part in source.split(","))
@@ -617,14 +820,17 @@ class StackConfig(_Strict):
                 "ingress admits roles, hosts, internet, operators or CIDRs"
             )
         return self._host_problem(source) or (
-            f"{source!r} is not a role, a host (<role>-<n>), internet, operators or a CIDR; "
+            f"{source!r} is not a role, a host (<role>-<n>), all, internet, operators or a CIDR"
+            f"{did_you_mean(source, [*self._names(), 'all', 'internet', 'operators'])}; "
             f"known roles: {', '.join(self.roles)}"
         )
 
     def _endpoint_problem(self, name: str, source: bool) -> str | None:
         """Why a test's `from` (source=True) or `to` names nothing the test could probe, or None."""
+        if name == "internet" and not source:
+            return None  # the lab's `internet` answers on every probed port
         if name in ("internet", "operators", "neighbor"):
-            return None if source else f"{name!r} cannot be a destination; name a role or a host"
+            return None if source else f"{name!r} cannot be a destination; name a role, a host, internet or a CIDR"
         if name in self.roles:
             if self.roles[name].count == 0:
                 return f"role {name!r} has count 0, so the test could never run; remove the test or raise the count"
@@ -636,8 +842,21 @@ class StackConfig(_Strict):
                 f"{name!r}: a test starts from a role, a host, internet, operators or neighbor, not an address "
                 "range (operators and internet stand for the addresses outside)"
             )
-        kinds = "a role, a host (<role>-<n>), internet, operators or neighbor" if source else "a role or a host (<role>-<n>)"
-        return self._host_problem(name) or f"{name!r} is not {kinds}; known roles: {', '.join(self.roles)}"
+        if not source and ("/" in name or ":" in name or re.fullmatch(r"[\d.]+", name)):
+            try:
+                net = ipaddress.ip_network(name, strict=True)
+            except ValueError as exc:
+                return f"{name!r} is not a valid CIDR ({exc})"
+            if net.version != 4 or net.overlaps(self.vpc_ip_range) or never_a_source(net) or net.prefixlen == 0:
+                return (f"{name!r}: a test's CIDR destination is an IPv4 range on the Internet (outside vpcIpRange "
+                        f"{self.vpc_ip_range}, not link-local, loopback or multicast; for everything write internet)")
+            return None
+        kinds = ("a role, a host (<role>-<n>), internet, operators or neighbor" if source
+                 else "a role, a host (<role>-<n>), internet or a CIDR")
+        words = ["internet", "operators", "neighbor"] if source else ["internet"]
+        return self._host_problem(name) or (
+            f"{name!r} is not {kinds}{did_you_mean(name, [*self._names(), *words])}; known roles: {', '.join(self.roles)}"
+        )
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -667,15 +886,61 @@ def _looks_like_port(key: object) -> bool:
     return True
 
 
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model whose key `loc` ends in (for did-you-mean on an unknown key), following fields, lists and maps."""
+    annotation: Any = StackConfig
+    for part in loc[:-1]:
+        while True:  # unwrap Annotated, Optional/Union (the egress allowlist) to the model or container inside
+            origin = get_origin(annotation)
+            if origin is Annotated:
+                annotation = get_args(annotation)[0]
+            elif origin is Union:
+                args = [a for a in get_args(annotation) if get_origin(a) in (list, dict, Annotated) or _is_model(a)]
+                if not args:
+                    return None
+                annotation = args[-1]
+            else:
+                break
+        if _is_model(annotation) and isinstance(part, str):
+            field = next((f for name, f in annotation.model_fields.items() if part in (name, f.alias)), None)
+            if field is None:
+                continue  # a tag of a union (`allowlist`)
+            annotation = field.annotation
+        elif get_origin(annotation) is list and isinstance(part, int):
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        elif isinstance(part, str) and part in ("allowlist", "word"):
+            continue
+        else:
+            return None
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    return annotation if _is_model(annotation) else None
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
 def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
     kind = error["type"]
     value = error.get("input")
+    context = error.get("ctx") or {}
     if kind == "extra_forbidden":
         key = error["loc"][-1]
         if _looks_like_port(key):
             # `{from: wordpress, ports: tcp/3306, tcp/33060}`: YAML reads the second port as a key
             return f"unknown key {key!r}: a port? several ports are one list, e.g. ports: [tcp/3306, tcp/33060]"
-        return f"unknown key {key!r}; check its spelling"
+        owner = _model_at(tuple(error["loc"]))
+        known = _keys_of(owner) if owner is not None else []
+        hint = did_you_mean(str(key), known)
+        listed = f" (known keys here: {', '.join(known)})" if known and not hint else ""
+        return f"unknown key {key!r}{hint or '; check its spelling'}{listed}"
     if kind == "missing":
         return "required key is missing"
     # pydantic's wording names Python types; say it in the stack file's terms, with the shape to write
@@ -686,13 +951,32 @@ def _friendly(error: dict[str, Any], model: type[BaseModel]) -> str:
     if kind == "too_short" and not value:
         return "is empty; give at least 1 item"
     if kind == "too_long":
-        context = error.get("ctx") or {}
         actual = len(value) if isinstance(value, (list, dict)) else context.get("actual_length")
         return f"has {actual} items, over the limit of {context.get('max_length')} (docs/stack-file.md: Limits)"
     if kind == "string_type":
         return f"should be text, not {_what(value)}"
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
+    if kind == "string_too_short":
+        return "is empty; write a value"
+    if kind == "literal_error":
+        expected = context.get("expected", "")
+        words = [w.strip(" '") for w in str(expected).replace(" or ", ",").split(",") if w.strip(" '")]
+        hint = did_you_mean(str(value), words) if isinstance(value, str) else ""
+        return f"{_what(value)} is not one of {', '.join(words)}{hint}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{_what(value)} is too small; the lowest allowed is {context.get('ge', context.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{_what(value)} is too large; the highest allowed is {context.get('le', context.get('lt'))}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"should be a whole number, not {_what(value)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"should be true or false, not {_what(value)}"
+    if kind.startswith(("ip_v4", "ip_v6", "ip_any")):
+        return f"{_what(value)} is not an address range; e.g. 198.51.100.7/32"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"{_what(value)} is not open, restricted or a list of {{to, ports}} entries"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    # any other wording of the validation library, put in the stack's terms
+    return message.replace("Input should be", "should be").replace("Input", "the value")
 
 
 def _path(loc: tuple[Any, ...]) -> str:
@@ -702,17 +986,34 @@ def _path(loc: tuple[Any, ...]) -> str:
             out += f"[{part}]"
         else:
             name = {"sources": "from"}.get(part, to_camel(part) if "_" in part else part)
-            if name.startswith("[") or name in ("function-after", "function-before"):
+            if name.startswith("[") or name in ("function-after", "function-before", "allowlist", "word"):
                 continue
             out += ("." if out else "") + name
     return out
+
+
+def stack_services(raw: object) -> dict[str, tuple[PortSpec, ...]]:
+    """The service names a stack's ports may use: the built-in ones and those `enclave:services` defines well (a
+    malformed definition is reported by the schema where it is written, and is no service meanwhile)."""
+    services = dict(BUILTIN_PORTS)
+    if isinstance(raw, dict):
+        for name, ports in raw.items():
+            if not isinstance(name, str) or name in services or not SERVICE_NAME.fullmatch(name):
+                continue
+            try:
+                parsed = _parse_ports(ports, None)  # type: ignore[arg-type]
+            except ValueError:
+                continue
+            if isinstance(parsed, list) and parsed:
+                services[name] = tuple(parsed)
+    return services
 
 
 def load_config(values: dict[str, Any], source: str = "stack") -> StackConfig:
     """Validate the `enclave:` keys (prefix already removed) and return the stack, or raise StackError."""
     values = {k: v for k, v in values.items() if k not in SECRET_KEYS}
     try:
-        stack = StackConfig.model_validate(values)
+        stack = StackConfig.model_validate(values, context={"services": stack_services(values.get("services"))})
     except ValidationError as exc:
         issues = [
             StackIssue(NAMESPACE + ":" + _path(tuple(err["loc"])), _friendly(dict(err), StackConfig))

@@ -23,9 +23,9 @@ from rich.table import Table
 from config.schema import StackError, StackIssue
 from config.stackfile import Stack, load_stack_file
 
-from .plan import Plan, build_plan, droplet_name, example_addresses, load_addresses
+from .plan import Plan, build_plan, droplet_name, egress_rows, example_addresses, load_addresses, role_rows
 from .compiler import Addresses, Policy, compile_policy
-from .cloudfirewall import check_cloud_firewalls
+from .cloudfirewall import OPEN_OUTBOUND, check_cloud_firewalls
 from .diagram import DiagramError, write_diagram
 from .diff import compare_stacks, diff_lines
 from .private import install_warnings
@@ -70,12 +70,28 @@ def print_plan(plan: Plan, console: Console) -> None:
         )
     console.print(hosts)
 
+    roles = Table(title="roles", title_justify="left")
+    for column in ("role", "hosts", "egress", "description"):
+        roles.add_column(column)
+    for row in role_rows(plan.policy):
+        roles.add_row(*row)
+    console.print(roles)
+
     flows = Table(title="flows: who may open connections to whom", title_justify="left")
     for column in ("from", "to", "ports", "via", "why"):
         flows.add_column(column)
     for f in plan.policy.flows:
-        flows.add_row(str(f.source), f.role, " ".join(str(p) for p in f.ports), f.interface, f.why)
+        why = f.why + (f" ({f.description})" if f.description else "")
+        flows.add_row(str(f.source), f.role, " ".join(str(p) for p in f.ports), f.interface, why)
     console.print(flows)
+
+    if plan.policy.egress:
+        egress = Table(title="egress allowlists: where else these roles may open connections", title_justify="left")
+        for column in ("from", "to", "ports", "via", "why"):
+            egress.add_column(column)
+        for entry in egress_rows(plan.policy):
+            egress.add_row(*entry)
+        console.print(egress)
 
     if plan.tests:
         tests = Table(title="tests", title_justify="left")
@@ -88,11 +104,13 @@ def print_plan(plan: Plan, console: Console) -> None:
 
     firewalls = check_cloud_firewalls(plan.stack.name, plan.policy)
     if firewalls:
-        table = Table(title="cloud firewalls (enclave:cloudFirewall): outbound open", title_justify="left")
-        for column in ("firewall", "applies to tag", "inbound rules", "rules"):
+        table = Table(title="cloud firewalls (enclave:cloudFirewall)", title_justify="left")
+        for column in ("firewall", "applies to tag", "inbound rules", "outbound rules", "rules"):
             table.add_column(column)
         for fw in firewalls:
-            table.add_row(fw.name, ", ".join(fw.tags), "\n".join(str(r) for r in fw.inbound_rules), str(fw.rule_count))
+            outbound = "open" if fw.outbound_rules == OPEN_OUTBOUND else "\n".join(str(r) for r in fw.outbound_rules)
+            table.add_row(fw.name, ", ".join(fw.tags), "\n".join(str(r) for r in fw.inbound_rules), outbound,
+                          str(fw.rule_count))
         console.print(table)
 
     for warning in install_warnings(plan.stack.config):

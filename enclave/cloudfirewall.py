@@ -11,7 +11,11 @@ mistake on one host (a flushed table, a tool that opens a port) does not expose 
   `operators` -> their CIDRs; a CIDR -> itself.
 - It cannot tell the public interface from the private one: a role source is admitted on both, where the host
   firewall admits it only on the private interface. The host firewall stays the precise layer.
-- Outbound is open (tcp, udp, icmp to anywhere); `egress: restricted` is enforced by the host firewall.
+- Outbound is open (tcp, udp, icmp to anywhere) for `egress: open` and `restricted` (which the host firewall
+  enforces). A role with an egress allowlist gets outbound rules: to the roles (tags) and hosts (droplet ids)
+  whose ingress admits it, to its listed entries (`all` -> every role's tag, `internet` -> 0.0.0.0/0 and ::/0, a
+  CIDR -> itself) and to the essentials (DigitalOcean's resolvers, the metadata service, NTP anywhere), merged by
+  protocol and ports like inbound rules; coarser than the host firewall, which also tells the interfaces apart.
 - Flows to a role with the same protocol and ports become one rule listing all their sources: DigitalOcean
   counts rules, not sources, against its limit of 50.
 
@@ -81,11 +85,23 @@ class InboundRule:
 
 @dataclass(frozen=True)
 class OutboundRule:
-    """One `digitalocean.FirewallOutboundRuleArgs(protocol=, port_range=, destination_addresses=)`."""
+    """One `digitalocean.FirewallOutboundRuleArgs(protocol=, port_range=, destination_addresses=,
+    destination_tags=, destination_droplet_ids=[droplet_id[h] for h in destination_hosts])`."""
 
     protocol: Protocol
     port_range: str | None
     destination_addresses: tuple[str, ...]
+    destination_tags: tuple[str, ...] = ()
+    destination_hosts: tuple[str, ...] = ()
+
+    @property
+    def destination_count(self) -> int:
+        return len(self.destination_addresses) + len(self.destination_tags) + len(self.destination_hosts)
+
+    def __str__(self) -> str:
+        ports = f"/{self.port_range}" if self.port_range else ""
+        to = [f"tag:{t}" for t in self.destination_tags] + [f"droplet:{h}" for h in self.destination_hosts]
+        return f"{self.protocol}{ports} to {', '.join(to + list(self.destination_addresses))}"
 
 
 @dataclass(frozen=True)
@@ -170,7 +186,42 @@ def firewall_for_role(stack_name: str, policy: Policy, role: str) -> CloudFirewa
         for (proto, ports), (addrs, tags, hosts, keys) in merged.items()
         if addrs or tags or hosts  # a rule whose sources are all empty roles admits nothing
     )
-    return CloudFirewall(role, firewall_name(stack_name, role), (role_tag(stack_name, role),), inbound, OPEN_OUTBOUND)
+    outbound = outbound_rules(stack_name, policy, role) if role in policy.egress else OPEN_OUTBOUND
+    return CloudFirewall(role, firewall_name(stack_name, role), (role_tag(stack_name, role),), inbound, outbound)
+
+
+def outbound_rules(stack_name: str, policy: Policy, role: str) -> tuple[OutboundRule, ...]:
+    """A role with an egress allowlist: where its droplets may open connections (see the module's docstring)."""
+    def tags(roles: list[str]) -> list[str]:
+        return [role_tag(stack_name, r) for r in roles if policy.stack.roles[r].count]
+
+    merged: dict[tuple[Protocol, str | None], tuple[list[str], list[str], list[str]]] = {}
+
+    def add(ports: tuple[PortSpec, ...], addresses: list[str], to_tags: list[str], hosts: list[str]) -> None:
+        for port in ports:
+            entry = merged.setdefault((port.proto, port_range(port)), ([], [], []))
+            entry[0].extend(addresses)
+            entry[1].extend(to_tags)
+            entry[2].extend(hosts)
+
+    for flow in policy.flows:
+        source = flow.source
+        if flow.interface == "private" and (source.name == role or policy.stack.role_of_host(source.name) == role):
+            add(flow.ports, [], tags([flow.role]), [])
+    for allowed in policy.egress[role]:
+        if allowed.kind == "role":
+            add(allowed.ports, [], tags([allowed.to]), [])
+        elif allowed.kind == "all":
+            add(allowed.ports, [], tags(list(policy.stack.roles)), [])
+        elif allowed.kind == "host":
+            add(allowed.ports, [], [], [allowed.to])
+        else:
+            add(allowed.ports, list(ANYWHERE) if allowed.kind == "internet" else [allowed.to], [], [])
+    return tuple(
+        OutboundRule(proto, ports, _unique(addrs), _unique(to_tags), _unique(hosts))
+        for (proto, ports), (addrs, to_tags, hosts) in merged.items()
+        if addrs or to_tags or hosts
+    )
 
 
 def cloud_firewalls(stack_name: str, policy: Policy) -> list[CloudFirewall]:
@@ -203,6 +254,16 @@ def limit_issues(firewall: CloudFirewall) -> list[StackIssue]:
                 f"but DigitalOcean allows {MAX_TAGS} per firewall; split the role, or set enclave:cloudFirewall: false",
             )
         )
+    for out in firewall.outbound_rules:
+        if out.destination_count > MAX_SOURCES:
+            issues.append(
+                StackIssue(
+                    f"{NAMESPACE}:roles.{firewall.role}.egress",
+                    f"with {KEY} true, role {firewall.role}'s cloud firewall outbound rule {out} has "
+                    f"{out.destination_count} destinations but DigitalOcean allows {MAX_SOURCES} per rule; use wider "
+                    "CIDRs or roles, or set enclave:cloudFirewall: false",
+                )
+            )
     for rule in firewall.inbound_rules:
         if rule.source_count > MAX_SOURCES:
             issues.append(

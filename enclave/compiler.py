@@ -70,6 +70,7 @@ class Flow:
     role: str  # destination role
     ports: tuple[PortSpec, ...]
     why: str  # where it comes from: a stack key, or the built-in SSH policy
+    description: str | None = None  # the entry's `description:`, carried into comments, plan and diagram
 
     @property
     def interface(self) -> Interface:
@@ -86,10 +87,66 @@ class Endpoint:
     address6: str | None = None
 
 
+DestinationKind = Literal["role", "host", "all", "internet", "cidr"]
+
+# What a role with an egress allowlist may always reach (`enclave:egressEssentials` switches each off).
+# DigitalOcean's resolvers are what its droplets' resolv.conf (netplan) names; the metadata service is where
+# cloud-init and the droplet agent read the droplet's configuration.
+DO_RESOLVERS = ("67.207.67.2", "67.207.67.3")
+METADATA_SERVICE = "169.254.169.254"
+DNS_PORTS = (PortSpec("tcp", 53, 53), PortSpec("udp", 53, 53))
+METADATA_PORTS = (PortSpec("tcp", 80, 80),)
+NTP_PORTS = (PortSpec("udp", 123, 123),)
+
+
+@dataclass(frozen=True)
+class EgressFlow:
+    """One destination a role with an egress allowlist may open connections to (an entry, or an essential)."""
+
+    kind: DestinationKind
+    to: str  # role or host name, 'all', 'internet' or the CIDR text
+    ports: tuple[PortSpec, ...]
+    interface: Interface | None  # None: any interface (the address alone decides: the essentials)
+    why: str  # the stack key, or `egress essential: dns`
+    description: str | None = None
+
+    def admits(self, dst_address: str | None, dst_host: Host | None, port: PortSpec, interface: Interface | None,
+               family: int) -> bool:
+        if not any(p.contains(port) for p in self.ports):
+            return False
+        if self.interface is not None and self.interface != interface:
+            return False
+        if self.kind in ("role", "host", "all"):
+            if dst_host is None or family != 4:
+                return False
+            return self.kind == "all" or self.to in (dst_host.role, dst_host.name)
+        if self.kind == "internet":
+            return True
+        net = ipaddress.ip_network(self.to)
+        return dst_address is not None and net.version == family and ipaddress.ip_address(dst_address) in net
+
+
+def essentials(stack: StackConfig) -> list[EgressFlow]:
+    """The essentials an egress allowlist keeps, in rule order; each is one named rule (or one per resolver)."""
+    switch = stack.egress_essentials
+    out = []
+    if switch.dns:
+        out += [EgressFlow("cidr", f"{r}/32", DNS_PORTS, None, "egress essential: dns (DigitalOcean resolver)")
+                for r in DO_RESOLVERS]
+    if switch.metadata:
+        out.append(EgressFlow("cidr", f"{METADATA_SERVICE}/32", METADATA_PORTS, None,
+                              "egress essential: metadata service"))
+    if switch.ntp:
+        out.append(EgressFlow("internet", "internet", NTP_PORTS, "public", "egress essential: ntp"))
+    return out
+
+
 @dataclass
 class Policy:
     stack: StackConfig
     flows: list[Flow] = field(default_factory=list)
+    # role -> what its egress allowlist lets it open (entries, then essentials); roles without one are absent
+    egress: dict[str, list[EgressFlow]] = field(default_factory=dict)
 
     @cached_property
     def hosts(self) -> list[Host]:
@@ -147,9 +204,60 @@ def compile_policy(stack: StackConfig) -> Policy:
         else:
             flows.append(Flow(Source("operators", "operators"), role_name, (SSH,), "no bastion: ssh from operators"))
         for i, rule in enumerate(role.ingress):
+            why = f"roles.{role_name}.ingress[{i}]"
             for text in rule.sources:
-                flows.append(Flow(_source(stack, text), role_name, tuple(rule.ports), f"roles.{role_name}.ingress[{i}]"))
-    return Policy(stack, flows)
+                # `all`: every role's hosts as the stack is now, so a role added later is admitted too
+                sources = [Source("role", r) for r in stack.roles] if text == "all" else [_source(stack, text)]
+                flows += [Flow(source, role_name, tuple(rule.ports), why, rule.description) for source in sources]
+    egress = {name: _egress_flows(stack, name) for name, role in stack.roles.items() if role.allowlist is not None}
+    return Policy(stack, flows, egress)
+
+
+def _egress_flows(stack: StackConfig, role_name: str) -> list[EgressFlow]:
+    out = []
+    for i, entry in enumerate(stack.roles[role_name].allowlist or []):
+        why = f"roles.{role_name}.egress[{i}]"
+        for text in entry.to:
+            kind: DestinationKind
+            interface: Interface = "private"
+            if text in ("all", "internet"):
+                kind, to = text, text  # type: ignore[assignment]
+                interface = "public" if text == "internet" else "private"
+            elif text in stack.roles:
+                kind, to = "role", text
+            elif stack.role_of_host(text):
+                kind, to = "host", text
+            else:
+                net = ipaddress.ip_network(text, strict=True)
+                kind, to = "cidr", str(net)
+                inside = net.version == 4 and net.subnet_of(stack.vpc_ip_range)
+                interface = "private" if inside else "public"
+            out.append(EgressFlow(kind, to, tuple(entry.ports), interface, why, entry.description))
+    return out + essentials(stack)
+
+
+def egress_verdict(policy: Policy, src: Host, dst_address: str | None, dst_host: Host | None, port: PortSpec,
+                   interface: Interface | None, family: int = 4) -> str | None:
+    """Why `src` may open this connection (to `dst_address`, the stack host `dst_host` if it is one, leaving by
+    `interface`, None for another one), or None when its egress drops it. What the rendered OUTPUT chain means.
+
+    open: anything. restricted: anything out of the public interface; on the private one, what the destination
+    host admits from `src`. An allowlist: on the private interface what the destination admits, then the listed
+    entries, then the essentials; nothing else on any interface.
+    """
+    role = policy.stack.roles[src.role]
+    if role.egress == "open":
+        return "egress open"
+    if role.egress == "restricted" and interface == "public":
+        return "egress restricted: new connections out of the public interface"
+    if interface == "private" and dst_host is not None and family == 4:
+        flow = decide(policy, Endpoint("host", src.name), dst_host, port, "private", family)
+        if flow is not None:
+            return f"{flow.why} (what {dst_host.name} admits from {src.name})"
+    for allowed in policy.egress.get(src.role, []):
+        if allowed.admits(dst_address, dst_host, port, interface, family):
+            return allowed.why
+    return None
 
 
 # ------------------------------------------------------------------------------------------ semantics

@@ -2,7 +2,8 @@
 
 Both are drawn from the compiled flows, so the picture cannot drift from the rules: the Internet, the operators
 and any CIDR sources outside; the VPC as a box; inside it each role as a box listing its hosts; one arrow per
-flow labelled with its ports. Flows arriving on the public interface (from the Internet, the operators or a
+flow labelled with its ports (hover an arrow for its key and description). An egress allowlist's entries to the
+Internet or a CIDR are dashed violet arrows out of the VPC. Flows arriving on the public interface (from the Internet, the operators or a
 CIDR) are drawn in orange, and the roles they reach sit in the VPC's "public edge"; everything else is blue
 and stays inside the VPC. What is not drawn is dropped.
 
@@ -28,6 +29,7 @@ PRIVATE_COLOR = "#1c7ed6"  # blue: stays on the private network
 PUBLIC_FILL = "#fff4e6"
 VPC_FILL = "#f1f3f5"
 VPC_LINE = "#868e96"
+EGRESS_COLOR = "#7048e8"  # violet: an egress allowlist's way out
 FONT = "Arial"  # metric-compatible stand-ins (Liberation Sans) exist wherever Arial does not
 
 
@@ -59,6 +61,16 @@ class Edge:
 
 
 @dataclass(frozen=True)
+class EgressEdge:
+    """An egress allowlist entry leaving the VPC: from a role to the Internet or a CIDR."""
+
+    tail: str  # the role
+    head: str  # the outsider's node id
+    label: str  # the ports
+    why: str  # the key and the description
+
+
+@dataclass(frozen=True)
 class NetworkPicture:
     """What both renderings show, derived once from the policy."""
 
@@ -68,6 +80,7 @@ class NetworkPicture:
     entry_roles: tuple[str, ...]  # roles reached from outside, in stack order
     inner_roles: tuple[str, ...]
     edges: tuple[Edge, ...]
+    egress_edges: tuple[EgressEdge, ...] = ()
 
 
 def _outsider(source: Source, policy: Policy, cidrs: dict[str, str]) -> Outsider:
@@ -100,7 +113,20 @@ def network_picture(stack_name: str, policy: Policy) -> NetworkPicture:
         edges.append(Edge(flow, tail, flow.role, label, public))
     entry = tuple(r for r in policy.stack.roles if any(e.public and e.head == r for e in edges))
     inner = tuple(r for r in policy.stack.roles if r not in entry)
-    return NetworkPicture(stack_name, policy, tuple(outsiders.values()), entry, inner, tuple(edges))
+    egress = []
+    for role, allowed in policy.egress.items():
+        for e in allowed:
+            if e.interface != "public" or e.why.startswith("egress essential"):
+                continue  # private entries are drawn as the flows they agree with; essentials are in the role's box
+            outsider = _outsider(Source("internet" if e.kind == "internet" else "cidr", e.to), policy, cidrs)
+            outsiders.setdefault(outsider.node, outsider)
+            why = e.why + (f": {e.description}" if e.description else "")
+            egress.append(EgressEdge(role, outsider.node, ", ".join(str(p) for p in e.ports), why))
+    return NetworkPicture(stack_name, policy, tuple(outsiders.values()), entry, inner, tuple(edges), tuple(egress))
+
+
+def _why(flow: Flow) -> str:
+    return flow.why + (f": {flow.description}" if flow.description else "")
 
 
 def _role_facts(policy: Policy, role_name: str) -> str:
@@ -115,6 +141,9 @@ def _role_facts(policy: Policy, role_name: str) -> str:
         facts.append("IPv6")
     if role.egress == "restricted":
         facts.append("egress restricted")
+    if role.allowlist is not None:
+        kept = [k for k in ("dns", "metadata", "ntp") if getattr(policy.stack.egress_essentials, k)]
+        facts.append("egress allowlist" + (f" (+ {', '.join(kept)})" if kept else ""))
     return " · ".join(facts)
 
 
@@ -133,6 +162,8 @@ def _role_label(policy: Policy, role: str, public: bool) -> str:
         f'<TR><TD BGCOLOR="{header}"><FONT COLOR="{header_font}"><B>{esc(role)}</B></FONT></TD></TR>',
         f'<TR><TD><FONT POINT-SIZE="9">{esc(_role_facts(policy, role))}</FONT></TD></TR>',
     ]
+    if policy.stack.roles[role].description:
+        rows.append(f'<TR><TD><FONT POINT-SIZE="9"><I>{esc(str(policy.stack.roles[role].description))}</I></FONT></TD></TR>')
     hosts = _hosts(policy, role)
     rows += [f'<TR><TD PORT="{esc(h)}">{esc(h)}</TD></TR>' for h in hosts]
     if not hosts:
@@ -203,8 +234,11 @@ def to_dot(picture: NetworkPicture) -> graphviz.Digraph:
         label = f"from {e.tail_host}: {e.label}" if e.tail_host else e.label
         dot.edge(
             tail, e.head, label=f" {label} ", color=color, fontcolor=color,
-            penwidth="2.5" if e.public else "1.3", tooltip=e.flow.why,
+            penwidth="2.5" if e.public else "1.3", tooltip=_why(e.flow),
         )
+    for out in picture.egress_edges:
+        dot.edge(out.tail, out.head, label=f" {out.label} ", color=EGRESS_COLOR, fontcolor=EGRESS_COLOR,
+                 style="dashed", penwidth="1.8", tooltip=out.why, constraint="false")
     return dot
 
 
@@ -240,7 +274,9 @@ def to_mermaid(picture: NetworkPicture) -> str:
 
     def role_node(role: str) -> str:
         hosts = " · ".join(_hosts(policy, role)) or "no hosts (count 0)"
-        return f'{_mm_id(role)}["<b>{_mm(role)}</b><br/>{_mm(_role_facts(policy, role))}<br/>{_mm(hosts)}"]'
+        about = policy.stack.roles[role].description
+        described = f"<br/><i>{_mm(about)}</i>" if about else ""
+        return f'{_mm_id(role)}["<b>{_mm(role)}</b><br/>{_mm(_role_facts(policy, role))}{described}<br/>{_mm(hosts)}"]'
 
     lines = [
         f"%% enclave stack {picture.stack_name}: generated by `enclave diagram`; edit the stack file, not this.",
@@ -262,6 +298,10 @@ def to_mermaid(picture: NetworkPicture) -> str:
         label = f"from {e.tail_host}: {e.label}" if e.tail_host else e.label
         lines.append(f'    {node_id(e.tail)} -->|"{_mm(label)}"| {node_id(e.head)}')
         (public_links if e.public else private_links).append(str(i))
+    egress_links = []
+    for i, out in enumerate(picture.egress_edges, len(picture.edges)):
+        lines.append(f'    {node_id(out.tail)} -.->|"{_mm(out.label)}"| {node_id(out.head)}')
+        egress_links.append(str(i))
     lines += [
         f"    classDef outside fill:#fff0f0,stroke:{PUBLIC_COLOR},stroke-width:2px",
         f"    classDef entry fill:{PUBLIC_FILL},stroke:{PUBLIC_COLOR},stroke-width:3px",
@@ -279,6 +319,8 @@ def to_mermaid(picture: NetworkPicture) -> str:
         lines.append(f"    linkStyle {','.join(public_links)} stroke:{PUBLIC_COLOR},stroke-width:3px,color:{PUBLIC_COLOR}")
     if private_links:
         lines.append(f"    linkStyle {','.join(private_links)} stroke:{PRIVATE_COLOR},stroke-width:1.5px")
+    if egress_links:
+        lines.append(f"    linkStyle {','.join(egress_links)} stroke:{EGRESS_COLOR},stroke-width:1.5px,color:{EGRESS_COLOR}")
     return "\n".join(lines) + "\n"
 
 

@@ -255,6 +255,7 @@ def diff_plans(old: Plan, new: Plan, readdressed: bool = False) -> PlanDiff:
     if readdressed:
         diff.notes.append("vpcIpRange changed: every droplet is re-created in the new VPC with a new address")
     diff.notes += replacement_notes(old.policy, new.policy)
+    diff.notes += description_notes(old, new)
     return diff
 
 
@@ -271,6 +272,18 @@ def replacement_notes(old: Policy, new: Policy) -> list[str]:
             notes.append(f"roles.{name}.public changed ({str(before.public).lower()} -> {str(role.public).lower()}): "
                          f"droplets {hosts} are replaced (public networking is fixed when a droplet is created): "
                          "their disks are wiped, and they boot with new addresses")
+    return notes
+
+
+def description_notes(old: Plan, new: Plan) -> list[str]:
+    """A role's changed `description:`: it lives in the plan and the diagram, not in any rule, so no host changes
+    for it (an entry's description is its rules' comment, and shows as their changed lines)."""
+    notes = []
+    for role, spec in new.policy.stack.roles.items():
+        before = old.policy.stack.roles.get(role)
+        if before is not None and before.description != spec.description:
+            notes.append(f"roles.{role}.description: {before.description or '(none)'!r} -> "
+                         f"{spec.description or '(none)'!r} (no rule changes)")
     return notes
 
 

@@ -28,13 +28,15 @@ PREFIX = NAMESPACE + ":"
 def declared_pairs(policy: Policy, role: str) -> int:
     """(flow, port) pairs a host of `role` could get rules for, before identical rules are merged: an upper bound."""
     inbound = sum(len(flow.ports) for flow in policy.flows_to_role[role])
-    restricted = policy.stack.roles[role].egress == "restricted"
+    restricted = policy.stack.roles[role].egress != "open"
     outbound = sum(
         len(flow.ports) for flow in policy.flows
         if restricted and flow.interface == "private" and flow.source.kind in ("role", "host")
         and (flow.source.name == role or policy.stack.role_of_host(flow.source.name) == role)
     )
-    return 2 * inbound + outbound  # both tables, as an upper bound
+    # an allowlist's entries: `all` is a rule per role and port
+    listed = sum(len(e.ports) * (len(policy.stack.roles) if e.kind == "all" else 1) for e in policy.egress.get(role, []))
+    return 2 * inbound + outbound + 2 * listed  # both tables, as an upper bound
 
 
 def rules_in_largest_table(files: RuleFiles) -> int:

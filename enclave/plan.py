@@ -19,7 +19,7 @@ from typing import Any
 from config.schema import PolicyTest, StackConfig, StackError, StackIssue
 from config.stackfile import Stack, read_bounded_text
 
-from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide
+from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide, egress_verdict
 from .private import install_warnings
 from .render import Renderer, RuleFiles
 
@@ -203,11 +203,44 @@ class TestResult:
         return f"tests[{self.index}]: {t.sources} -> {t.to} {t.port} expect {t.expect}"
 
 
+def is_outside(name: str) -> bool:
+    """A test destination outside the stack: `internet` or a CIDR (a stack host's egress is what is tested)."""
+    return name == "internet" or "/" in name
+
+
+def outside_address(name: str, others: Outsiders) -> str:
+    """The address a test to `internet` or to a CIDR is sent to: the lab's Internet, or inside the CIDR the first
+    address (the lab's Internet answers on it too)."""
+    assert others.internet.address is not None
+    if name == "internet" or ipaddress.ip_address(others.internet.address) in ipaddress.ip_network(name):
+        return others.internet.address
+    net = ipaddress.ip_network(name)
+    return str(net.network_address + 1 if net.num_addresses > 1 else net.network_address)
+
+
+def _egress_test(policy: Policy, test: PolicyTest, index: int, others: Outsiders,
+                 addresses: dict[str, Addresses]) -> TestResult:
+    """A test from stack hosts to `internet` or a CIDR: each host's egress decides."""
+    address = outside_address(test.to, others)
+    allowed = denied = 0
+    shown: list[str] = []
+    for src in endpoints_for(test.sources, policy, others, addresses):
+        why = egress_verdict(policy, policy.host_by_name[src.name], address, None, test.port, "public")
+        allowed += why is not None
+        denied += why is None
+        if (why is None) == (test.expect == "allow") and len(shown) < 5:
+            shown.append(f"{src.name}->{address}" + (f" ({why})" if why else ""))
+    return TestResult(index, test, TestResult.verdict(allowed, denied), "; ".join(shown))
+
+
 def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[TestResult]:
     """Each test over every pair it names: `allow` needs every pair admitted, `deny` needs none."""
     others = outsiders(policy.stack, addresses)
     results = []
     for i, test in enumerate(policy.stack.tests):
+        if is_outside(test.to):
+            results.append(_egress_test(policy, test, i, others, addresses))
+            continue
         # A role-to-role test names |from| x |to| pairs (382 000 in a 5 000-host fleet), but decide() looks at
         # the destination only through its role: decide once per (source, destination role) and count.
         destinations: dict[str, list[Host]] = {}
@@ -271,8 +304,17 @@ class Plan:
                     "ports": [str(p) for p in f.ports],
                     "interface": f.interface,
                     "why": f.why,
+                    "description": f.description,
                 }
                 for f in self.policy.flows
+            ],
+            "roles": [
+                {"role": role, "hosts": int(count), "egress": egress, "description": description or None}
+                for role, count, egress, description in role_rows(self.policy)
+            ],
+            "egress": [
+                {"from": role, "to": to, "ports": ports.split(), "interface": via, "why": why}
+                for role, to, ports, via, why in egress_rows(self.policy)
             ],
             "tests": [
                 {"test": t.describe(), "expect": t.test.expect, "seen": t.seen, "passed": t.passed, "detail": t.detail}
@@ -281,6 +323,30 @@ class Plan:
             "warnings": install_warnings(self.stack.config),
             "ok": self.ok,
         }
+
+
+def egress_word(policy: Policy, role: str) -> str:
+    spec = policy.stack.roles[role]
+    if spec.allowlist is None:
+        return str(spec.egress)
+    n = len(spec.allowlist)
+    return f"allowlist ({n} {'entry' if n == 1 else 'entries'})" if n else "allowlist (empty: essentials only)"
+
+
+def role_rows(policy: Policy) -> list[tuple[str, str, str, str]]:
+    """(role, hosts, egress, description) for the plan's roles table."""
+    return [(name, str(spec.count), egress_word(policy, name), spec.description or "")
+            for name, spec in policy.stack.roles.items()]
+
+
+def egress_rows(policy: Policy) -> list[tuple[str, str, str, str, str]]:
+    """(from role, to, ports, via, why) per allowlist entry and essential, for the plan's egress table."""
+    return [
+        (role, e.to, " ".join(str(p) for p in e.ports), e.interface or "any",
+         e.why + (f" ({e.description})" if e.description else ""))
+        for role, allowed in policy.egress.items()
+        for e in allowed
+    ]
 
 
 def droplet_name(stack_name: str, host: Host) -> str:

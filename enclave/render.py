@@ -20,7 +20,7 @@ from config.names import OPERATORS_SET as OPERATORS_SET, SET_NAME_MAX as SET_NAM
 from config.names import set_name as set_name
 from config.schema import PortSpec, StackConfig
 
-from .compiler import Addresses, Flow, Host, Policy
+from .compiler import Addresses, EgressFlow, Flow, Host, Policy
 from .ipsets import landed_name
 from .rulefiles import CHAIN_PREFIX as CHAIN_PREFIX, INPUT_CHAIN as INPUT_CHAIN, OUTPUT_CHAIN as OUTPUT_CHAIN
 from .rulefiles import RuleFiles as RuleFiles
@@ -86,9 +86,21 @@ class IpSet:
         return landed_name(self.name, self.definition, self.members)
 
 
+# ICMPv6 a host with an egress allowlist still sends out of its public interface (a role with `ipv6` only): router
+# solicitations, neighbour solicitations and advertisements (without them nobody resolves anybody), MLDv2
+# reports (143: the switch keeps delivering the solicited-node group; see ICMPv6 at the top).
+ICMPV6_SENT = ("router-solicitation", "neighbour-solicitation", "neighbour-advertisement", "143")
+
+
 def _comment(text: str) -> str:
-    # iptables comments are at most 256 characters and must not contain a double quote.
-    return '-m comment --comment "' + text.replace('"', "'")[:250] + '"'
+    # iptables comments are at most 255 bytes, written between double quotes: no `"` or `\` inside (descriptions
+    # are printable ASCII without them, config.schema; the rest is enclave's own text).
+    return '-m comment --comment "' + text.replace('"', "'").replace("\\", "/")[:250] + '"'
+
+
+def about(why: str, what: str, description: str | None) -> str:
+    """A rule's comment: the stack key, what it admits, and the entry's description if it has one."""
+    return f"{why}: {what}" + (f" ({description})" if description else "")
 
 
 def _port_match(port: PortSpec, family: int) -> str:
@@ -185,19 +197,26 @@ class Renderer:
                     continue
                 matched.add((iface, _port_match(port, family), match))
                 words = [f"-A {INPUT_CHAIN} -i {iface}", _port_match(port, family), match]
-                words.append(_comment(f"{flow.why}: {flow.source} -> {port}"))
+                words.append(_comment(about(flow.why, f"{flow.source} -> {port}", flow.description)))
                 rules.append(" ".join(w for w in words if w) + " -j ACCEPT")
         return rules
 
     def _output_rules(self, host: Host, family: int, sets: dict[str, IpSet]) -> list[str]:
-        """Restricted egress: new connections only to the Internet, or to what peers accept."""
+        """Restricted egress: new connections only to the Internet, or to what peers accept.
+        An allowlist: only to what peers accept, the listed entries and the essentials (enclave.compiler)."""
         stack = self.policy.stack
         private = stack.private_interface(host.role)
+        public = stack.public_interface(host.role)
+        allowlist = self.policy.egress.get(host.role)
         rules = [
             f"-A {OUTPUT_CHAIN} -o lo -j ACCEPT",
             f"-A {OUTPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            *internet_egress(stack, host.role, family),
         ]
+        if allowlist is None:
+            rules += internet_egress(stack, host.role, family)
+        elif family == 6 and stack.roles[host.role].ipv6 and public is not None:
+            rules += [f"-A {OUTPUT_CHAIN} -o {public} -p ipv6-icmp -m icmp6 --icmpv6-type {kind} "
+                      f"{_comment('ipv6 control sent on the public link')} -j ACCEPT" for kind in ICMPV6_SENT]
         if family == 4:
             sent: set[tuple[str, str]] = set()  # one rule per (port, destination set), as for input
             for flow in self.policy.flows_from_host(host):
@@ -208,15 +227,48 @@ class Renderer:
                         continue
                     sent.add((_port_match(port, 4), s.name))
                     rules.append(
-                        f"-A {OUTPUT_CHAIN} -o {private} {_port_match(port, 4)} "
-                        f"-m set --match-set {s.landed} dst {_comment(f'{flow.why}: {flow.source} -> {flow.role} {port}')} -j ACCEPT"
+                        f"-A {OUTPUT_CHAIN} -o {private} {_port_match(port, 4)} -m set --match-set "
+                        f"{s.landed} dst {_comment(about(flow.why, f'{flow.source} -> {flow.role} {port}', flow.description))} -j ACCEPT"
                     )
-        rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress restricted: default drop')} -j DROP")
+        if allowlist is None:
+            rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress restricted: default drop')} -j DROP")
+            return rules
+        done: set[tuple[str, str]] = set()
+        for allowed in allowlist:
+            for match in self._destination_matches(host, allowed, family):
+                for port in allowed.ports:
+                    if (match, _port_match(port, family)) in done:
+                        continue
+                    done.add((match, _port_match(port, family)))
+                    comment = _comment(about(allowed.why, f"{host.role} -> {allowed.to} {port}", allowed.description))
+                    words = [f"-A {OUTPUT_CHAIN}", match, _port_match(port, family), comment, "-j ACCEPT"]
+                    rules.append(" ".join(w for w in words if w))
+        rules.append(f"-A {OUTPUT_CHAIN} {_comment('egress allowlist: default drop')} -j DROP")
         return rules
+
+    def _destination_matches(self, host: Host, allowed: EgressFlow, family: int) -> list[str]:
+        """The matches for an allowlist entry's destination in one family ([] if it cannot occur in it)."""
+        stack = self.policy.stack
+        public, private = stack.public_interface(host.role), stack.private_interface(host.role)
+        if allowed.kind in ("role", "all", "host"):
+            # The schema refuses such an entry unless the destination's ingress admits this role on these ports,
+            # so the rule for what peers admit (above) already lets it out: a second rule would never match.
+            return []
+        if allowed.interface == "public" and public is None:
+            # a private droplet reaches the Internet through the NAT gateway on its one, VPC interface: there the
+            # Internet is what lies outside the VPC range (IPv4 only: the VPC carries no IPv6)
+            if family == 6:
+                return []
+            out = f"-o {private}" + (f" ! -d {stack.vpc_ip_range}" if allowed.kind == "internet" else "")
+        else:
+            out = "" if allowed.interface is None else f"-o {public if allowed.interface == 'public' else private}"
+        if allowed.kind == "internet":
+            return [out]
+        return [f"{out} -d {allowed.to}".strip()] if (":" in allowed.to) == (family == 6) else []  # one family
 
     def _table(self, host: Host, family: int, sets: dict[str, IpSet]) -> str:
         role = self.policy.stack.roles[host.role]
-        restricted = role.egress == "restricted"
+        restricted = role.egress != "open"
         title = f"enclave {self.stack_name} {host.name} (role {host.role}), IPv{family}"
         body = self._input_rules(host, family, sets)
         output = self._output_rules(host, family, sets) if restricted else []

@@ -126,12 +126,13 @@ SetEnv {env}
         spec = []
         for name in [*(h.name for h in self.probe_set.hosts), *OUTSIDERS]:
             is_host = name in self.policy.host_by_name
+            answers = is_host or name == "internet"  # the Internet answers the hosts' egress probes
             spec.append({
                 "name": name,
                 "netns": f"/run/netns/{self.namespace(name)}",
-                # outsiders only send; port 22 is sshd's
-                "tcp": listen_ports(self.ports, "tcp", skip=(22,)) if is_host else [],
-                "udp": listen_ports(self.ports, "udp") if is_host else [],
+                # the operator and the neighbour only send; on hosts port 22 is sshd's
+                "tcp": listen_ports(self.ports, "tcp", skip=(22,) if is_host else ()) if answers else [],
+                "udp": listen_ports(self.ports, "udp") if answers else [],
             })
         spec_path = self.dir / "agents" / "namespaces.json"
         spec_path.write_text(json.dumps(spec))

@@ -14,8 +14,9 @@ from typing import Any, Callable, Literal
 
 from config.schema import PortSpec
 
-from ..compiler import SSH, Addresses, Endpoint, Flow, Host, Interface, Policy, arrival_interface, decide
-from ..plan import Outsiders, TestResult, endpoints_for
+from ..compiler import (SSH, Addresses, Endpoint, Flow, Host, Interface, Policy, Source, arrival_interface, decide,
+                        egress_verdict)
+from ..plan import Outsiders, TestResult, endpoints_for, is_outside, outside_address
 
 AddressKind = Literal["private", "public", "public6"]
 
@@ -112,7 +113,8 @@ def probe_numbers(spec: PortSpec) -> list[int]:
 
 
 def declared_ports(policy: Policy) -> list[PortSpec]:
-    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(t.port for t in policy.stack.tests)}
+    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(t.port for t in policy.stack.tests),
+             *(p for allowed in policy.egress.values() for e in allowed for p in e.ports)}
     return sorted(specs)
 
 
@@ -172,16 +174,49 @@ def sample_hosts(policy: Policy) -> list[str]:
     return [h.name for h in policy.hosts if h.name in chosen]
 
 
+def outside_targets(policy: Policy, others: Outsiders) -> dict[str, str]:
+    """Where hosts' egress is probed, by name: the lab's Internet, and an address inside every CIDR a test is sent
+    to (the Internet's namespace holds those addresses too, and answers on every probed port)."""
+    assert others.internet.address is not None
+    out = {"internet": others.internet.address}
+    for test in policy.stack.tests:
+        if is_outside(test.to) and test.to != "internet":
+            out[test.to] = outside_address(test.to, others)
+    return out
+
+
+def outside_probes(policy: Policy, src: Endpoint, targets: dict[str, str], address6: str | None,
+                   ports: list[PortSpec]) -> list[Probe]:
+    """A host's probes to the Internet (and test CIDRs): what its egress lets out, on every probe port. The
+    expected verdict is `egress_verdict()`, shown as a flow from the host to `internet`."""
+    host = policy.host_by_name[src.name]
+    probes = []
+    for name, address in targets.items():
+        kinds: list[tuple[AddressKind, str]] = [("public", address)]
+        if name == "internet" and address6 and src.address6:
+            kinds.append(("public6", address6))
+        for kind, addr in kinds:
+            target = Target(name, kind, addr)
+            for port in ports:
+                why = egress_verdict(policy, host, addr, None, port, "public", target.family)
+                expected = Flow(Source("host", src.name), name, (port,), why) if why else None
+                probes.append(Probe(src, target, port, expected))
+    return probes
+
+
 def plan_probes(policy: Policy, addresses: dict[str, Addresses], others: Outsiders,
                 sample: list[str] | None = None) -> ProbeSet:
-    """From every host and outsider to every other host, on every address it can reach, every probe port.
+    """From every host and outsider to every other host, on every address it can reach, every probe port; and
+    from every host to the Internet (its egress).
 
+    A probe between hosts gets through when the destination admits it and the source's egress lets it out.
     sample: only these hosts send and receive host-to-host probes and receive the outsiders' (sample_hosts);
     None probes every pair (exhaustive).
     """
     ports, never = probe_ports(policy)
     hosts = [h for h in policy.hosts if sample is None or h.name in set(sample)]
     sources = [host_endpoint(h, addresses) for h in hosts] + [others.internet, others.operator, others.neighbor]
+    outside = outside_targets(policy, others)
     probes = []
     for src in sources:
         for dst in hosts:
@@ -190,7 +225,13 @@ def plan_probes(policy: Policy, addresses: dict[str, Addresses], others: Outside
             for target in targets_from(src, dst, addresses):
                 for port in ports:
                     expected = decide(policy, src, dst, port, target.interface, target.family)
+                    if expected is not None and src.kind == "host" and egress_verdict(
+                            policy, policy.host_by_name[src.name], target.address, dst, port, target.interface,
+                            target.family) is None:
+                        expected = None  # the source's own egress drops it
                     probes.append(Probe(src, target, port, expected))
+        if src.kind == "host":
+            probes += outside_probes(policy, src, outside, others.internet.address6, ports)
     return ProbeSet(sources, hosts, ports, declared_ports(policy), never, probes, None if sample is None else list(sample))
 
 
@@ -208,6 +249,8 @@ def exhaustive_probe_count(policy: Policy, addresses: dict[str, Addresses], othe
         others_n = n - (1 if src.kind == "host" else 0)
         six = hosts_v6 - (1 if src.kind == "host" and src.address6 else 0)
         targets += others_n * (private + public) + (six if public6 else 0)
+        if src.kind == "host":  # its egress to the Internet (both families when both have them) and test CIDRs
+            targets += len(outside_targets(policy, others)) + bool(src.address6 and others.internet.address6)
     return targets * len(ports)
 
 
@@ -313,6 +356,15 @@ def tests_with_packets(
         for src in endpoints_for(test.sources, policy, others, addresses):
             kind: AddressKind = arrival_interface(src)
             if sampled is not None and src.kind == "host" and src.name not in sampled:
+                continue
+            if is_outside(test.to):
+                outcome = by_key.get((src.name, test.to, "public", test.port))
+                if outcome is None:
+                    denied.append(f"{src.name}->{test.to} (not probed)")
+                elif outcome.passed:
+                    allowed.append(f"{src.name}->{test.to} {outcome.probe.target.address}")
+                else:
+                    denied.append(f"{src.name}->{test.to} {outcome.probe.target.address} ({outcome.detail})")
                 continue
             for dst in policy.hosts_of(test.to):
                 if src.kind == "host" and src.name == dst.name:
@@ -457,7 +509,8 @@ def role_summary(report: LabReport) -> list[dict[str, Any]]:
     roles = {h.name: h.role for h in report.probe_set.hosts}
     groups: dict[tuple[str, str, str], dict[str, Any]] = {}
     for o in report.outcomes:
-        key = (roles.get(o.probe.source.name, o.probe.source.name), roles[o.probe.target.host], o.probe.target.kind)
+        key = (roles.get(o.probe.source.name, o.probe.source.name), roles.get(o.probe.target.host, o.probe.target.host),
+               o.probe.target.kind)
         g = groups.setdefault(key, {"src": key[0], "dst": key[1], "kind": key[2], "probes": 0, "allowed": set(),
                                     "mismatches": 0})
         g["probes"] += 1

@@ -87,10 +87,33 @@ def role_matrix(report: LabReport) -> Table:
     cells: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
     role_of = {h.name: h.role for h in ps.hosts}
     for o in report.outcomes:
-        cells[(source_group(report, o.probe.source.name), role_of[o.probe.target.host])].append(o)
+        if o.probe.target.host in role_of:  # the hosts' egress to the Internet: egress_matrix
+            cells[(source_group(report, o.probe.source.name), role_of[o.probe.target.host])].append(o)
     rows = list(dict.fromkeys(source_group(report, s.name) for s in ps.sources))
     for row in rows:
         table.add_row(row, *(_group_cell(cells[(row, r)], ps.declared) for r in roles))
+    return table
+
+
+def egress_matrix(report: LabReport) -> Table | None:
+    """Per source role: what got out to the Internet (and to the CIDRs stack tests send to), which answers on
+    every probed port; None when nothing was probed there."""
+    ps = report.probe_set
+    role_of = {h.name: h.role for h in ps.hosts}
+    outside = list(dict.fromkeys(o.probe.target.host for o in report.outcomes if o.probe.target.host not in role_of))
+    if not outside:
+        return None
+    table = Table(title=f"stack {report.stack_name}: what each role's egress let out (the Internet answers on every "
+                        "probed port)", title_justify="left", show_lines=True)
+    table.add_column("from \\ to", style="bold")
+    for name in outside:
+        table.add_column(name)
+    cells: dict[tuple[str, str], list[Outcome]] = defaultdict(list)
+    for o in report.outcomes:
+        if o.probe.target.host not in role_of:
+            cells[(source_group(report, o.probe.source.name), o.probe.target.host)].append(o)
+    for row in dict.fromkeys(h.role for h in ps.hosts):
+        table.add_row(row, *(_group_cell(cells[(row, name)], ps.declared) for name in outside))
     return table
 
 
@@ -159,6 +182,9 @@ def print_report(report: LabReport, console: Console) -> None:
     ps = report.probe_set
     by_host = fits(report, console.width)
     console.print(matrix(report) if by_host else role_matrix(report))
+    egress = egress_matrix(report)
+    if egress is not None:
+        console.print(egress)
     where = "destination host" if by_host else "destination role, from every probed pair of the group"
     sample = ("" if ps.exhaustive else
               f" Sampled: probes from and to {', '.join(ps.sample or [])} (the first and last host of each role, "

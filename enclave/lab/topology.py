@@ -6,7 +6,7 @@ from __future__ import annotations
 from .base import NAT, LabBase
 from .machine import LabError, LabUnavailable, _run, _run_all
 from .nat import nat_rules
-from .probe import AddressKind
+from .probe import AddressKind, outside_targets
 
 def mac(index: int, bridge: str) -> str:
     """A lab interface's MAC address: fixed, so every namespace can be given its neighbours' in advance."""
@@ -78,6 +78,9 @@ class Topology(LabBase):
             addrs = ([f"{endpoint.address}/32"] if endpoint.address else []) + (
                 [f"{endpoint.address6}/128"] if endpoint.address6 else []
             )
+            if endpoint is self.others.internet:  # it also answers inside every CIDR a test sends to
+                addrs += [f"{a}/32" for a in sorted(set(outside_targets(self.policy, self.others).values()))
+                          if a != endpoint.address]
             plug(n + j, endpoint.name, pub, "public", addrs)
         plug(n + 2, "neighbor", priv, "private", [f"{self.others.neighbor.address}/{prefix}"])
         if self.nat is not None:
@@ -95,6 +98,13 @@ class Topology(LabBase):
         if self.nat is not None:
             _run(self.in_ns(NAT, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
             _run(self.in_ns(NAT, ["iptables-restore"]), input=nat_rules(stack, pub, priv))
+        internet = self.others.internet.address
+        for address in sorted(set(outside_targets(self.policy, self.others).values()) - {internet}):
+            # A test CIDR's address is the Internet's too; its listeners are bound to any address, and a UDP
+            # answer would leave from the primary one, which the prober's conntrack does not know: the Internet
+            # DNATs the address to its own, so conntrack answers from the address that was asked.
+            _run(self.in_ns("internet", ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", f"{address}/32",
+                                         "-j", "DNAT", "--to-destination", str(internet)]))
         if self.starved:  # the injected fault: these namespaces give up on every neighbour they do not know
             knobs = [f"net.ipv{v}.neigh.{iface}.{k}=0" for v in (4, 6) for iface in (pub, priv)
                      for k in ("mcast_solicit", "ucast_solicit", "app_solicit")]
@@ -132,6 +142,11 @@ class Topology(LabBase):
             if kind != "private":
                 return None
             index, address, iface, bridge = n + 2, self.others.neighbor.address, priv, "private"
+        elif name not in ("internet", "operator"):  # a CIDR a test sends to: the Internet answers there
+            address = outside_targets(self.policy, self.others).get(name)
+            if kind != "public" or address is None:
+                return None
+            index, iface, bridge = n, pub, "public"
         else:
             endpoint = self.others.internet if name == "internet" else self.others.operator
             if kind == "private":
@@ -184,6 +199,7 @@ class Topology(LabBase):
                 continue
             if a not in self.starved:
                 entries.setdefault(a, set()).add((la[0], lb[1], lb[2]))
-            if b not in self.starved:
-                entries.setdefault(b, set()).add((lb[0], la[1], la[2]))
+            owner = b if b in self.addresses or b in ("internet", "operator", "neighbor") else "internet"  # a test CIDR
+            if owner not in self.starved:
+                entries.setdefault(owner, set()).add((lb[0], la[1], la[2]))
         return entries

@@ -21,7 +21,7 @@ from rich.console import Console
 from config.schema import PortSpec, StackError, StackIssue
 from config.stackfile import Stack
 
-from ..compiler import Addresses, Endpoint, Flow, Host, Interface, Policy, arrival_interface, decide
+from ..compiler import Addresses, Endpoint, Flow, Host, Interface, Policy, arrival_interface, decide, egress_verdict
 from ..plan import build_plan, endpoints_for, load_addresses, outsiders
 from .engine import Packet, VerifyError, keys_at, table_regions, traverse, with_push_jumps
 from .parse import ParseError, parse_ipsets, parse_tables
@@ -284,7 +284,8 @@ class Reach:
 
 
 def reach(policy: Policy, addresses: dict[str, Addresses], name: str) -> list[Reach]:
-    """Every (role, hosts, port, interface) host `name` can open; exact because `prove` proves rules == decide."""
+    """Every (role, hosts, port, interface) host `name` can open (admitted there, and let out by its own egress);
+    exact because `prove` proves rules == decide and egress_verdict."""
     me = policy.host_by_name[name]
     mine = addresses[name]
     sources = [("private", 4, Endpoint("host", name, mine.public, mine.public6)),
@@ -299,7 +300,13 @@ def reach(policy: Policy, addresses: dict[str, Addresses], name: str) -> list[Re
         ports = sorted({p for f in policy.flows_to_role[role] for p in f.ports}, key=lambda p: (p.proto, p.low, p.high))
         for interface, family, src in sources:
             for port in ports:
-                flow = decide(policy, src, policy.host_by_name[hosts[0]], port, interface, family)  # type: ignore[arg-type]
+                dst = policy.host_by_name[hosts[0]]
+                flow = decide(policy, src, dst, port, interface, family)  # type: ignore[arg-type]
+                to = addresses[dst.name]
+                address = to.private if interface == "private" else to.public if family == 4 else to.public6
+                if flow is not None and egress_verdict(policy, me, address, dst, port, interface,  # type: ignore[arg-type]
+                                                       family) is None:
+                    flow = None  # admitted there, but this host's own egress allowlist does not let it out
                 if flow is not None:
                     label = interface + (" IPv6" if family == 6 else "")
                     out.append(Reach(role, hosts, port, label, flow.why))

@@ -8,7 +8,10 @@ fe80::/10 with hop limit 1, whatever their conntrack state. Every other packet (
 `egress: restricted` loopback, replies, anything out of the public interface, and on the private interface
 exactly what the destination host accepts from this one. A role with `public: false` has one interface, the
 private one (`interfaces.privateOnly`): nothing arrives on a public one, and restricted egress lets out to the
-Internet (through the NAT gateway) what leaves it for an IPv4 address outside the VPC range.
+Internet (through the NAT gateway) what leaves it for an IPv4 address outside the VPC range. For an egress
+allowlist: loopback, replies, on a role
+with `ipv6` the ICMPv6 control it sends on the public link, and every other packet what
+`enclave.compiler.egress_verdict()` says (what peers admit, the listed entries, the essentials).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import ipaddress
 
 from config.schema import PortSpec
 
-from ..compiler import Addresses, Endpoint, Host, Interface, Policy, decide
-from ..render import ICMPV6_ND, LINK_LOCAL, MLD_HOP_LIMIT, MLD_QUERY, ND_HOP_LIMIT
+from ..compiler import Addresses, Endpoint, Host, Interface, Policy, decide, egress_verdict
+from ..render import ICMPV6_ND, ICMPV6_SENT, LINK_LOCAL, MLD_HOP_LIMIT, MLD_QUERY, ND_HOP_LIMIT
 from .engine import Packet, Regions
 from .parse import ICMPV6_TYPES
 
@@ -28,6 +31,7 @@ LL_INTERVAL = (int(LL.network_address), int(LL.broadcast_address) + 1)
 ND = {ICMPV6_TYPES[name]: name for name in ICMPV6_ND if name != "router-advertisement"}
 RA = ICMPV6_TYPES["router-advertisement"]
 MLD = int(MLD_QUERY)
+SENT = {ICMPV6_TYPES.get(name) or int(name): name for name in ICMPV6_SENT}
 
 
 def _interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int]:
@@ -59,7 +63,8 @@ class HostIntent:
         self.role = stack.roles[host.role]
         self.public, self.private = stack.public_interface(host.role), stack.private_interface(host.role)
         self.vpc = _interval(stack.vpc_ip_range)
-        self.restricted = self.role.egress == "restricted"
+        self.restricted = self.role.egress != "open"
+        self.allowlist = policy.egress.get(host.role)
         self.index = index if index is not None else AddressIndex(policy, addresses)
         self.host_at = self.index.host_at
 
@@ -89,21 +94,31 @@ class HostIntent:
         return regions
 
     def dst_regions(self, family: int, hook: str) -> Regions:
-        if hook == "OUTPUT" and family == 4 and self.restricted:
-            # decide() sees a destination host only through its role; without a public interface, the Internet
-            # is what lies outside the VPC range
-            return {**self._role_regions(), ("vpc",): [self.vpc]}
-        return {}
+        if hook != "OUTPUT" or not self.restricted:
+            return {}
+        # decide() sees a destination host only through its role; an allowlist adds its CIDRs (essentials too);
+        # without a public interface, the Internet is what lies outside the VPC range
+        regions: Regions = self._role_regions() if family == 4 else {}
+        if family == 4 and self.public is None:
+            regions[("vpc",)] = [self.vpc]
+        for allowed in self.allowlist or []:
+            if allowed.kind == "host" and family == 4:
+                addr = as_int(self.addresses[allowed.to].private)
+                regions[("host", allowed.to)] = [(addr, addr + 1)]
+            elif allowed.kind == "cidr" and ipaddress.ip_network(allowed.to).version == family:
+                regions[("egress", allowed.to)] = [_interval(ipaddress.ip_network(allowed.to))]
+        return regions
 
     def interfaces(self) -> list[str]:
         return ["lo", *([self.public] if self.public else []), self.private]
 
     def ports(self, hook: str) -> list[tuple[int, int]]:
         flows = self.policy.flows if hook == "OUTPUT" else self.policy.flows_to_role[self.host.role]
-        return [(p.low, p.high) for f in flows for p in f.ports if p.proto != "icmp"]
+        listed = [p for e in self.allowlist or [] for p in e.ports] if hook == "OUTPUT" else []
+        return [(p.low, p.high) for p in [*(p for f in flows for p in f.ports), *listed] if p.proto != "icmp"]
 
     def icmp_types(self, family: int) -> list[int]:
-        return [ECHO[family]] + ([MLD, RA, *ND] if family == 6 else [])
+        return [ECHO[family]] + ([MLD, RA, *ND, *SENT] if family == 6 else [])
 
     def hop_limits(self, family: int) -> list[int]:
         return [ND_HOP_LIMIT, MLD_HOP_LIMIT] if family == 6 else []
@@ -174,14 +189,22 @@ class HostIntent:
             return True, "by design: loopback"
         if p.state in ("ESTABLISHED", "RELATED"):
             return True, "by design: replies (ESTABLISHED, RELATED)"
-        if self.public is not None and p.iface == self.public:
+        outside_vpc = family == 4 and not self.vpc[0] <= p.dst < self.vpc[1]
+        if self.allowlist is None and self.public is not None and p.iface == self.public:
             return True, "egress: restricted lets new traffic out of the public interface"
-        if self.public is None and p.iface == self.private and family == 4 and not self.vpc[0] <= p.dst < self.vpc[1]:
+        if self.allowlist is None and self.public is None and p.iface == self.private and outside_vpc:
             return True, "egress: restricted lets new traffic to the Internet out (through the NAT gateway)"
-        dst = self.host_at.get(p.dst) if family == 4 and p.iface == self.private else None
+        if self.allowlist is not None and family == 6 and self.role.ipv6 and p.iface == self.public and p.proto == 58 \
+                and p.icmp in SENT:
+            return True, f"by design: IPv6 {SENT[p.icmp]} sent on the public link"
+        interface: Interface | None = {self.public: "public", self.private: "private"}.get(p.iface)  # type: ignore[assignment]
+        if self.public is None and interface == "private" and outside_vpc:
+            interface = "public"  # a private droplet's Internet side: out of its one interface, through the NAT gateway
+        dst = self.host_at.get(p.dst) if family == 4 and interface == "private" else None
         port = self._port(family, p)
-        if dst is not None and port is not None:
-            flow = decide(self.policy, Endpoint("host", self.host.name), dst, port, "private", family)
-            if flow is not None:
-                return True, f"{flow.why} (what {dst.name} accepts from this host)"
-        return False, "egress restricted: default drop"
+        if port is not None:
+            address = str(ipaddress.ip_address(p.dst) if family == 4 else ipaddress.IPv6Address(p.dst))
+            why = egress_verdict(self.policy, self.host, address, dst, port, interface, family)
+            if why is not None:
+                return True, why
+        return False, "egress restricted: default drop" if self.allowlist is None else "egress allowlist: default drop"

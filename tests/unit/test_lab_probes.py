@@ -92,7 +92,10 @@ def test_expected_verdicts_follow_the_address_a_probe_arrives_on() -> None:
     assert expectation(probes, "mysql-2", "mysql-1", "public6", "tcp/3306") is None
     assert expectation(probes, "wordpress-1", "mysql-1", "private", "udp/3306") is None  # tcp was declared
     assert all(p.expected is None for p in probes.probes if p.source.name == "neighbor")
-    assert all(p.expected is None for p in probes.probes if p.port.low == probes.never_declared)
+    # between hosts; to the Internet every port a host's open egress lets out is expected through
+    assert all(p.expected is None for p in probes.probes if p.port.low == probes.never_declared
+               and p.target.host != "internet")
+    assert expectation(probes, "mysql-1", "internet", "public", f"tcp/{probes.never_declared}") == "egress open"
 
 
 def test_perfect_netfilter_passes_every_stack_test_like_the_plan() -> None:
@@ -160,7 +163,7 @@ def role_level(probes: ProbeSet) -> set[tuple[str, str, str, str, str | None]]:
     """What a probe proves about the rule text: source role (or outsider), destination role, address, port,
     and the declaration that admits it."""
     roles = {h.name: h.role for h in probes.hosts}
-    return {(roles.get(p.source.name, p.source.name), roles[p.target.host], p.target.kind, str(p.port),
+    return {(roles.get(p.source.name, p.source.name), roles.get(p.target.host, p.target.host), p.target.kind, str(p.port),
              p.expected.why if p.expected else None) for p in probes.probes}
 
 

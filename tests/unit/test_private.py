@@ -174,3 +174,18 @@ def test_plan_warns_when_private_droplets_cannot_install_packages() -> None:
     db(doc)["image"] = "171234567"  # a snapshot that has the tools
     assert install_warnings(stack_of(doc).config) == []
     assert install_warnings(stack_of(private_doc()).config) == []  # the NAT gateway reaches the mirrors
+
+
+def test_a_private_roles_egress_allowlist_reaches_the_internet_only_through_the_nat_gateway() -> None:
+    """An allowlist on a role without public networking: `internet` and a CIDR outside the VPC leave its one
+    interface for addresses outside the VPC range (the NAT gateway's side), and the verifier proves it so."""
+    doc = private_doc()
+    db(doc)["egress"] = [{"to": "internet", "ports": ["tcp/443"]}, {"to": "203.0.113.0/24", "ports": ["tcp/5432"]}]
+    plan = build_plan(stack_of(doc))
+    v4 = plan.files["db-1"].ipv4
+    vpc = doc["config"]["enclave:vpcIpRange"]
+    assert f"-A ENCLAVE-OUTPUT -o eth0 ! -d {vpc} -p tcp -m tcp --dport 443 " in v4
+    assert "-A ENCLAVE-OUTPUT -o eth0 -d 203.0.113.0/24 -p tcp -m tcp --dport 5432 " in v4
+    assert "eth1" not in v4 and "-o eth0 -p tcp -m tcp --dport 443" not in v4  # never the VPC itself on 443
+    prover = Prover(plan.policy, plan.addresses)
+    assert [h for h, f in plan.files.items() if not prover.prove(HostText.of(f)).proved] == []

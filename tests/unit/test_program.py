@@ -551,7 +551,7 @@ def _short_push_timeout(config: dict[str, Any]) -> None:
         ("prod", _too_many_cloud_firewall_rules, None, "enclave:roles.mysql.ingress: with enclave:cloudFirewall"),
         ("prod", _previous_key_as_public, None, "enclave:sshPreviousPrivateKey: is not a private key"),
         ("prod", _rotating, ["enclave:sshPrivateKey"], "enclave:sshPreviousPrivateKey: is stored in plain text"),
-        ("prod", _short_push_timeout, None, "enclave:pushTimeout: Input should be greater than or equal to 60"),
+        ("prod", _short_push_timeout, None, "enclave:pushTimeout: '5' is too small; the lowest allowed is 60"),
         ("prod", _too_many_rules_per_host, None, "enclave:roles.haproxy-www.ingress: its hosts would get 2110 rules"),
     ],
     ids=[
