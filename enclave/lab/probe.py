@@ -111,8 +111,14 @@ def probe_numbers(spec: PortSpec) -> list[int]:
     return [spec.low, (spec.low + spec.high) // 2, spec.high]
 
 
+def probed_ports(specs: tuple[PortSpec, ...]) -> list[PortSpec]:
+    """The single ports probed for a test's ports (probe_numbers of each range)."""
+    return [s if s.proto == "icmp" else PortSpec(s.proto, n, n) for s in specs for n in
+            ([0] if s.proto == "icmp" else probe_numbers(s))]
+
+
 def declared_ports(policy: Policy) -> list[PortSpec]:
-    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(t.port for t in policy.stack.tests)}
+    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(p for t in policy.stack.tests for p in t.ports)}
     return sorted(specs)
 
 
@@ -319,13 +325,15 @@ def tests_with_packets(
                     continue  # loopback, always open
                 if sampled is not None and dst.name not in sampled:
                     continue
-                outcome = by_key.get((src.name, dst.name, kind, test.port))
-                if outcome is None:
-                    denied.append(f"{src.name}->{dst.name} (not probed: {src.name} has no {kind} route to it)")
-                elif outcome.passed:
-                    allowed.append(f"{src.name}->{dst.name} {outcome.probe.target.address}")
-                else:
-                    denied.append(f"{src.name}->{dst.name} {outcome.probe.target.address} ({outcome.detail})")
+                for port in probed_ports(test.ports):  # a range or `any`: its ends and middle (the verifier
+                    outcome = by_key.get((src.name, dst.name, kind, port))  # proves every port at plan time)
+                    shown = f" {port}" if port != test.port else ""
+                    if outcome is None:
+                        denied.append(f"{src.name}->{dst.name}{shown} (not probed: {src.name} has no {kind} route to it)")
+                    elif outcome.passed:
+                        allowed.append(f"{src.name}->{dst.name}{shown} {outcome.probe.target.address}")
+                    else:
+                        denied.append(f"{src.name}->{dst.name}{shown} {outcome.probe.target.address} ({outcome.detail})")
         detail = "; ".join((denied if test.expect == "allow" else allowed)[:5])
         results.append(TestResult(i, test, TestResult.verdict(len(allowed), len(denied)), detail))
     return results

@@ -1,0 +1,224 @@
+"""The stack's tests proved for every packet: each test against the rule files its destination hosts receive.
+
+`enclave.plan.evaluate_tests` judges a test with decide() over stand-in sources (one outsider, one operator
+address); the lab sends a sample of real packets. This proves it: the packets a test names are cut into classes
+no rule tells apart (as enclave.verify.engine does) and netfilter's traversal decides each class. Every packet is
+a NEW connection, from every source port, to every destination port of the test, to the destination's address on
+the interface the source arrives on:
+
+  role or host   its hosts' private addresses on the private interface (IPv4; a destination host itself is
+                 left out: it reaches itself over loopback, which is always open)
+  operators      every address of `operators`, on the public interface (IPv4 and IPv6)
+  internet       the plan's stand-in outsider (one IPv4 and one IPv6 address) on the public interface
+  outside        every address outside vpcIpRange and `operators` on the public interface (IPv4 and IPv6)
+  neighbor       every address of vpcIpRange that is no stack host's, on the private interface
+
+`allow` holds when the rules accept every such packet, `deny` when they accept none; otherwise the test sees
+`mixed`, and a packet that contradicts the expectation is the counterexample.
+
+Pure logic: no I/O, no root.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+
+from config.schema import PolicyTest, PortSpec
+
+from ..compiler import Addresses, Host, Policy
+from ..plan import TestResult, outsiders
+from ..rulefiles import RuleFiles
+from .engine import Packet, Regions, keys_at, partition, table_regions, traverse, with_push_jumps
+from .parse import IpSetDef, Table, parse_ipsets, parse_tables
+from .prove import COMMENT_LINE
+
+TEST_REGION = ("the test's sources",)
+ECHO = {4: 8, 6: 128}
+ICMP_PROTO = {4: 1, 6: 58}
+TOP = {4: 1 << 32, 6: 1 << 128}
+Interval = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TestProof:
+    index: int
+    test: PolicyTest
+    seen: str  # allow | deny | mixed, over every packet the test names
+    classes: int  # classes of packets evaluated (each stands for every packet no rule tells apart from it)
+    counterexample: str  # a packet that contradicts the expectation and the rule line that decided it, or ""
+
+    @property
+    def passed(self) -> bool:
+        return self.seen == self.test.expect
+
+    def describe(self) -> str:
+        return TestResult(self.index, self.test, self.seen, "").describe()
+
+
+@dataclass
+class _Files:
+    tables: dict[int, Table]
+    sets: dict[str, IpSetDef]
+    src_regions: dict[int, Regions]
+    dst_regions: dict[int, Regions]
+    dport_cuts: dict[int, set[int]]
+    sport_cuts: dict[int, list[int]]
+
+
+def _addr(family: int, text: str) -> int:
+    return int(ipaddress.IPv4Address(text) if family == 4 else ipaddress.IPv6Address(text))
+
+
+def _complement(intervals: list[Interval], top: int) -> list[Interval]:
+    out, at = [], 0
+    for lo, hi in sorted(intervals):
+        if lo > at:
+            out.append((at, lo))
+        at = max(at, hi)
+    if at < top:
+        out.append((at, top))
+    return out
+
+
+def _interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Interval:
+    return int(net.network_address), int(net.broadcast_address) + 1
+
+
+class TestProver:
+    """Proves the stack's tests over the rendered files (or any files given per host); hosts with the same files
+    are parsed once and every (files, source region, port) is decided once."""
+
+    def __init__(self, policy: Policy, addresses: dict[str, Addresses], files: dict[str, RuleFiles]) -> None:
+        self.policy, self.addresses, self.files = policy, addresses, files
+        self.others = outsiders(policy.stack, addresses)
+        self._parsed: dict[tuple[str, str, str], _Files] = {}
+        self._decided: dict[tuple[object, ...], tuple[int, int, int, Packet | None, str]] = {}
+        self.names: dict[int, str] = {}
+        for name, a in addresses.items():
+            for family, text in ((4, a.private), (4, a.public), (6, a.public6)):
+                if text:
+                    self.names[_addr(family, text)] = name
+
+    def _key(self, host: str) -> tuple[str, str, str]:
+        f = self.files[host]
+        return COMMENT_LINE.sub("", f.ipv4), COMMENT_LINE.sub("", f.ipv6), f.ipsets
+
+    def _parse(self, host: str) -> _Files:
+        key = self._key(host)
+        if key not in self._parsed:
+            f = self.files[host]
+            sets = parse_ipsets(f.ipsets, f"{host}/ipsets")
+            tables = {4: with_push_jumps(parse_tables(f.ipv4, 4, f"{host}/rules.v4")),
+                      6: with_push_jumps(parse_tables(f.ipv6, 6, f"{host}/rules.v6"))}
+            parsed = _Files(tables, sets, {}, {}, {}, {})
+            for family, table in tables.items():
+                parsed.src_regions[family], parsed.dst_regions[family] = table_regions(table, sets)
+                dports: set[int] = set()
+                sports: set[int] = {0}
+                for rules in table.rules.values():
+                    for r in rules:
+                        for c in r.conds:
+                            if c.kind in ("dport", "sport"):
+                                for lo, hi in c.arg:
+                                    (dports if c.kind == "dport" else sports).update((lo, hi + 1))
+                parsed.dport_cuts[family] = dports
+                parsed.sport_cuts[family] = sorted(x for x in sports if x < 65536)
+            self._parsed[key] = parsed
+        return self._parsed[key]
+
+    # --- what a test names -----------------------------------------------------------------------
+
+    def sources(self, name: str, dst: Host) -> list[tuple[str, int, tuple[Interval, ...]]]:
+        """(interface, family, address intervals) of the packets a test's `from` names, towards `dst`."""
+        stack = self.policy.stack
+        ops = {v: [_interval(n) for n in stack.operators if n.version == v] for v in (4, 6)}
+        if name == "operators":
+            return [("public", v, tuple(ops[v])) for v in (4, 6) if ops[v]]
+        if name == "internet":
+            ends = ((4, self.others.internet.address), (6, self.others.internet.address6))
+            return [("public", v, ((a, a + 1),)) for v, text in ends if text for a in [_addr(v, text)]]
+        if name == "outside":
+            vpc = _interval(stack.vpc_ip_range)
+            return [("public", 4, tuple(_complement([vpc, *ops[4]], TOP[4]))),
+                    ("public", 6, tuple(_complement(ops[6], TOP[6])))]
+        hosts = sorted(_addr(4, a.private) for a in self.addresses.values())
+        if name == "neighbor":
+            vpc = _interval(stack.vpc_ip_range)
+            inside = _complement([vpc], TOP[4])
+            return [("private", 4, tuple(_complement(inside + [(a, a + 1) for a in hosts], TOP[4])))]
+        named = sorted(_addr(4, self.addresses[h.name].private) for h in self.policy.hosts_of(name) if h != dst)
+        return [("private", 4, tuple((a, a + 1) for a in named))]
+
+    # --- the proof ---------------------------------------------------------------------------------
+
+    def prove(self, index: int, test: PolicyTest) -> TestProof:
+        accepted = dropped = classes = 0
+        counterexample = ""
+        for dst in self.policy.hosts_of(test.to):
+            parsed = self._parse(dst.name)
+            mine = self.addresses[dst.name]
+            for interface, family, region in self.sources(test.sources, dst):
+                target = mine.private if interface == "private" else mine.public if family == 4 else mine.public6
+                if target is None or not region:
+                    continue  # no IPv6 address: no such packet reaches the host
+                dst_addr = _addr(family, target)
+                dst_keys = keys_at(parsed.dst_regions[family], dst_addr)
+                for spec in test.ports:
+                    key = (self._key(dst.name), interface, family, dst_keys, region, spec)
+                    if key not in self._decided:
+                        self._decided[key] = self._decide(parsed, interface, family, region, spec, test.expect,
+                                                          dst_addr, dst_keys)
+                    n, acc, drop, packet, rule = self._decided[key]
+                    classes, accepted, dropped = classes + n, accepted + acc, dropped + drop
+                    if packet is not None and not counterexample:
+                        packet = replace(packet, dst=dst_addr)
+                        names = {a: self.names[a] for a in (packet.src, packet.dst) if a in self.names}
+                        counterexample = (f"IPv{family} {packet.describe(family, 'INPUT', names)} "
+                                          f"({dst.name} {rule})")
+        return TestProof(index, test, TestResult.verdict(accepted, dropped), classes, counterexample)
+
+    def _decide(self, parsed: _Files, interface: str, family: int, region: tuple[Interval, ...], spec: PortSpec,
+                expect: str, dst_addr: int, dst_keys: frozenset[object]
+                ) -> tuple[int, int, int, Packet | None, str]:
+        """(classes, accepted, dropped, the first packet contradicting `expect`, what the rules did with it)."""
+        table = parsed.tables[family]
+        ifaces = self.policy.stack.interfaces
+        iface = ifaces.private if interface == "private" else ifaces.public
+        regions = dict(parsed.src_regions[family])
+        regions[TEST_REGION] = list(region)
+        # a counterexample reads best from the plan's outsider, then from stack hosts' addresses
+        outsider = self.others.internet.address if family == 4 else self.others.internet.address6
+        candidates = ([_addr(family, outsider)] if outsider else []) + sorted(self.names)
+        preferred = [a for a in candidates if any(lo <= a < hi for lo, hi in region)]
+        part = partition(regions, preferred)
+        if spec.proto == "icmp":
+            shapes = [(ICMP_PROTO[family], 0, 0, ECHO[family])]
+        else:
+            proto = 6 if spec.proto == "tcp" else 17
+            cuts = sorted({spec.low} | {c for c in parsed.dport_cuts[family] if spec.low < c <= spec.high})
+            shapes = [(proto, sp, dp, -1) for dp in cuts for sp in parsed.sport_cuts[family]]
+        n = accepted = dropped = 0
+        found: Packet | None = None
+        decided_by = ""
+        for k, keys in enumerate(part.keys):
+            if TEST_REGION not in keys:
+                continue
+            for proto, sport, dport, icmp in shapes:
+                packet = Packet(iface, part.reps[k], dst_addr, proto, sport, dport, icmp, "NEW", 64, keys, dst_keys)
+                verdict, rule = traverse(table, "INPUT", packet)
+                n += 1
+                ok = verdict == "ACCEPT"
+                accepted, dropped = accepted + ok, dropped + (not ok)
+                if found is None and ok != (expect == "allow"):
+                    found = packet
+                    decided_by = ("accepts" if ok else "drops") + " it: " + (
+                        f"line {rule.line}: {rule.text}" if rule and rule.line else rule.text if rule
+                        else f"the INPUT policy {table.policies['INPUT']}")
+        return n, accepted, dropped, found, decided_by
+
+
+def prove_tests(policy: Policy, addresses: dict[str, Addresses], files: dict[str, RuleFiles]) -> list[TestProof]:
+    """Every test of the stack, proved for every packet it names against `files` (usually the rendered ones)."""
+    prover = TestProver(policy, addresses, files)
+    return [prover.prove(i, t) for i, t in enumerate(policy.stack.tests)]
