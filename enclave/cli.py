@@ -300,6 +300,8 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     for r in results:
         state = "[green]in sync[/]" if r.in_sync else "[red bold]DRIFT[/]"
         console.print(f"{escape(r.host)} ({escape(r.address)}): {state}, rules {r.compiled}", highlight=False)
+        if r.proof:
+            console.print(f"  {r.proof}", highlight=False, soft_wrap=True, markup=False)
         for line in r.drift:
             console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
         for line in r.fix:
