@@ -236,3 +236,10 @@ def test_the_proof_cost_benchmark_runs_on_a_small_fleet() -> None:
 
     result = measure(100, rounds=1)
     assert result["distinct"] == 4 and result["atoms"] > 1000 and result["prove"] > 0
+
+
+def test_a_docker_host_s_nat_rules_are_refused_saying_how_to_prove_the_filter_table_alone() -> None:
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n"
+            "COMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+    with pytest.raises(ParseError, match=r"v4:4: a rule in table nat: .* save it alone \(iptables-save -t filter\)"):
+        parse_tables(text, 4, "v4")

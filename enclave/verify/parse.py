@@ -284,7 +284,10 @@ def parse_tables(text: str, family: int, source: str) -> Table:
             if line.startswith(":"):
                 continue  # chains and policies of raw/mangle/nat/security: ACCEPT unless they hold rules
             raise ParseError(source, n, raw, f"a rule in table {current}: it can change INPUT/OUTPUT verdicts "
-                             "(untrack, mark, rewrite or drop) and is not modelled")
+                             "(untrack, mark, rewrite or drop) and is not modelled"
+                             + ("; a DNAT rewrites packets before INPUT sees them, so a proof of the filter table "
+                                "is of the rewritten packets: to prove it alone, save it alone (iptables-save -t "
+                                "filter), as enclave audit does" if current == "nat" else ""))
         if line.startswith(":"):
             parts = line[1:].split()
             if len(parts) < 2:
