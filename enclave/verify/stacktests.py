@@ -21,6 +21,7 @@ Pure logic: no I/O, no root.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from dataclasses import dataclass, replace
 
@@ -81,6 +82,17 @@ def _complement(intervals: list[Interval], top: int) -> list[Interval]:
     return out
 
 
+def _merged(intervals: tuple[Interval, ...]) -> tuple[Interval, ...]:
+    """Sorted and disjoint (operators' networks may overlap)."""
+    out: list[Interval] = []
+    for lo, hi in sorted(intervals):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
 def _interval(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Interval:
     return int(net.network_address), int(net.broadcast_address) + 1
 
@@ -93,19 +105,26 @@ class TestProver:
         self.policy, self.addresses, self.files = policy, addresses, files
         self.others = outsiders(policy.stack, addresses)
         self._parsed: dict[tuple[str, str, str], _Files] = {}
+        self._keys: dict[str, tuple[str, str, str]] = {}
+        self._host_files: dict[str, _Files] = {}
         self._decided: dict[tuple[object, ...], tuple[int, int, int, Packet | None, str]] = {}
         self.names: dict[int, str] = {}
         for name, a in addresses.items():
             for family, text in ((4, a.private), (4, a.public), (6, a.public6)):
                 if text:
                     self.names[_addr(family, text)] = name
+        self.private = {name: _addr(4, a.private) for name, a in addresses.items()}
+        self._sources: dict[tuple[str, str | None], list[tuple[str, int, tuple[Interval, ...]]]] = {}
 
     def _key(self, host: str) -> tuple[str, str, str]:
-        f = self.files[host]
-        return COMMENT_LINE.sub("", f.ipv4), COMMENT_LINE.sub("", f.ipv6), f.ipsets
+        if host not in self._keys:
+            f = self.files[host]
+            self._keys[host] = COMMENT_LINE.sub("", f.ipv4), COMMENT_LINE.sub("", f.ipv6), f.ipsets
+        return self._keys[host]
 
-    def _parse(self, host: str) -> _Files:
-        key = self._key(host)
+    def _parse(self, key: tuple[str, str, str], host: str) -> _Files:
+        if host in self._host_files:
+            return self._host_files[host]
         if key not in self._parsed:
             f = self.files[host]
             sets = parse_ipsets(f.ipsets, f"{host}/ipsets")
@@ -125,12 +144,25 @@ class TestProver:
                 parsed.dport_cuts[family] = dports
                 parsed.sport_cuts[family] = sorted(x for x in sports if x < 65536)
             self._parsed[key] = parsed
+        self._host_files[host] = self._parsed[key]
         return self._parsed[key]
 
     # --- what a test names -----------------------------------------------------------------------
 
     def sources(self, name: str, dst: Host) -> list[tuple[str, int, tuple[Interval, ...]]]:
-        """(interface, family, address intervals) of the packets a test's `from` names, towards `dst`."""
+        """(interface, family, address intervals) of the packets a test's `from` names, towards `dst`; the
+        same object for every destination the source does not include (so it is decided once)."""
+        key = self._source_key(name, dst)
+        if key not in self._sources:
+            self._sources[key] = [(i, f, _merged(r)) for i, f, r in self._regions(name, dst)]
+        return self._sources[key]
+
+    @staticmethod
+    def _source_key(name: str, dst: Host) -> tuple[str, str | None]:
+        """A test's `from`, and the destination when the source names it (it is left out of its own sources)."""
+        return name, dst.name if name in (dst.role, dst.name) else None
+
+    def _regions(self, name: str, dst: Host) -> list[tuple[str, int, tuple[Interval, ...]]]:
         stack = self.policy.stack
         ops = {v: [_interval(n) for n in stack.operators if n.version == v] for v in (4, 6)}
         if name == "operators":
@@ -142,12 +174,12 @@ class TestProver:
             vpc = _interval(stack.vpc_ip_range)
             return [("public", 4, tuple(_complement([vpc, *ops[4]], TOP[4]))),
                     ("public", 6, tuple(_complement(ops[6], TOP[6])))]
-        hosts = sorted(_addr(4, a.private) for a in self.addresses.values())
+        hosts = sorted(self.private.values())
         if name == "neighbor":
             vpc = _interval(stack.vpc_ip_range)
             inside = _complement([vpc], TOP[4])
             return [("private", 4, tuple(_complement(inside + [(a, a + 1) for a in hosts], TOP[4])))]
-        named = sorted(_addr(4, self.addresses[h.name].private) for h in self.policy.hosts_of(name) if h != dst)
+        named = sorted(self.private[h.name] for h in self.policy.hosts_of(name) if h != dst)
         return [("private", 4, tuple((a, a + 1) for a in named))]
 
     # --- the proof ---------------------------------------------------------------------------------
@@ -156,16 +188,19 @@ class TestProver:
         accepted = dropped = classes = 0
         counterexample = ""
         for dst in self.policy.hosts_of(test.to):
-            parsed = self._parse(dst.name)
+            files_key = self._key(dst.name)
+            parsed = self._parse(files_key, dst.name)
             mine = self.addresses[dst.name]
-            for interface, family, region in self.sources(test.sources, dst):
+            regions = self.sources(test.sources, dst)
+            source_key = self._source_key(test.sources, dst)
+            for interface, family, region in regions:
                 target = mine.private if interface == "private" else mine.public if family == 4 else mine.public6
                 if target is None or not region:
                     continue  # no IPv6 address: no such packet reaches the host
-                dst_addr = _addr(family, target)
+                dst_addr = self.private[dst.name] if interface == "private" else _addr(family, target)
                 dst_keys = keys_at(parsed.dst_regions[family], dst_addr)
                 for spec in test.ports:
-                    key = (self._key(dst.name), interface, family, dst_keys, region, spec)
+                    key = (files_key, interface, family, dst_keys, source_key, spec)
                     if key not in self._decided:
                         self._decided[key] = self._decide(parsed, interface, family, region, spec, test.expect,
                                                           dst_addr, dst_keys)
@@ -190,7 +225,8 @@ class TestProver:
         # a counterexample reads best from the plan's outsider, then from stack hosts' addresses
         outsider = self.others.internet.address if family == 4 else self.others.internet.address6
         candidates = ([_addr(family, outsider)] if outsider else []) + sorted(self.names)
-        preferred = [a for a in candidates if any(lo <= a < hi for lo, hi in region)]
+        starts = [lo for lo, _ in region]  # sorted, disjoint
+        preferred = [a for a in candidates if (i := bisect.bisect_right(starts, a) - 1) >= 0 and a < region[i][1]]
         part = partition(regions, preferred)
         if spec.proto == "icmp":
             shapes = [(ICMP_PROTO[family], 0, 0, ECHO[family])]
