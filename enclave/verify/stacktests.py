@@ -104,9 +104,9 @@ class TestProver:
     def __init__(self, policy: Policy, addresses: dict[str, Addresses], files: dict[str, RuleFiles]) -> None:
         self.policy, self.addresses, self.files = policy, addresses, files
         self.others = outsiders(policy.stack, addresses)
-        self._parsed: dict[tuple[str, str, str], _Files] = {}
-        self._keys: dict[str, tuple[str, str, str]] = {}
-        self._host_files: dict[str, _Files] = {}
+        self._parsed: list[_Files] = []
+        self._buckets: dict[tuple[object, ...], list[tuple[str, int]]] = {}
+        self._host_files: dict[str, int] = {}
         self._decided: dict[tuple[object, ...], tuple[int, int, int, Packet | None, str]] = {}
         self.names: dict[int, str] = {}
         for name, a in addresses.items():
@@ -116,36 +116,43 @@ class TestProver:
         self.private = {name: _addr(4, a.private) for name, a in addresses.items()}
         self._sources: dict[tuple[str, str | None], list[tuple[str, int, tuple[Interval, ...]]]] = {}
 
-    def _key(self, host: str) -> tuple[str, str, str]:
-        if host not in self._keys:
-            f = self.files[host]
-            self._keys[host] = COMMENT_LINE.sub("", f.ipv4), COMMENT_LINE.sub("", f.ipv6), f.ipsets
-        return self._keys[host]
-
-    def _parse(self, key: tuple[str, str, str], host: str) -> _Files:
+    def _files_of(self, host: str) -> int:
+        """The number of the host's distinct file set. As enclave.verify.prove does, set files (the large part)
+        are bucketed by length and ends and compared whole: hashing 10 000 hosts' set files costs more than
+        the proofs."""
         if host in self._host_files:
             return self._host_files[host]
-        if key not in self._parsed:
-            f = self.files[host]
-            sets = parse_ipsets(f.ipsets, f"{host}/ipsets")
-            tables = {4: with_push_jumps(parse_tables(f.ipv4, 4, f"{host}/rules.v4")),
-                      6: with_push_jumps(parse_tables(f.ipv6, 6, f"{host}/rules.v6"))}
-            parsed = _Files(tables, sets, {}, {}, {}, {})
-            for family, table in tables.items():
-                parsed.src_regions[family], parsed.dst_regions[family] = table_regions(table, sets)
-                dports: set[int] = set()
-                sports: set[int] = {0}
-                for rules in table.rules.values():
-                    for r in rules:
-                        for c in r.conds:
-                            if c.kind in ("dport", "sport"):
-                                for lo, hi in c.arg:
-                                    (dports if c.kind == "dport" else sports).update((lo, hi + 1))
-                parsed.dport_cuts[family] = dports
-                parsed.sport_cuts[family] = sorted(x for x in sports if x < 65536)
-            self._parsed[key] = parsed
-        self._host_files[host] = self._parsed[key]
-        return self._parsed[key]
+        f = self.files[host]
+        bucket = (COMMENT_LINE.sub("", f.ipv4), COMMENT_LINE.sub("", f.ipv6), len(f.ipsets), f.ipsets[:256],
+                  f.ipsets[-256:])
+        known = self._buckets.setdefault(bucket, [])
+        number = next((n for ipsets, n in known if ipsets == f.ipsets), None)
+        if number is None:
+            number = len(self._parsed)
+            self._parsed.append(self._parse(host))
+            known.append((f.ipsets, number))
+        self._host_files[host] = number
+        return number
+
+    def _parse(self, host: str) -> _Files:
+        f = self.files[host]
+        sets = parse_ipsets(f.ipsets, f"{host}/ipsets")
+        tables = {4: with_push_jumps(parse_tables(f.ipv4, 4, f"{host}/rules.v4")),
+                  6: with_push_jumps(parse_tables(f.ipv6, 6, f"{host}/rules.v6"))}
+        parsed = _Files(tables, sets, {}, {}, {}, {})
+        for family, table in tables.items():
+            parsed.src_regions[family], parsed.dst_regions[family] = table_regions(table, sets)
+            dports: set[int] = set()
+            sports: set[int] = {0}
+            for rules in table.rules.values():
+                for r in rules:
+                    for c in r.conds:
+                        if c.kind in ("dport", "sport"):
+                            for lo, hi in c.arg:
+                                (dports if c.kind == "dport" else sports).update((lo, hi + 1))
+            parsed.dport_cuts[family] = dports
+            parsed.sport_cuts[family] = sorted(x for x in sports if x < 65536)
+        return parsed
 
     # --- what a test names -----------------------------------------------------------------------
 
@@ -188,8 +195,8 @@ class TestProver:
         accepted = dropped = classes = 0
         counterexample = ""
         for dst in self.policy.hosts_of(test.to):
-            files_key = self._key(dst.name)
-            parsed = self._parse(files_key, dst.name)
+            files_key = self._files_of(dst.name)
+            parsed = self._parsed[files_key]
             mine = self.addresses[dst.name]
             regions = self.sources(test.sources, dst)
             source_key = self._source_key(test.sources, dst)
