@@ -160,6 +160,9 @@ def prove_live(prover: Prover, host: str, sections: dict[str, list[str]]) -> tup
     changed = [d for d in proof.differences if changes_new_packets(d)]
     if proof.proved:
         return f"proved: the live rules equal the policy for every packet ({proof.atoms} classes of packets)", []
+    if not changed and sum(len(d.states) for d in proof.differences) < proof.disagreeing:
+        return (f"not proved: {proof.disagreeing} classes of packets differ, more than the {LIVE_LIMIT} the audit "
+                "lists, and none of those listed is a NEW packet; prove the saves with `enclave prove --rules`"), None
     if not changed:
         first = proof.differences[0]
         return (f"proved for every NEW packet on the network interfaces ({proof.atoms} classes of packets); "
