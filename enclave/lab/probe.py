@@ -282,18 +282,21 @@ async def _send(agents: dict[str, str], probes: list[Probe], timeout: float,
 
 
 def send_probes(agents: dict[str, str], probes: list[Probe],
-                on_answer: Callable[[int], None] | None = None) -> list[Outcome]:
+                on_answer: Callable[[int], None] | None = None,
+                admitted: Callable[[Probe], bool] | None = None) -> list[Outcome]:
     """Every probe at once, each from its source's namespace; admitted probes that timed out get a second, longer try.
 
     `agents` maps a source name (host or outsider) to the control socket of the agent serving its namespace;
-    `on_answer(n)` hears when n more probes have their first verdict (the lab's progress display). Raises
-    HarnessError when an agent stops answering.
+    `on_answer(n)` hears when n more probes have their first verdict (the lab's progress display);
+    `admitted(probe)` says which probes are expected through (default: those the policy admits), the ones a
+    timeout sends again. Raises HarnessError when an agent stops answering.
     """
     if not probes:
         return []
     verdicts = asyncio.run(_send(agents, probes, PROBE_TIMEOUT, on_answer))
     outcomes = [Outcome(p, passed, detail) for p, (passed, detail) in zip(probes, verdicts)]
-    again = [i for i, o in enumerate(outcomes) if not o.passed and o.probe.expected is not None and o.detail == "timeout"]
+    expected = admitted or (lambda probe: probe.expected is not None)
+    again = [i for i, o in enumerate(outcomes) if not o.passed and expected(o.probe) and o.detail == "timeout"]
     if again:
         retried = asyncio.run(_send(agents, [probes[i] for i in again], RETRY_TIMEOUT))
         for i, (passed, detail) in zip(again, retried):

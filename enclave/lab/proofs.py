@@ -181,8 +181,9 @@ class Proofs(LabBase):
                 break
         if not probes:
             return []
+        through = {id(probe) for d, probe in probes if d.rules_accept}  # a slow answer to these gets a second try
         outcomes = send_probes({probe.source.name: str(self.agent_socket()) for _, probe in probes},
-                               [probe for _, probe in probes])
+                               [probe for _, probe in probes], admitted=lambda probe: id(probe) in through)
         return [(d, what_the_kernel_did(o, d, rejects)) for (d, _), o in zip(probes, outcomes)]
 
     def ensure_neighbours(self, a: str, b: str, kind: AddressKind) -> None:
