@@ -3,7 +3,8 @@
 Parts: plan (compile + render by fleet size), dataplane (new connections and packets through the rules; root),
 apply (loading rules; root), program (the Pulumi program under mocks, and which pushes re-run on scaling),
 push (a fleet's pushes in the lab at the engine's parallelism; root, under `flock /tmp/enclave-heavy.lock`),
-lab (`enclave lab check` from 6 to 1 000 hosts; root, heavy: run it under `flock /tmp/enclave-heavy.lock`).
+lab (`enclave lab check` from 6 to 1 000 hosts; root, heavy: run it under `flock /tmp/enclave-heavy.lock`),
+prove (`enclave prove` and the tests' proof by fleet size, one core; no root).
 With no part, all of them. Each part replaces only its own section of the report, so parts can be rerun alone.
 """
 
@@ -17,13 +18,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import apply_cost, dataplane, lab_cost, plan_cost, program_cost, push_cost
+from . import apply_cost, dataplane, lab_cost, plan_cost, program_cost, prove_cost, push_cost
 from .netns import BenchError
 from .report import Table, machine_facts
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
-PARTS = ("plan", "dataplane", "apply", "program", "push", "lab")
+PARTS = ("plan", "prove", "dataplane", "apply", "program", "push", "lab")
 # Figures measured by hand (a benchmark `make bench` does not run, e.g. benchmarks.push_transaction), kept as
 # they are between these markers at the end of the report.
 NOTES = re.compile(r"<!-- notes -->\n.*?<!-- /notes -->\n", re.S)
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "push": lambda: push_cost.run(args.push_sizes or ((20,) if quick else push_cost.DEFAULT_SIZES)),
         "program": lambda: program_cost.run(args.program_sizes or ((10, 100) if quick else program_cost.DEFAULT_SIZES)),
         "lab": lambda: lab_cost.run(args.lab_sizes or ((6, 20) if quick else lab_cost.DEFAULT_SIZES)),
+        "prove": lambda: prove_cost.run((100, 1000) if quick else prove_cost.DEFAULT_SIZES, rounds=1 if quick else 3),
     }
     facts = machine_facts()
     for fact in facts:

@@ -46,6 +46,7 @@ from enclave.cloudfirewall import CloudFirewall, check_cloud_firewalls
 from enclave.compiler import compile_policy
 from enclave.limits import limit_issues
 from enclave.plan import Plan, build_plan
+from enclave.verify.stacktests import prove_tests
 from enclave.pushrun import COMMAND
 
 PRIVATE_KEY = "sshPrivateKey"
@@ -164,20 +165,18 @@ def read_stack_settings(stack_name: str | None = None) -> StackSettings:
         raise InvalidStack(StackError(issues, source))
 
     plan = build_plan(Stack(name, config))
-    failed = [t for t in plan.tests if not t.passed]
+    failed = [
+        StackIssue(f"{NAMESPACE}:tests[{t.index}]", f"{t.describe()}, but the compiled policy says {t.seen}: {t.detail}")
+        for t in plan.tests if not t.passed
+    ]
+    # every test proved for every packet against the rules the hosts will get, as `enclave plan` does
+    failed += [
+        StackIssue(f"{NAMESPACE}:tests[{p.index}]",
+                   f"{p.describe()}, but the rules make it {p.seen} for some packets, e.g. {p.counterexample}")
+        for p in prove_tests(plan.policy, plan.addresses, plan.files) if not p.passed
+    ]
     if failed:
-        raise InvalidStack(
-            StackError(
-                [
-                    StackIssue(
-                        f"{NAMESPACE}:tests[{t.index}]",
-                        f"{t.describe()}, but the compiled policy says {t.seen}: {t.detail}",
-                    )
-                    for t in failed
-                ],
-                source,
-            )
-        )
+        raise InvalidStack(StackError(failed, source))
     try:
         firewalls = check_cloud_firewalls(name, plan.policy)
     except StackError as exc:

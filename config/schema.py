@@ -44,7 +44,7 @@ HOSTNAME_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 INTERFACE_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
 HOST_NUMBER = re.compile(r"[1-9][0-9]*")  # ASCII only: str.isdigit() also takes '١' and '²'
 # Words with a fixed meaning in `from` / `to`; a role may not take these names.
-RESERVED_NAMES = frozenset({"internet", "operators", "neighbor", "all", "any"})
+RESERVED_NAMES = frozenset({"internet", "operators", "neighbor", "outside", "all", "any"})
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 RFC1918 = tuple(ipaddress.IPv4Network(block) for block in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
@@ -399,13 +399,27 @@ def _nat_gateway(value: object) -> object:
     return value
 
 
+def _parse_test_port(value: object, info: ValidationInfo) -> object:
+    return value if value == "any" else _parse_port(value, info)
+
+
+# Every tcp and udp port, the ports a `port: any` test covers.
+ANY_PORTS = (PortSpec("tcp", 1, 65535), PortSpec("udp", 1, 65535))
+
+
 class PolicyTest(_Strict):
-    """An expectation checked against the compiled policy (plan) and with real packets (lab)."""
+    """An expectation checked against the compiled policy (plan), proved for every packet by the verifier
+    (plan), and probed with real packets (lab). `port` is one port, a range, or `any` (every tcp and udp port);
+    `from: outside` is every address outside vpcIpRange and operators."""
 
     sources: str = Field(alias="from")
     to: str
-    port: Port
+    port: Annotated[PortSpec | Literal["any"], BeforeValidator(_parse_test_port)]
     expect: Literal["allow", "deny"]
+
+    @property
+    def ports(self) -> tuple[PortSpec, ...]:
+        return ANY_PORTS if self.port == "any" else (self.port,)
 
 
 class EgressEssentials(_Strict):
@@ -675,8 +689,11 @@ class StackConfig(_Strict):
                 if problem:
                     bad(f"tests[{i}].{key}", problem)
             outside = test.to == "internet" or "/" in test.to
-            if outside and test.sources in ("internet", "operators", "neighbor"):
+            if outside and test.sources in ("internet", "operators", "neighbor", "outside"):
                 bad(f"tests[{i}].from", f"a test to {test.to} checks a stack host's egress: start it from a role or a host")
+            if outside and (test.port == "any" or test.port.low != test.port.high):
+                bad(f"tests[{i}].port", f"a test to {test.to} checks one port (e.g. tcp/443); `any` and ranges are for "
+                                        "tests to a role or a host, which the verifier proves for every port")
             ends = self._hosts_named(test.sources)
             if len(ends) == 1 and ends == self._hosts_named(test.to):
                 bad(
@@ -684,8 +701,6 @@ class StackConfig(_Strict):
                     f"from and to are the same single host ({ends.pop()}): a host reaches itself over loopback, "
                     "which enclave always leaves open; name another source",
                 )
-            if test.port.proto != "icmp" and test.port.low != test.port.high:
-                bad(f"tests[{i}].port", f"a test probes one port, not the range {test.port}")
         return issues
 
     def _private_role_issues(self) -> list[tuple[str, str]]:
@@ -814,6 +829,9 @@ class StackConfig(_Strict):
             if net.version == 4 and net.overlaps(self.vpc_ip_range):
                 return f"{source!r} lies inside vpcIpRange {self.vpc_ip_range}; name the role or host instead"
             return None
+        if source == "outside":
+            return ("'outside' is only for tests (every address outside vpcIpRange and operators); ingress admits "
+                    "roles, hosts, internet, operators or CIDRs")
         if source == "neighbor":
             return (
                 "'neighbor' is only for tests (another tenant on the private network, which nothing admits); "
@@ -829,7 +847,7 @@ class StackConfig(_Strict):
         """Why a test's `from` (source=True) or `to` names nothing the test could probe, or None."""
         if name == "internet" and not source:
             return None  # the lab's `internet` answers on every probed port
-        if name in ("internet", "operators", "neighbor"):
+        if name in ("internet", "operators", "neighbor", "outside"):
             return None if source else f"{name!r} cannot be a destination; name a role, a host, internet or a CIDR"
         if name in self.roles:
             if self.roles[name].count == 0:
@@ -839,8 +857,8 @@ class StackConfig(_Strict):
             return None
         if source and ("/" in name or ":" in name or re.fullmatch(r"[\d.]+", name)):
             return (
-                f"{name!r}: a test starts from a role, a host, internet, operators or neighbor, not an address "
-                "range (operators and internet stand for the addresses outside)"
+                f"{name!r}: a test starts from a role, a host, internet, operators, outside or neighbor, not an "
+                "address range (outside is every address outside vpcIpRange and operators)"
             )
         if not source and ("/" in name or ":" in name or re.fullmatch(r"[\d.]+", name)):
             try:
@@ -851,9 +869,9 @@ class StackConfig(_Strict):
                 return (f"{name!r}: a test's CIDR destination is an IPv4 range on the Internet (outside vpcIpRange "
                         f"{self.vpc_ip_range}, not link-local, loopback or multicast; for everything write internet)")
             return None
-        kinds = ("a role, a host (<role>-<n>), internet, operators or neighbor" if source
+        kinds = ("a role, a host (<role>-<n>), outside, internet, operators or neighbor" if source
                  else "a role, a host (<role>-<n>), internet or a CIDR")
-        words = ["internet", "operators", "neighbor"] if source else ["internet"]
+        words = ["outside", "internet", "operators", "neighbor"] if source else ["internet"]
         return self._host_problem(name) or (
             f"{name!r} is not {kinds}{did_you_mean(name, [*self._names(), *words])}; known roles: {', '.join(self.roles)}"
         )

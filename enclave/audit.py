@@ -17,6 +17,13 @@ live is touched. Drift found:
   set members        a set whose live members differ from the compiled ones
   host key changed   the droplet was rebuilt from the panel (or someone is in between): nothing was read
   unreachable        SSH could not get in at all
+  changes a packet   the live rules (every chain, other tools' rules included, and the live sets) do not equal
+                     the policy for every packet: the verifier (enclave.verify) gives the packet, the live rule
+                     that decided it and what the policy says
+
+Every host read also gets the verifier's verdict on its live rules (`proof`): equal to the policy for every
+NEW packet (then a foreign rule is harmless, and says so), the packets they change, or why they could not be
+proved (a construct the verifier does not model, named with its line).
 
 Each drifted host gets the commands that re-push it: raise its re-push counter (`enclave:repush`), which changes
 its push's input, then `pulumi up --target <urn>` of its push resource. The engine runs that as an update, which
@@ -45,6 +52,9 @@ from .pushrun import _remote_shell, push_request
 from .resource_names import push_urn  # the URN the program's push resource has (tests/unit/test_program.py)
 from .render import INPUT_CHAIN, OUTPUT_CHAIN, SET_PREFIX, RuleFiles
 from .transport import SSH_FAILED, Transport, TransportFactory
+from .verify.engine import Difference, VerifyError
+from .verify.parse import ParseError
+from .verify.prove import HostText, Prover
 
 AUDIT_DEADLINE_S = 30
 SECTIONS = ("confirmed", "pending", "rolled-back", "live4", "live6", "sets", "want4", "want6", "wantsets")
@@ -108,6 +118,7 @@ class HostAudit:
     confirmed: str | None = None
     drift: list[str] = field(default_factory=list)
     fix: list[str] = field(default_factory=list)
+    proof: str = ""  # the verifier's verdict on the live rules ("" when nothing was read)
 
     @property
     def in_sync(self) -> bool:
@@ -115,7 +126,70 @@ class HostAudit:
 
     def as_json(self) -> dict[str, Any]:
         return {"host": self.host, "droplet": self.droplet, "address": self.address, "compiled": self.compiled,
-                "confirmed": self.confirmed, "inSync": self.in_sync, "drift": self.drift, "fix": self.fix}
+                "confirmed": self.confirmed, "inSync": self.in_sync, "drift": self.drift, "fix": self.fix,
+                "proof": self.proof}
+
+
+MATCH_SET = re.compile(r"--match-set (\S+) ")
+SHOWN_PACKETS = 3  # packets a changed verdict is shown with (the proof counts them all)
+# differences kept per host: enough that the ones for NEW packets are among them when replies differ too
+LIVE_LIMIT = 200
+
+
+def live_text(host: str, sections: dict[str, list[str]]) -> HostText:
+    """A host's live saves for the verifier. Only the sets its rules match are kept: other tools' sets
+    (fail2ban's, with timeouts) change no verdict unless a rule matches them."""
+    v4, v6 = ("\n".join(sections.get(key, [])) + "\n" for key in ("live4", "live6"))
+    used = set(MATCH_SET.findall(v4 + v6))
+    sets = "\n".join(line for line in sections.get("sets", [])
+                     if len(line.split()) > 1 and line.split()[1] in used) + "\n"
+    return HostText(host, v4, v6, sets, f"{host} (live)")
+
+
+def changes_new_packets(d: Difference) -> bool:
+    """A difference that matters for the live verdict: it holds for NEW packets arriving on (or leaving by) a
+    network interface. Replies (ESTABLISHED, RELATED), INVALID and UNTRACKED packets, and loopback packets (the
+    verifier lets lo carry any source address, the kernel only the host's own), are not counted: fail2ban's
+    REJECT of a banned address, for one, also differs for replies to a connection that NEW never let open."""
+    return "NEW" in d.states and d.packet.iface != "lo"
+
+
+def prove_live(prover: Prover, host: str, sections: dict[str, list[str]]) -> tuple[str, list[Difference] | None]:
+    """The verifier's verdict on a host's live rules: (a sentence, the differences for NEW packets, or None if
+    no proof could be made)."""
+    try:
+        proof = prover.prove(live_text(host, sections))
+    except ParseError as exc:
+        return f"not proved: the verifier does not model {exc.source} line {exc.line} ({exc.why}): {exc.text[:160]}", None
+    except VerifyError as exc:
+        return f"not proved: {exc}", None
+    changed = [d for d in proof.differences if changes_new_packets(d)]
+    if proof.proved:
+        return f"proved: the live rules equal the policy for every packet ({proof.atoms} classes of packets)", []
+    if not changed and sum(len(d.states) for d in proof.differences) < proof.disagreeing:
+        return (f"not proved: {proof.disagreeing} classes of packets differ, more than the {LIVE_LIMIT} the audit "
+                "lists, and none of those listed is a NEW packet; prove the saves with `enclave prove --rules`"), None
+    if not changed:
+        first = proof.differences[0]
+        return (f"proved for every NEW packet on the network interfaces ({proof.atoms} classes of packets); "
+                f"{proof.disagreeing} classes differ only for replies, INVALID or loopback packets, e.g. "
+                f"{first.describe()}"), []
+    return (f"NOT proved: the live rules give NEW packets another verdict than the policy ({proof.disagreeing} of "
+            f"{proof.atoms} classes of packets differ)"), changed
+
+
+def with_proof(drift: list[str], changed: list[Difference] | None) -> list[str]:
+    """The drift, each foreign rule marked harmless when the live rules are proved equal to the policy for
+    every NEW packet, and the packets the live rules change when they are not."""
+    if changed is None:
+        return drift
+    if not changed:
+        return [f"{line} (harmless: the live rules equal the policy for every NEW packet)"
+                if line.startswith("foreign rule") else line for line in drift]
+    shown = [f"changes a packet: {d.describe()}" for d in changed[:SHOWN_PACKETS]]
+    if len(changed) > SHOWN_PACKETS:
+        shown.append(f"changes a packet: … and {len(changed) - SHOWN_PACKETS} more")
+    return drift + shown
 
 
 def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
@@ -170,7 +244,7 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
 
 
 def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], files: RuleFiles,
-               private_key: str, transport: TransportFactory = Transport) -> HostAudit:
+               private_key: str, transport: TransportFactory = Transport, prover: Prover | None = None) -> HostAudit:
     """One host's audit over `transport` (OpenSSH; a fake in tests)."""
     host = policy.host_by_name[files.host]
     request = push_request(stack.name, policy, addresses, host, files, user=stack.config.ssh_user,
@@ -199,7 +273,8 @@ def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], fi
         return result
     sections = _sections(done.stdout)
     result.confirmed = (sections.get("confirmed") or [""])[0].strip() or None
-    result.drift = compare(files, sections)
+    result.proof, new_packets = prove_live(prover or Prover(policy, addresses, LIVE_LIMIT), files.host, sections)
+    result.drift = with_proof(compare(files, sections), new_packets)
     if done.returncode != 0:
         result.drift.append(f"the audit script failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
     if result.drift:
@@ -209,5 +284,7 @@ def audit_host(stack: Stack, policy: Policy, addresses: dict[str, Addresses], fi
 
 def audit(stack: Stack, policy: Policy, addresses: dict[str, Addresses], files: dict[str, RuleFiles],
           private_key: str, parallel: int = 8) -> list[HostAudit]:
+    prover = Prover(policy, addresses, LIVE_LIMIT)  # hosts with the same live rules are proved once
     with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
-        return list(pool.map(lambda f: audit_host(stack, policy, addresses, f, private_key), files.values()))
+        return list(pool.map(lambda f: audit_host(stack, policy, addresses, f, private_key, prover=prover),
+                             files.values()))

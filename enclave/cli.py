@@ -35,6 +35,7 @@ from .sshconfig import SshConfigError, ssh_config
 from .stackargs import add_stack_arguments, stack_from_args
 from .lab import cli as lab_cli
 from .verify import cli as verify_cli
+from .verify.stacktests import TestProof, prove_tests
 
 ADDRESSES_HELP = (
     "JSON file of real addresses {host: {public, private, public6}}, e.g. from "
@@ -58,7 +59,7 @@ def no_such_host(host: str, known: list[str], where: str) -> StackError:
 # ----------------------------------------------------------------------------------------------- plan
 
 
-def print_plan(plan: Plan, console: Console) -> None:
+def print_plan(plan: Plan, console: Console, proofs: list[TestProof]) -> None:
     hosts = Table(title=f"stack {plan.stack.name}: {len(plan.policy.hosts)} hosts", title_justify="left")
     for column in ("host", "droplet", "role", "private", "public", "public6", "rules"):
         hosts.add_column(column)
@@ -94,12 +95,14 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(egress)
 
     if plan.tests:
-        tests = Table(title="tests", title_justify="left")
-        for column in ("test", "expect", "seen", "result", "detail"):
+        tests = Table(title="tests: judged by the policy, proved for every packet by the rules", title_justify="left")
+        for column in ("test", "expect", "seen", "result", "every packet", "detail"):
             tests.add_column(column)
-        for t in plan.tests:
+        for t, proof in zip(plan.tests, proofs):
             verdict = "[green]pass[/]" if t.passed else "[red bold]FAIL[/]"
-            tests.add_row(t.describe(), t.test.expect, t.seen, verdict, t.detail)
+            proved = "[green]proved[/]" if proof.passed else f"[red bold]FAIL ({proof.seen})[/]"
+            detail = "; ".join(x for x in (t.detail, proof.counterexample) if x)
+            tests.add_row(t.describe(), t.test.expect, t.seen, verdict, proved, escape(detail))
         console.print(tests)
 
     firewalls = check_cloud_firewalls(plan.stack.name, plan.policy)
@@ -117,14 +120,20 @@ def print_plan(plan: Plan, console: Console) -> None:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
-def report_failed_tests(plan: Plan, console: Console) -> int:
-    if plan.ok:
-        return Exit.OK
+def report_failed_tests(plan: Plan, console: Console, proofs: list[TestProof] | None = None) -> int:
+    """Exit 1 when a test fails against the compiled policy or, proved for every packet, against the rules."""
     failed = [t for t in plan.tests if not t.passed]
-    console.print(f"[red bold]{len(failed)} test(s) failed against the compiled policy:[/]")
-    for t in failed:
-        console.print(f"  {t.describe()}, but it would be {t.seen}: {t.detail}", markup=False)
-    return Exit.FAILED
+    unproved = [p for p in proofs or [] if not p.passed]
+    if failed:
+        console.print(f"[red bold]{len(failed)} test(s) failed against the compiled policy:[/]")
+        for t in failed:
+            console.print(f"  {t.describe()}, but it would be {t.seen}: {t.detail}", markup=False)
+    if unproved:
+        console.print(f"[red bold]{len(unproved)} test(s) do not hold for every packet the rules see:[/]")
+        for p in unproved:
+            console.print(f"  {p.describe()}, but the rules make it {p.seen}, e.g. {p.counterexample}",
+                          markup=False, soft_wrap=True)
+    return Exit.FAILED if failed or unproved else Exit.OK
 
 
 def cmd_plan_diff(args: argparse.Namespace, stack: Stack, console: Console) -> int:
@@ -192,6 +201,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     plan = build_plan(stack, addresses)
     if args.host is not None and args.host not in plan.files:
         raise no_such_host(args.host, list(plan.files), "no such host")
+    proofs = prove_tests(plan.policy, plan.addresses, plan.files)  # every test, for every packet (the verifier)
     if args.output is not None:
         hosts = [args.host] if args.host else list(plan.files)
         write_landed_files(plan, hosts, args.output)
@@ -199,6 +209,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                       markup=False, highlight=False, soft_wrap=True)
     elif args.format == "json":
         data = plan.to_json()
+        for entry, proof in zip(data["tests"], proofs):
+            entry.update(proved=proof.passed, seenByRules=proof.seen, counterexample=proof.counterexample)
+        data["ok"] = data["ok"] and all(p.passed for p in proofs)
         firewalls = check_cloud_firewalls(stack.name, plan.policy)
         if firewalls:
             data["cloudFirewalls"] = [dataclasses.asdict(fw) for fw in firewalls]
@@ -212,8 +225,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
             # exact file contents, as they land on the host: written raw, never wrapped or highlighted
             sys.stdout.write(f"### {args.host}: {name}\n{landed[name]}")
     else:
-        print_plan(plan, console)
-    return report_failed_tests(plan, console)
+        print_plan(plan, console, proofs)
+    # with --format json, stdout holds the JSON alone: the failures are told on stderr
+    return report_failed_tests(plan, Console(stderr=True) if args.format == "json" else console, proofs)
 
 
 # ------------------------------------------------------------------------------------ diagram, ssh-config
@@ -309,6 +323,8 @@ def cmd_audit(args: argparse.Namespace, console: Console) -> int:
     for r in results:
         state = "[green]in sync[/]" if r.in_sync else "[red bold]DRIFT[/]"
         console.print(f"{escape(r.host)} ({escape(r.address)}): {state}, rules {r.compiled}", highlight=False)
+        if r.proof:
+            console.print(f"  {r.proof}", highlight=False, soft_wrap=True, markup=False)
         for line in r.drift:
             console.print(f"  - {escape(line)}", highlight=False, soft_wrap=True)
         for line in r.fix:

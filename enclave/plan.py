@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config.schema import PolicyTest, StackConfig, StackError, StackIssue
+from config.schema import PolicyTest, PortSpec, StackConfig, StackError, StackIssue
 from config.stackfile import Stack, read_bounded_text
 
 from .compiler import Addresses, Endpoint, Host, Policy, arrival_interface, compile_policy, decide, egress_verdict
@@ -173,8 +173,8 @@ def outsiders(stack: StackConfig, addresses: dict[str, Addresses]) -> Outsiders:
 
 
 def endpoints_for(name: str, policy: Policy, others: Outsiders, addresses: dict[str, Addresses]) -> list[Endpoint]:
-    if name == "internet":
-        return [others.internet]
+    if name in ("internet", "outside"):  # outside: every address outside the VPC and operators; the verifier
+        return [others.internet]          # proves each of them (enclave.verify.stacktests), this is its sample
     if name == "operators":
         return [others.operator]
     if name == "neighbor":
@@ -224,13 +224,32 @@ def _egress_test(policy: Policy, test: PolicyTest, index: int, others: Outsiders
     address = outside_address(test.to, others)
     allowed = denied = 0
     shown: list[str] = []
+    (port,) = test.ports  # one port: the schema refuses `any` and ranges in a test to internet or a CIDR
     for src in endpoints_for(test.sources, policy, others, addresses):
-        why = egress_verdict(policy, policy.host_by_name[src.name], address, None, test.port, "public")
+        why = egress_verdict(policy, policy.host_by_name[src.name], address, None, port, "public")
         allowed += why is not None
         denied += why is None
         if (why is None) == (test.expect == "allow") and len(shown) < 5:
             shown.append(f"{src.name}->{address}" + (f" ({why})" if why else ""))
     return TestResult(index, test, TestResult.verdict(allowed, denied), "; ".join(shown))
+
+
+def port_pieces(policy: Policy, role: str, ports: tuple[PortSpec, ...]) -> list[PortSpec]:
+    """A test's ports cut where a declaration to `role` starts or ends: decide() then gives one verdict per
+    piece that holds for every port in it (a flow admits a piece whole or not at all)."""
+    out = []
+    for spec in ports:
+        if spec.proto == "icmp" or spec.low == spec.high:
+            out.append(spec)
+            continue
+        cuts = {spec.low, spec.high + 1}
+        for flow in policy.flows_to_role[role]:
+            for p in flow.ports:
+                if p.proto == spec.proto:
+                    cuts |= {c for c in (p.low, p.high + 1) if spec.low < c <= spec.high}
+        edges = sorted(cuts)
+        out += [PortSpec(spec.proto, lo, hi - 1) for lo, hi in zip(edges, edges[1:])]
+    return out
 
 
 def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[TestResult]:
@@ -251,20 +270,22 @@ def evaluate_tests(policy: Policy, addresses: dict[str, Addresses]) -> list[Test
         shown: list[str] = []  # the first pairs that contradict the expectation
         for src in endpoints_for(test.sources, policy, others, addresses):
             for role, hosts in destinations.items():
-                flow = decide(policy, src, hosts[0], test.port, arrival_interface(src))
-                # a host reaching itself uses loopback, which is always open
-                itself = src.kind == "host" and src.name in targets and policy.host_by_name[src.name].role == role
-                pairs = len(hosts) - itself
-                if flow:
-                    allowed += pairs
-                else:
-                    denied += pairs
-                if (flow is None) == (test.expect == "allow") and len(shown) < 5:
-                    shown += [
-                        f"{src.name}->{dst.name}" + (f" ({flow.why})" if flow else "")
-                        for dst in hosts
-                        if not (src.kind == "host" and src.name == dst.name)
-                    ][: 5 - len(shown)]
+                for port in port_pieces(policy, role, test.ports):
+                    flow = decide(policy, src, hosts[0], port, arrival_interface(src))
+                    # a host reaching itself uses loopback, which is always open
+                    itself = src.kind == "host" and src.name in targets and policy.host_by_name[src.name].role == role
+                    pairs = len(hosts) - itself
+                    if flow:
+                        allowed += pairs
+                    else:
+                        denied += pairs
+                    if (flow is None) == (test.expect == "allow") and len(shown) < 5:
+                        shown += [
+                            f"{src.name}->{dst.name}" + (f" {port}" if port != test.port else "")
+                            + (f" ({flow.why})" if flow else "")
+                            for dst in hosts
+                            if not (src.kind == "host" and src.name == dst.name)
+                        ][: 5 - len(shown)]
         results.append(TestResult(i, test, TestResult.verdict(allowed, denied), "; ".join(shown)))
     return results
 

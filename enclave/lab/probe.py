@@ -112,8 +112,14 @@ def probe_numbers(spec: PortSpec) -> list[int]:
     return [spec.low, (spec.low + spec.high) // 2, spec.high]
 
 
+def probed_ports(specs: tuple[PortSpec, ...]) -> list[PortSpec]:
+    """The single ports probed for a test's ports (probe_numbers of each range)."""
+    return [s if s.proto == "icmp" else PortSpec(s.proto, n, n) for s in specs for n in
+            ([0] if s.proto == "icmp" else probe_numbers(s))]
+
+
 def declared_ports(policy: Policy) -> list[PortSpec]:
-    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(t.port for t in policy.stack.tests),
+    specs = {SSH, *(p for f in policy.flows for p in f.ports), *(p for t in policy.stack.tests for p in t.ports),
              *(p for allowed in policy.egress.values() for e in allowed for p in e.ports)}
     return sorted(specs)
 
@@ -130,7 +136,8 @@ def probe_ports(policy: Policy) -> tuple[list[PortSpec], int]:
     a never-declared port, and ICMP echo; plus the never-declared port number."""
     declared = declared_ports(policy)
     numbers = sorted({n for spec in declared if spec.proto != "icmp" for n in probe_numbers(spec)})
-    never = never_declared_port(declared)
+    # a port no declaration opens; tests only ask about ports (`port: any` asks about all of them)
+    never = never_declared_port(sorted({SSH, *(p for f in policy.flows for p in f.ports)}))
     ports = [PortSpec(proto, n, n) for n in [*numbers, never] for proto in ("tcp", "udp")]
     return ports + [PortSpec("icmp")], never
 
@@ -319,18 +326,21 @@ async def _send(agents: dict[str, str], probes: list[Probe], timeout: float,
 
 
 def send_probes(agents: dict[str, str], probes: list[Probe],
-                on_answer: Callable[[int], None] | None = None) -> list[Outcome]:
+                on_answer: Callable[[int], None] | None = None,
+                admitted: Callable[[Probe], bool] | None = None) -> list[Outcome]:
     """Every probe at once, each from its source's namespace; admitted probes that timed out get a second, longer try.
 
     `agents` maps a source name (host or outsider) to the control socket of the agent serving its namespace;
-    `on_answer(n)` hears when n more probes have their first verdict (the lab's progress display). Raises
-    HarnessError when an agent stops answering.
+    `on_answer(n)` hears when n more probes have their first verdict (the lab's progress display);
+    `admitted(probe)` says which probes are expected through (default: those the policy admits), the ones a
+    timeout sends again. Raises HarnessError when an agent stops answering.
     """
     if not probes:
         return []
     verdicts = asyncio.run(_send(agents, probes, PROBE_TIMEOUT, on_answer))
     outcomes = [Outcome(p, passed, detail) for p, (passed, detail) in zip(probes, verdicts)]
-    again = [i for i, o in enumerate(outcomes) if not o.passed and o.probe.expected is not None and o.detail == "timeout"]
+    expected = admitted or (lambda probe: probe.expected is not None)
+    again = [i for i, o in enumerate(outcomes) if not o.passed and expected(o.probe) and o.detail == "timeout"]
     if again:
         retried = asyncio.run(_send(agents, [probes[i] for i in again], RETRY_TIMEOUT))
         for i, (passed, detail) in zip(again, retried):
@@ -358,7 +368,8 @@ def tests_with_packets(
             if sampled is not None and src.kind == "host" and src.name not in sampled:
                 continue
             if is_outside(test.to):
-                outcome = by_key.get((src.name, test.to, "public", test.port))
+                (port,) = test.ports  # one port (the schema's rule for a test to internet or a CIDR)
+                outcome = by_key.get((src.name, test.to, "public", port))
                 if outcome is None:
                     denied.append(f"{src.name}->{test.to} (not probed)")
                 elif outcome.passed:
@@ -371,13 +382,15 @@ def tests_with_packets(
                     continue  # loopback, always open
                 if sampled is not None and dst.name not in sampled:
                     continue
-                outcome = by_key.get((src.name, dst.name, kind, test.port))
-                if outcome is None:
-                    denied.append(f"{src.name}->{dst.name} (not probed: {src.name} has no {kind} route to it)")
-                elif outcome.passed:
-                    allowed.append(f"{src.name}->{dst.name} {outcome.probe.target.address}")
-                else:
-                    denied.append(f"{src.name}->{dst.name} {outcome.probe.target.address} ({outcome.detail})")
+                for port in probed_ports(test.ports):  # a range or `any`: its ends and middle (the verifier
+                    outcome = by_key.get((src.name, dst.name, kind, port))  # proves every port at plan time)
+                    shown = f" {port}" if port != test.port else ""
+                    if outcome is None:
+                        denied.append(f"{src.name}->{dst.name}{shown} (not probed: {src.name} has no {kind} route to it)")
+                    elif outcome.passed:
+                        allowed.append(f"{src.name}->{dst.name}{shown} {outcome.probe.target.address}")
+                    else:
+                        denied.append(f"{src.name}->{dst.name}{shown} {outcome.probe.target.address} ({outcome.detail})")
         detail = "; ".join((denied if test.expect == "allow" else allowed)[:5])
         results.append(TestResult(i, test, TestResult.verdict(len(allowed), len(denied)), detail))
     return results

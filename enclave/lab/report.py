@@ -201,7 +201,8 @@ def print_report(report: LabReport, console: Console) -> None:
     proven = sum(p.ok for p in report.host_proofs)
     if report.host_proofs:
         console.print(Text(f"{proven} of {len(report.host_proofs)} hosts: live rules, sets and digest, read back "
-                           "from the kernel, equal the compiled ones", style="green" if proven == len(report.host_proofs) else "red"))
+                           "from the kernel, equal the compiled ones and are proved equal to the policy for every "
+                           "packet", style="green" if proven == len(report.host_proofs) else "red"))
     for p in report.failed_proofs[:MAX_LISTED_MISMATCHES]:
         console.print(Text(f"  {p.host}: {p.detail}", style="red"))
     if len(report.failed_proofs) > MAX_LISTED_MISMATCHES:

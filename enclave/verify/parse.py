@@ -284,7 +284,10 @@ def parse_tables(text: str, family: int, source: str) -> Table:
             if line.startswith(":"):
                 continue  # chains and policies of raw/mangle/nat/security: ACCEPT unless they hold rules
             raise ParseError(source, n, raw, f"a rule in table {current}: it can change INPUT/OUTPUT verdicts "
-                             "(untrack, mark, rewrite or drop) and is not modelled")
+                             "(untrack, mark, rewrite or drop) and is not modelled"
+                             + ("; a DNAT rewrites packets before INPUT sees them, so a proof of the filter table "
+                                "is of the rewritten packets: to prove it alone, save it alone (iptables-save -t "
+                                "filter), as enclave audit does" if current == "nat" else ""))
         if line.startswith(":"):
             parts = line[1:].split()
             if len(parts) < 2:
@@ -317,12 +320,40 @@ def parse_tables(text: str, family: int, source: str) -> Table:
             table.policies[name] = "ACCEPT"
             table.policy_lines[name] = 0
             table.rules[name] = []
+    # A rule the verifier does not model is refused only where INPUT or OUTPUT can reach it: FORWARD and the
+    # chains only it reaches (a Docker host's DOCKER, DOCKER-ISOLATION-*) decide no packet the proof is about.
+    unmodelled: dict[str, ParseError] = {}
     for n, raw, chain, words in pending:
         if chain not in table.rules:
             raise ParseError(source, n, raw, f"chain {chain} is not declared (`:{chain} - [0:0]`)")
-        table.rules[chain].append(parse_rule(chain, words, family, source, n, raw.strip(), table.policies))
+        try:
+            rule = parse_rule(chain, words, family, source, n, raw.strip(), table.policies)
+        except ParseError as exc:
+            unmodelled.setdefault(chain, exc)
+            target = next((words[i + 1] for i, w in enumerate(words[:-1]) if w in ("-j", "--jump", "-g", "--goto")), "")
+            # a stand-in that keeps the jump (for what is reached), refused below if its chain is reached
+            rule = Rule(chain, n, raw.strip(), (), target if target in table.rules else "LOG")
+        table.rules[chain].append(rule)
+    # a rendered file's ENCLAVE-INPUT/OUTPUT are reached through the jumps the push places (engine.with_push_jumps)
+    reached = _reached(table, ("INPUT", "OUTPUT") if table.live else ("INPUT", "OUTPUT", "ENCLAVE-INPUT", "ENCLAVE-OUTPUT"))
+    refused = [exc for chain, exc in unmodelled.items() if chain in reached]
+    if refused:
+        raise min(refused, key=lambda exc: exc.line)
     _refuse_loops(table)
     return table
+
+
+def _reached(table: Table, hooks: tuple[str, ...]) -> set[str]:
+    """The chains a packet in these hooks can traverse."""
+    seen: set[str] = set()
+    todo = list(hooks)
+    while todo:
+        chain = todo.pop()
+        if chain in seen or chain not in table.rules:
+            continue
+        seen.add(chain)
+        todo += [r.target for r in table.rules[chain] if r.target in table.rules]
+    return seen
 
 
 def _refuse_loops(table: Table) -> None:

@@ -341,6 +341,13 @@ def test_a_sampled_lab_proves_every_host_from_its_kernel_not_only_the_probed_one
     (proof,) = report.failed_proofs  # ...the proof from its kernel did
     assert proof.host == "wordpress-2"
     assert "confirmed digest" in proof.detail and "+-A ENCLAVE-INPUT -p tcp -m tcp --dport 4444 -j ACCEPT" in proof.detail
+    # the verifier proved the live rules against the policy, and its counterexample, sent as a real packet, got in
+    assert "live rules NOT equal to the policy" in proof.detail
+    sent = re.findall(r"IPv4 in \S+ [^;]* tcp/4444 NEW[^;]*; policy says deny [^;]*-> sent: [^;]*", proof.detail)
+    assert sent and all("rules ACCEPT by line" in part and "-> sent: admitted" in part
+                        and part.endswith(", as the verifier said") for part in sent), proof.detail
+    assert all("live rules proved equal to the policy for every packet" in p.detail
+               for p in report.host_proofs if p.host != "wordpress-2")
     assert len(report.host_proofs) == 6 and not report.ok
     text = rendered(report)
     assert "5 of 6 hosts: live rules, sets and digest" in text and "wordpress-2: confirmed digest" in text

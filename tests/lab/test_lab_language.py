@@ -106,7 +106,7 @@ def test_a_missing_or_widened_egress_rule_is_caught_by_real_packets(shop_lab: La
     assert not missing.passed
     widened = wrong[("pg-1", "internet", "tcp/80")]
     assert widened.passed and widened.probe.expected is None
-    assert not any(t.passed for t in report.tests if t.test.sources == "worker" and t.test.port.low == 443)
+    assert not any(t.passed for t in report.tests if t.test.sources == "worker" and t.test.ports[0].low == 443)
     assert shop_lab.probe().ok  # the right rules, pushed back, are right again
 
 

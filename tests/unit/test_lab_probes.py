@@ -74,6 +74,20 @@ def test_never_declared_port_avoids_a_declared_range(tmp_path: Path) -> None:
     assert not 7000 <= probes.never_declared <= 10000
 
 
+def test_a_fleet_invariant_is_probed_at_the_ends_and_middle_of_every_port(tmp_path: Path) -> None:
+    doc = stack_document("dev")
+    doc["config"]["enclave:tests"] = [{"from": "outside", "to": "mysql", "port": "any", "expect": "deny"}]
+    path = tmp_path / "Pulumi.invariant.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    plan = build_plan(load_stack_file(path))
+    others = outsiders(plan.policy.stack, plan.addresses)
+    probes = plan_probes(plan.policy, plan.addresses, others)
+    assert {PortSpec(proto, n, n) for proto in ("tcp", "udp") for n in (1, 32768, 65535)} <= set(probes.ports)
+    assert not any(f.ports and any(p.low <= probes.never_declared <= p.high for p in f.ports) for f in plan.policy.flows)
+    (result,) = probe.tests_with_packets(plan.policy, plan.addresses, others, perfect_netfilter(probes))
+    assert result.seen == "deny" and result.passed
+
+
 def expectation(probes: ProbeSet, src: str, dst: str, kind: str, port: str) -> str | None:
     (match,) = [
         p for p in probes.probes if (p.source.name, p.target.host, p.target.kind, str(p.port)) == (src, dst, kind, port)

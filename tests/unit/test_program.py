@@ -518,6 +518,12 @@ def _failing_test(config: dict[str, Any]) -> None:
     config["enclave:tests"].append({"from": "internet", "to": "mysql", "port": "tcp/3306", "expect": "allow"})
 
 
+def _broken_fleet_invariant(config: dict[str, Any]) -> None:
+    # the policy's stand-in outsider is outside 203.0.113.0/24, so only the proof for every packet fails it
+    config["enclave:roles"]["mysql"]["ingress"].append({"from": "203.0.113.0/24", "ports": ["tcp/9104"]})
+    config["enclave:tests"].append({"from": "outside", "to": "mysql", "port": "any", "expect": "deny"})
+
+
 def _too_many_cloud_firewall_rules(config: dict[str, Any]) -> None:
     config["enclave:cloudFirewall"] = True
     config["enclave:roles"]["mysql"]["ingress"].append({"from": "wordpress", "ports": [f"tcp/{p}" for p in range(5000, 5060)]})
@@ -547,6 +553,8 @@ def _short_push_timeout(config: dict[str, Any]) -> None:
         ("prod", _public_key_as_private, None, "enclave:sshPrivateKey: is not a private key"),
         ("prod", _unchanged, ["digitalocean:token"], "enclave:sshPrivateKey: is stored in plain text"),
         ("prod", _failing_test, None, "enclave:tests[10]: tests[10]: internet -> mysql tcp/3306 expect allow"),
+        ("prod", _broken_fleet_invariant, None, "enclave:tests[10]: tests[10]: outside -> mysql any expect deny, but "
+         "the rules make it mixed for some packets, e.g. IPv4 in eth0 203.0.113.0 -> "),
         ("Prod_1", _unchanged, None, "(stack name): 'Prod_1'"),
         ("prod", _too_many_cloud_firewall_rules, None, "enclave:roles.mysql.ingress: with enclave:cloudFirewall"),
         ("prod", _previous_key_as_public, None, "enclave:sshPreviousPrivateKey: is not a private key"),
@@ -558,6 +566,7 @@ def _short_push_timeout(config: dict[str, Any]) -> None:
         "public-key-as-private",
         "key-not-secret",
         "failing-stack-test",
+        "fleet-invariant-proved-false",
         "stack-name",
         "cloud-firewall-limit",
         "previous-key-as-public",

@@ -236,3 +236,30 @@ def test_the_proof_cost_benchmark_runs_on_a_small_fleet() -> None:
 
     result = measure(100, rounds=1)
     assert result["distinct"] == 4 and result["atoms"] > 1000 and result["prove"] > 0
+
+
+def test_a_docker_host_s_nat_rules_are_refused_saying_how_to_prove_the_filter_table_alone() -> None:
+    text = ("*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n"
+            "COMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
+    with pytest.raises(ParseError, match=r"v4:4: a rule in table nat: .* save it alone \(iptables-save -t filter\)"):
+        parse_tables(text, 4, "v4")
+
+
+DOCKER_FILTER = """-A FORWARD -j DOCKER-USER
+-A FORWARD -o docker0 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A FORWARD -o docker0 -j DOCKER
+-A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT
+-A DOCKER-USER -m physdev --physdev-is-bridged -j RETURN
+-A DOCKER-USER -j RETURN
+"""
+
+
+def test_a_docker_host_s_forward_chains_do_not_stop_the_proof_of_input_and_output(prod: Plan) -> None:
+    text = prod.files["mysql-1"].ipv4.replace(
+        ":ENCLAVE-INPUT - [0:0]\n", ":ENCLAVE-INPUT - [0:0]\n:DOCKER - [0:0]\n:DOCKER-USER - [0:0]\n"
+    ).replace("COMMIT\n", DOCKER_FILTER + "COMMIT\n")
+    assert "physdev" in text
+    assert prove(prod, "mysql-1", rules_v4=text).proved  # physdev is unmodelled, but only FORWARD reaches it
+    reached = text.replace("COMMIT\n", "-A INPUT -j DOCKER-USER\nCOMMIT\n")
+    with pytest.raises(ParseError, match=r"match module 'physdev' is not modelled"):
+        prove(prod, "mysql-1", rules_v4=reached)
