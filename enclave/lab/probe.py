@@ -192,6 +192,13 @@ def outside_targets(policy: Policy, others: Outsiders) -> dict[str, str]:
     return out
 
 
+def has_way_out(policy: Policy, host: str) -> bool:
+    """Whether a host has a route to the Internet at all: a private droplet only through the stack's NAT gateway
+    (`enclave:natGateway: false` leaves it none, so a probe out would test the routing, not its rules)."""
+    role = policy.host_by_name[host].role
+    return policy.stack.public_interface(role) is not None or policy.stack.nat_gateway is not None
+
+
 def outside_probes(policy: Policy, src: Endpoint, targets: dict[str, str], address6: str | None,
                    ports: list[PortSpec]) -> list[Probe]:
     """A host's probes to the Internet (and test CIDRs): what its egress lets out, on every probe port. The
@@ -237,7 +244,7 @@ def plan_probes(policy: Policy, addresses: dict[str, Addresses], others: Outside
                             target.family) is None:
                         expected = None  # the source's own egress drops it
                     probes.append(Probe(src, target, port, expected))
-        if src.kind == "host":
+        if src.kind == "host" and has_way_out(policy, src.name):
             probes += outside_probes(policy, src, outside, others.internet.address6, ports)
     return ProbeSet(sources, hosts, ports, declared_ports(policy), never, probes, None if sample is None else list(sample))
 
@@ -256,7 +263,8 @@ def exhaustive_probe_count(policy: Policy, addresses: dict[str, Addresses], othe
         others_n = n - (1 if src.kind == "host" else 0)
         six = hosts_v6 - (1 if src.kind == "host" and src.address6 else 0)
         targets += others_n * (private + public) + (six if public6 else 0)
-        if src.kind == "host":  # its egress to the Internet (both families when both have them) and test CIDRs
+        if src.kind == "host" and has_way_out(policy, src.name):
+            # its egress to the Internet (both families when both have them) and test CIDRs
             targets += len(outside_targets(policy, others)) + bool(src.address6 and others.internet.address6)
     return targets * len(ports)
 

@@ -199,7 +199,7 @@ class Topology(LabBase):
                 continue
             if a not in self.starved:
                 entries.setdefault(a, set()).add((la[0], lb[1], lb[2]))
-            owner = b if b in self.addresses or b in ("internet", "operator", "neighbor") else "internet"  # a test CIDR
+            owner = b if b in self.addresses or b in ("internet", "operator", "neighbor", NAT) else "internet"  # a test CIDR
             if owner not in self.starved:
                 entries.setdefault(owner, set()).add((lb[0], la[1], la[2]))
         return entries
