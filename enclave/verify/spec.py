@@ -1,12 +1,17 @@
 """The intent a host's rules must equal, written once: the compiled policy plus what every host admits by design.
 
-By design (render.py explains each): loopback; replies and the errors about a connection (ESTABLISHED,
+By design (render.py explains each): ICMP and ICMPv6 redirects dropped in every state on every interface;
+loopback; replies and the errors about a connection (ESTABLISHED,
 RELATED); INVALID dropped; on the public interface of a role with `ipv6`, neighbour solicitations and
 advertisements with hop limit 255, router advertisements from fe80::/10 with hop limit 255 and MLD queries from
 fe80::/10 with hop limit 1, whatever their conntrack state. Every other packet (NEW or UNTRACKED) is what
 `enclave.compiler.decide()` says, the function the plan and the lab use. Outgoing: open, or for
 `egress: restricted` loopback, replies, anything out of the public interface, and on the private interface
 exactly what the destination host accepts from this one.
+
+Out of scope: FORWARD (ENCLAVE-FORWARD, what the host forwards to its containers). render.forward_rules derives
+it line for line from ENCLAVE-INPUT's accepts, tests/test_verify.py checks that correspondence, and the lab
+proves it with packets (tests/test_lab_redteam.py); the proofs here cover INPUT and OUTPUT.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from config.schema import PortSpec
 from ..compiler import Addresses, Endpoint, Host, Interface, Policy, decide
 from ..render import ICMPV6_ND, LINK_LOCAL, MLD_HOP_LIMIT, MLD_QUERY, ND_HOP_LIMIT
 from .engine import Packet, Regions
-from .parse import ICMPV6_TYPES
+from .parse import ICMP_TYPES, ICMPV6_TYPES
 
 ECHO = {4: 8, 6: 128}
+REDIRECT = {4: ICMP_TYPES["redirect"], 6: ICMPV6_TYPES["redirect"]}
 LL = ipaddress.ip_network(LINK_LOCAL)
 LL_INTERVAL = (int(LL.network_address), int(LL.broadcast_address) + 1)
 ND = {ICMPV6_TYPES[name]: name for name in ICMPV6_ND if name != "router-advertisement"}
@@ -98,7 +104,7 @@ class HostIntent:
         return [(p.low, p.high) for f in flows for p in f.ports if p.proto != "icmp"]
 
     def icmp_types(self, family: int) -> list[int]:
-        return [ECHO[family]] + ([MLD, RA, *ND] if family == 6 else [])
+        return [ECHO[family], REDIRECT[family]] + ([MLD, RA, *ND] if family == 6 else [])
 
     def hop_limits(self, family: int) -> list[int]:
         return [ND_HOP_LIMIT, MLD_HOP_LIMIT] if family == 6 else []
@@ -132,6 +138,8 @@ class HostIntent:
     def verdict(self, family: int, hook: str, p: Packet) -> tuple[bool, str]:
         if hook == "OUTPUT":
             return self._output(family, p)
+        if p.proto == (1 if family == 4 else 58) and p.icmp == REDIRECT[family]:
+            return False, "by design: ICMP redirects are dropped in every state, on every interface"
         if p.iface == "lo":
             return True, "by design: loopback"
         if p.state in ("ESTABLISHED", "RELATED"):
