@@ -52,7 +52,10 @@ DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 #   Errors (destination-unreachable, packet-too-big, time-exceeded, parameter-problem): accepted only as
 #     conntrack's RELATED, by the replies rule, i.e. when they are about a connection the host has. Path MTU
 #     discovery works so (the packet-too-big quotes a packet of that connection); an error about nothing the
-#     host sent is INVALID and dropped.
+#     host sent is INVALID and dropped. A forged one about a real connection does what the genuine one does
+#     (ends that attempt, or lowers that destination's path MTU, never under IPv6's 1280).
+#   echo-request (128): only where the stack declares `icmp`; echo-reply (129): only as ESTABLISHED, answers to
+#     the host's own pings.
 # What remains: on the public link itself, any other on-link sender's RA looks exactly like the gateway's (a
 # link-local source, hop limit 255) and is taken the same on a role with `ipv6`; telling them apart would
 # need the gateway's link-local address pinned in the rule, or accept_ra=0 on hosts whose IPv6 is static.

@@ -11,7 +11,7 @@ import pytest
 from config.stackfile import load_stack, load_stack_file
 from enclave.plan import Plan, build_plan
 from enclave.verify.engine import VerifyError
-from enclave.verify.parse import ParseError, parse_ipsets, parse_tables
+from enclave.verify.parse import Cond, ParseError, parse_ipsets, parse_tables
 from enclave.verify.prove import HostProof, HostText, Prover
 
 
@@ -32,6 +32,42 @@ def test_every_rendered_host_is_proved_equal_to_the_policy(stack: str) -> None:
     proofs = [prover.prove(HostText.of(files)) for files in plan.files.values()]
     assert [p.host for p in proofs if not p.proved] == []
     assert all(p.atoms > 1000 for p in proofs)
+
+
+def _forwarded(conds: tuple[Cond, ...]) -> tuple[Cond, ...]:
+    """A forward rule's conditions as its INPUT accept has them (the original destination port as the port)."""
+    as_input = [dataclasses.replace(c, kind="dport") if c.kind == "origdport" else c for c in conds if c.kind != "nat"]
+    return tuple(sorted(as_input, key=repr))
+
+
+@pytest.mark.parametrize("stack", ["prod", "dev"])
+def test_published_ports_admit_exactly_what_input_admits(stack: str) -> None:
+    """ENCLAVE-FORWARD, outside the proofs (INPUT, OUTPUT), against ENCLAVE-INPUT, which the proofs cover: replies
+    return, then for each TCP/UDP accept of INPUT, in order, one DNAT-only RETURN with the same interface, source,
+    protocol and (original destination) port, then a drop of everything else on each interface."""
+    plan = build_plan(load_stack(stack))
+    for files in plan.files.values():
+        for family, text in ((4, files.ipv4), (6, files.ipv6)):
+            table = parse_tables(text, family, files.host)
+            accepts = [r for r in table.rules["ENCLAVE-INPUT"] if r.target == "ACCEPT"
+                       and any(c.kind == "dport" for c in r.conds)]
+            forward = table.rules["ENCLAVE-FORWARD"]
+            assert [c.kind for c in forward[0].conds] == ["state"] and forward[0].target == "RETURN"
+            assert forward[0].conds[0].arg == frozenset({"ESTABLISHED", "RELATED"})
+            carried = forward[1:1 + len(accepts)]
+            assert [_forwarded(r.conds) for r in carried] == [tuple(sorted(r.conds, key=repr)) for r in accepts]
+            assert all(r.target == "RETURN" and any(c.kind == "nat" and c.arg == frozenset({"DNAT"}) for c in r.conds)
+                       for r in carried)
+            rest = forward[1 + len(accepts):]
+            assert [(r.conds[0].kind, r.conds[0].arg, r.target) for r in rest] == [
+                ("iface_in", "eth0", "DROP"), ("iface_in", "eth1", "DROP")], files.host
+
+
+def test_a_forwarding_match_where_input_reaches_is_refused(prod: Plan) -> None:
+    v4 = prod.files["mysql-1"].ipv4.replace("-A ENCLAVE-INPUT -i lo -j ACCEPT",
+                                            "-A ENCLAVE-INPUT -p tcp -m conntrack --ctstate DNAT --ctorigdstport 80 -j ACCEPT")
+    with pytest.raises(VerifyError, match=r"rules.v4:11: a forwarding match .* in a chain INPUT reaches \(ENCLAVE-INPUT\)"):
+        prove(prod, "mysql-1", rules_v4=v4)
 
 
 def test_hosts_with_the_same_files_are_proved_once(prod: Plan) -> None:
