@@ -383,13 +383,16 @@ def test_a_forged_redirect_about_a_tracked_flow_moves_no_route(pushed: Lab) -> N
                    check=True).stdout.strip() == "0"
 
 
-def test_forged_icmp_errors_about_nothing_the_host_sent_change_nothing(pushed: Lab) -> None:
-    """Errors are accepted only as RELATED: one that quotes a flow the host never sent is INVALID and dropped,
-    whatever it says (fragmentation needed with a tiny MTU, unreachable, time exceeded, parameter problem)."""
+def test_forged_icmp_errors_and_replies_about_nothing_the_host_sent_change_nothing(pushed: Lab) -> None:
+    """Errors are accepted only as RELATED, replies only as ESTABLISHED (render.py, "ICMP"): one that quotes a
+    flow the host never sent, or answers a ping it never sent, is INVALID and dropped, whatever it says
+    (fragmentation needed with a tiny MTU, unreachable, time exceeded, parameter problem, echo and timestamp
+    replies)."""
     lab, host = pushed, "wordpress-1"
     me, peer = lab.addresses[host].private, lab.addresses["mysql-1"].private
     before = lab.run(host, ["ip", "route", "get", peer], check=True).stdout
-    errors = [("3", "4", "00000100"), ("3", "1", "00000000"), ("11", "0", "00000000"), ("12", "0", "00000000")]
+    errors = [("3", "4", "00000100"), ("3", "1", "00000000"), ("11", "0", "00000000"), ("12", "0", "00000000"),
+              ("0", "0", "abcd0001"), ("14", "0", "abcd0001")]
     received = snmp(lab, host, "Icmp", "InMsgs")
     invalid = rule_packets_invalid(lab, host)
     for kind, code, rest in errors:
