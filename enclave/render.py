@@ -336,21 +336,23 @@ def forward_rules(accepts: list[str], interfaces: Interfaces, log_drops: bool) -
         if log_drops:
             rules.append(f'-A {FORWARD_CHAIN} -i {iface} -m limit --limit 6/min --limit-burst 10 -j LOG '
                          f'--log-prefix "enclave-drop: "')
-        rules.append(f"-A {FORWARD_CHAIN} -i {iface} {_comment('published ports: default drop')} -j DROP")
+        rules.append(f"-A {FORWARD_CHAIN} -i {iface} -j DROP")
     return rules
 
 
 def filter_table(title: str, family: int, accepts: list[str], output: list[str], log_drops: bool,
-                 *, ipv6_public: str | None = None, interfaces: Interfaces, published: list[str]) -> str:
+                 *, ipv6_public: str | None = None, interfaces: Interfaces, published: list[str] | None) -> str:
     """The frame every enclave table shares: policies, redirect drop, loopback, replies, ICMPv6 control, default
     drop; and ENCLAVE-FORWARD, which admits `published` (accept lines of `accepts`) to the host's containers.
 
     ipv6_public: the public interface of a role with `ipv6` (it accepts ICMPv6 control traffic there), else None.
+    published: None for the baseline, which publishes nothing and leaves the kernel settings to the first push
+    (its user data is capped at 64 KiB).
     """
     proto = "-p icmp -m icmp --icmp-type" if family == 4 else "-p ipv6-icmp -m icmp6 --icmpv6-type"
     lines = [
         f"# {title}. Generated: edit the stack file, not this.",
-        *host_sysctls(family, interfaces),
+        *(host_sysctls(family, interfaces) if published is not None else []),
         "*filter",
         ":INPUT DROP [0:0]",
         ":FORWARD DROP [0:0]",
@@ -359,7 +361,7 @@ def filter_table(title: str, family: int, accepts: list[str], output: list[str],
         f":{OUTPUT_CHAIN} - [0:0]",
         f":{FORWARD_CHAIN} - [0:0]",
         # in every state, on every interface (see ICMP at the top): before the replies rule, which takes RELATED
-        f"-A {INPUT_CHAIN} {proto} {ICMP_REDIRECT[family]} {_comment('icmp redirects: never, in any state')} -j DROP",
+        f"-A {INPUT_CHAIN} {proto} {ICMP_REDIRECT[family]} -j DROP",
         f"-A {INPUT_CHAIN} -i lo -j ACCEPT",
         # replies, and the ICMP(v6) errors about a connection of this host (conntrack's RELATED)
         f"-A {INPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -371,7 +373,7 @@ def filter_table(title: str, family: int, accepts: list[str], output: list[str],
     if log_drops:
         lines.append(f'-A {INPUT_CHAIN} -m limit --limit 6/min --limit-burst 10 -j LOG --log-prefix "enclave-drop: "')
     lines.append(f"-A {INPUT_CHAIN} {_comment('default drop')} -j DROP")
-    return "\n".join(lines + output + forward_rules(published, interfaces, log_drops) + ["COMMIT", ""])
+    return "\n".join(lines + output + forward_rules(published or [], interfaces, log_drops) + ["COMMIT", ""])
 
 
 def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
@@ -381,7 +383,7 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
     created), and on the public interface from operators for bastions (or every host without bastions).
     Depends on no peer, so it never changes when the fleet does, and never forces a droplet replacement.
     Publishes nothing: until the first push, what arrives from outside for a container port is dropped (and the
-    user data, capped at 64 KiB, does not carry every operator's line twice).
+    user data, capped at 64 KiB, does not carry every operator's line twice); the kernel settings come with it.
     """
     public_ssh = stack.roles[role].bastion or not stack.bastion_roles()
     tables = []
@@ -402,7 +404,7 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
         ipv6_public = stack.interfaces.public if stack.roles[role].ipv6 else None
         tables.append(filter_table(f"enclave baseline, role {role}, IPv{family}", family, accepts, [],
                                    stack.log_drops, ipv6_public=ipv6_public, interfaces=stack.interfaces,
-                                   published=[]))
+                                   published=None))
     return RuleFiles(f"baseline-{role}", tables[0], tables[1], "", ())
 
 

@@ -63,34 +63,23 @@ prove() {
     ip6tables-restore < "$1/rules.v6" 2>&1 || { echo "IPv6 rules rejected"; exit 1; }' prove "$1" 2>&1
 }
 
-# jump_at TOOL CHAIN TARGET: where a missing jump from CHAIN to enclave's chain TARGET goes (printed), or nothing
-# when it is there: just after the last rule that jumps to another tool's chain (fail2ban's f2b-*, Docker's,
-# ufw's), else first, so ban chains are consulted before enclave's accepts.
+# jump_at TOOL CHAIN TARGET: where a missing jump to TARGET goes (printed; nothing if there): after the last jump
+# to another tool's chain (fail2ban's f2b-*, Docker's, ufw's), else first: ban chains come before our accepts.
 jump_at() {
   $1 -w -C $2 -j $3 2>/dev/null && return 0
   $1 -w -S | awk -v c=$2 '$1 == "-N" { user[$2] = 1 }
     $1 == "-A" && $2 == c { n++; for (i = 3; i < NF; i++) if ($i == "-j" && ($(i+1) in user) && $(i+1) !~ /^ENCLAVE-/) last = n }
     END { print last + 1 }'
 }
-# jumps: make INPUT/OUTPUT jump to enclave's chains, and DOCKER-USER to ENCLAVE-FORWARD (published container
-# ports, render.py). An existing jump stays where it is; an empty enclave chain returns, so this changes no verdict.
-# DOCKER-USER is Docker's documented chain for host policy and the only one its restarts leave alone (moby
-# daemon/libnetwork/firewall_linux.go setupUserChains: created if missing, never flushed, then
-# iptables.go EnsureJumpRule deletes and re-inserts `-I FORWARD -j DOCKER-USER` at position 1 on every daemon
-# start), so enclave hooks there and nowhere else in FORWARD: a jump of its own in FORWARD would end up below
-# DOCKER-FORWARD's accepts after Docker's next start. Without Docker the chain and its jump are created here, as
-# Docker would: under FORWARD's DROP policy they only ever drop or return, and a Docker installed later adopts
-# them. Never declared in a restore file: --noflush would flush the rules other tools keep there.
-forward_hook() {
-  $1 -w -n -L DOCKER-USER >/dev/null 2>&1 || $1 -w -N DOCKER-USER || return 1
-  $1 -w -C FORWARD -j DOCKER-USER 2>/dev/null || $1 -w -I FORWARD 1 -j DOCKER-USER || return 1
-}
+# jumps: INPUT/OUTPUT to enclave's chains, DOCKER-USER (made as Docker does; never restored: that flushes it) to
+# ENCLAVE-FORWARD (render.py). A jump stays where it is; an empty chain returns.
+hook() { $1 -w -n -L DOCKER-USER >/dev/null 2>&1 || $1 -w -N DOCKER-USER; $1 -w -C FORWARD -j DOCKER-USER 2>/dev/null || $1 -w -I FORWARD 1 -j DOCKER-USER; }
 jumps() {
   for t in iptables ip6tables; do
     for c in INPUT OUTPUT FORWARD; do
       $t -w -n -L ENCLAVE-$c >/dev/null 2>&1 || $t -w -N ENCLAVE-$c || return 1
     done
-    forward_hook $t || return 1
+    hook $t || return 1
     for c in INPUT:ENCLAVE-INPUT OUTPUT:ENCLAVE-OUTPUT DOCKER-USER:ENCLAVE-FORWARD; do
       at=$(jump_at $t ${c%%:*} ${c#*:})
       [ -z "$at" ] || $t -w -I ${c%%:*} "$at" -j ${c#*:} || return 1
@@ -98,25 +87,15 @@ jumps() {
   done
 }
 
-# harden [DIR]: the host's kernel settings (render.py). ICMP redirects are never acted on (IPv4 and IPv6, every
-# interface, `all` and `default` for interfaces that appear later: a host accepts a redirect on an interface when
-# `all` OR the interface says so), and DIR's `# sysctl net.ipv4.conf.IFACE.rp_filter=N` lines (strict
-# reverse-path filtering on the private interface), by this strict pattern only. Never fails a push: a setting the
-# kernel refuses is reported.
+# harden [DIR]: ICMP redirects off everywhere; DIR's `# sysctl` lines.
 harden() {
-  refused=""
-  for f in /proc/sys/net/ipv4/conf/*/accept_redirects /proc/sys/net/ipv4/conf/*/secure_redirects \
-      /proc/sys/net/ipv6/conf/*/accept_redirects; do
-    [ "$(cat "$f" 2>/dev/null)" = 0 ] || { echo 0 > "$f"; } 2>/dev/null || refused="$refused $f"
+  for f in /proc/sys/net/ipv[46]/conf/*/accept_redirects /proc/sys/net/ipv4/conf/*/secure_redirects; do
+    { echo 0 > "$f"; } 2>/dev/null || say "could not turn off $f"
   done
-  [ -z "$refused" ] || say "the kernel kept ICMP redirects on in:$refused"
   [ -n "${1:-}" ] || return 0
-  sed -n 's/^# sysctl net\.ipv4\.conf\.\([A-Za-z0-9_.@-]*\)\.rp_filter=\([0-2]\)$/\1 \2/p' "$1/rules.v4" | while read -r iface value; do
-    f=/proc/sys/net/ipv4/conf/$iface/rp_filter
-    [ -e "$f" ] || { say "no interface $iface: its rp_filter stays unset"; continue; }
-    { echo "$value" > "$f"; } 2>/dev/null || say "could not set $f to $value"
+  sed -n 's/^# sysctl net\.ipv4\.conf\.\([A-Za-z0-9_.@-]*\)\.rp_filter=\([0-2]\)$/\1 \2/p' "$1/rules.v4" | while read -r i v; do
+    { echo "$v" > "/proc/sys/net/ipv4/conf/$i/rp_filter"; } 2>/dev/null || say "could not set $i's rp_filter to $v"
   done
-  return 0
 }
 
 # stage DIR: create DIR's sets that do not exist yet (their names are their contents' hash, so an existing one
@@ -166,7 +145,8 @@ apply() {
   sweep "$1"
 }
 
-# closed: the built-in last resort. Policies DROP; ENCLAVE-INPUT admits loopback, replies, neighbour solicitations
+# closed: the built-in last resort. Policies DROP; ENCLAVE-FORWARD returns replies only;
+# ENCLAVE-INPUT admits loopback, replies, neighbour solicitations
 # and advertisements (IPv6 cannot resolve its neighbours without them; never router advertisements, which would
 # let any neighbour become the gateway) and the baseline's SSH accept lines (by a strict pattern, so a damaged
 # baseline still yields them; none: console). One iptables-restore per family sets the policies, fills the chains
@@ -174,7 +154,6 @@ apply() {
 # Where iptables cannot do it (a Debian image without the package), the same rules go into an nftables table
 # (nft is on every stock image); where neither can, the host is OPEN and says so: $closed_state, then in-force.
 ssh_re='^-A ENCLAVE-INPUT( -i [A-Za-z0-9_.@-]+)?( -s [0-9A-Fa-f.:/]+)?( -i [A-Za-z0-9_.@-]+)? -p tcp -m tcp --dport 22( -m comment --comment "[^"]*")? -j ACCEPT$'
-outside_re='^-A ENCLAVE-FORWARD -i [A-Za-z0-9_.@-]+ -m comment --comment "published ports: default drop" -j DROP$'
 closed_state=""
 closed_rules() {
   unclosed=""
@@ -183,23 +162,15 @@ closed_rules() {
     nd=""
     [ $f = 6 ] && for x in 135 136; do nd="$nd
 -A ENCLAVE-INPUT -p ipv6-icmp -m icmp6 --icmpv6-type $x -m hl --hl-eq 255 -j ACCEPT"; done
-    redirect="-p icmp -m icmp --icmp-type redirect"; [ $f = 6 ] && redirect="-p ipv6-icmp -m icmp6 --icmpv6-type redirect"
     ssh=$(cat "$STATE/baseline/rules.v$f" 2>/dev/null | grep -E "$ssh_re")
-    # published container ports: replies return, the rest from outside (the baseline's interfaces) drops; with no
-    # baseline to name them, everything new drops
-    outside=$(cat "$STATE/baseline/rules.v$f" 2>/dev/null | grep -E "$outside_re")
-    [ -n "$outside" ] || outside="-A ENCLAVE-FORWARD -j DROP"
     jump=""
-    $t -w -n -L DOCKER-USER >/dev/null 2>&1 || jump="
-:DOCKER-USER - [0:0]"
-    $t -w -C FORWARD -j DOCKER-USER 2>/dev/null || jump="$jump
--I FORWARD 1 -j DOCKER-USER"
+    hook $t 2>/dev/null
     for c in INPUT:ENCLAVE-INPUT OUTPUT:ENCLAVE-OUTPUT DOCKER-USER:ENCLAVE-FORWARD; do
       at=$(jump_at $t ${c%%:*} ${c#*:} 2>/dev/null)
       [ -z "$at" ] || jump="$jump
 -I ${c%%:*} $at -j ${c#*:}"
     done
-    if printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:ENCLAVE-INPUT - [0:0]\n:ENCLAVE-OUTPUT - [0:0]\n:ENCLAVE-FORWARD - [0:0]\n-A ENCLAVE-INPUT %s -j DROP\n-A ENCLAVE-INPUT -i lo -j ACCEPT\n-A ENCLAVE-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A ENCLAVE-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A ENCLAVE-OUTPUT -o lo -j ACCEPT\n-A ENCLAVE-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A ENCLAVE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n%s%s\nCOMMIT\n' "$redirect" "$nd" "$ssh" "$outside" "$jump" \
+    if printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:ENCLAVE-INPUT - [0:0]\n:ENCLAVE-OUTPUT - [0:0]\n:ENCLAVE-FORWARD - [0:0]\n-A ENCLAVE-INPUT -i lo -j ACCEPT\n-A ENCLAVE-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A ENCLAVE-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A ENCLAVE-OUTPUT -o lo -j ACCEPT\n-A ENCLAVE-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A ENCLAVE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n-A ENCLAVE-FORWARD -j DROP%s\nCOMMIT\n' "$nd" "$ssh" "$jump" \
         | grep -v '^$' | $t-restore -w --noflush 2>/dev/null; then
       :
     elif $t -w -P INPUT DROP 2>/dev/null && $t -w -P FORWARD DROP 2>/dev/null; then
@@ -232,7 +203,7 @@ closed_nft() {
     }')
 "
   done
-  printf 'table inet enclave_closed\ndelete table inet enclave_closed\ntable inet enclave_closed {\n chain input {\n  type filter hook input priority -1; policy drop;\n  icmp type redirect drop\n  icmpv6 type nd-redirect drop\n  iif "lo" accept\n  ct state established,related accept\n  icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept\n%s }\n chain forward {\n  type filter hook forward priority -1; policy drop;\n }\n}\n' "$ssh_nft" \
+  printf 'table inet enclave_closed\ndelete table inet enclave_closed\ntable inet enclave_closed {\n chain input {\n  type filter hook input priority -1; policy drop;\n  iif "lo" accept\n  ct state established,related accept\n  icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept\n%s }\n chain forward {\n  type filter hook forward priority -1; policy drop;\n }\n}\n' "$ssh_nft" \
     | grep -v '^ *$' | nft -f - 2>/dev/null
 }
 # open_nft: remove the nftables closed table once iptables holds the rules (it would drop what they admit).
