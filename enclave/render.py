@@ -94,7 +94,6 @@ ICMP_REDIRECT = {4: "redirect", 6: "redirect"}
 # own chains, which still decide whether that port is published at all; everything else arriving on the public
 # or private interface is dropped (replies, ESTABLISHED/RELATED, return first). Traffic from the containers
 # themselves (their bridge) is not enclave's to judge here: it returns to Docker's chains.
-DOCKER_USER = "DOCKER-USER"
 LINK_LOCAL = "fe80::/10"
 ND_HOP_LIMIT = 255
 MLD_HOP_LIMIT = 1
