@@ -50,7 +50,7 @@ from .ipsets import parse_ipsets
 from .push import heredoc, digest, host_files, host_program
 from .pushrun import _remote_shell, push_request
 from .resource_names import push_urn  # the URN the program's push resource has (tests/unit/test_program.py)
-from .render import INPUT_CHAIN, OUTPUT_CHAIN, SET_PREFIX, RuleFiles
+from .render import FORWARD_CHAIN, INPUT_CHAIN, OUTPUT_CHAIN, SET_PREFIX, RuleFiles
 from .transport import SSH_FAILED, Transport, TransportFactory
 from .verify.engine import Difference, VerifyError
 from .verify.parse import ParseError
@@ -221,6 +221,10 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
         if len(jumps) < 2 or (wanted and not live):
             drift.append(f"flushed: {family} " + ("INPUT/OUTPUT do not jump to enclave's chains" if len(jumps) < 2
                                                   else "enclave's chains are empty"))
+        if any(line.startswith(f"-A {FORWARD_CHAIN} ") for line in wanted) and \
+                f"-A DOCKER-USER -j {FORWARD_CHAIN}" not in live_state.jumps(family):
+            drift.append(f"unhooked: {family} DOCKER-USER does not jump to {FORWARD_CHAIN} (published container ports "
+                         "are not policed)")
         if live and wanted:
             foreign = [line for line in live if line not in wanted]
             missing = [line for line in wanted if line not in live]

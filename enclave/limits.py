@@ -19,7 +19,7 @@ from config.stackfile import Stack
 from .compiler import Host, Policy
 from .plan import example_addresses
 from .render import Renderer
-from .rulefiles import RuleFiles
+from .rulefiles import FORWARD_CHAIN, RuleFiles
 
 RENDER_BOUND = 50 * MAX_RULES_PER_HOST
 PREFIX = NAMESPACE + ":"
@@ -40,7 +40,10 @@ def declared_pairs(policy: Policy, role: str) -> int:
 
 
 def rules_in_largest_table(files: RuleFiles) -> int:
-    return max(sum(line.startswith("-A ") for line in text.splitlines()) for text in (files.ipv4, files.ipv6))
+    """Rules a packet to the host can walk in one table. ENCLAVE-FORWARD (published container ports) carries over
+    INPUT's accept lines one for one and a packet walks one of the two, so the limit counts INPUT's side."""
+    return max(sum(line.startswith("-A ") and not line.startswith(f"-A {FORWARD_CHAIN} ") for line in text.splitlines())
+               for text in (files.ipv4, files.ipv6))
 
 
 def set_members(files: RuleFiles) -> int:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 # Set names live in config.names, where the schema refuses a stack whose names would collide.
 from config.names import OPERATORS_SET as OPERATORS_SET, SET_NAME_MAX as SET_NAME_MAX, SET_PREFIX as SET_PREFIX
 from config.names import set_name as set_name
-from config.schema import PortSpec, StackConfig
+from config.schema import Interfaces, PortSpec, StackConfig
 
 from .compiler import Addresses, EgressFlow, Flow, Host, Policy
 from .ipsets import landed_name
-from .rulefiles import CHAIN_PREFIX as CHAIN_PREFIX, INPUT_CHAIN as INPUT_CHAIN, OUTPUT_CHAIN as OUTPUT_CHAIN
+from .rulefiles import CHAIN_PREFIX as CHAIN_PREFIX, FORWARD_CHAIN as FORWARD_CHAIN, INPUT_CHAIN as INPUT_CHAIN
+from .rulefiles import OUTPUT_CHAIN as OUTPUT_CHAIN
 from .rulefiles import RuleFiles as RuleFiles
 
 DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
@@ -51,7 +52,10 @@ DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 #   Errors (destination-unreachable, packet-too-big, time-exceeded, parameter-problem): accepted only as
 #     conntrack's RELATED, by the replies rule, i.e. when they are about a connection the host has. Path MTU
 #     discovery works so (the packet-too-big quotes a packet of that connection); an error about nothing the
-#     host sent is INVALID and dropped.
+#     host sent is INVALID and dropped. A forged one about a real connection does what the genuine one does
+#     (ends that attempt, or lowers that destination's path MTU, never under IPv6's 1280).
+#   echo-request (128): only where the stack declares `icmp`; echo-reply (129): only as ESTABLISHED, answers to
+#     the host's own pings.
 # What remains: on the public link itself, any other on-link sender's RA looks exactly like the gateway's (a
 # link-local source, hop limit 255) and is taken the same on a role with `ipv6`; telling them apart would
 # need the gateway's link-local address pinned in the rule, or accept_ra=0 on hosts whose IPv6 is static.
@@ -59,6 +63,37 @@ DEFAULT_HASHSIZE = 1024  # ipset's initial bucket count for hash sets
 # before the INVALID drop. OUTPUT needs no ICMPv6 rule: it is open, or (`egress: restricted`) open on the
 # public interface, where the host's own solicitations, advertisements and MLD reports leave; out of the
 # private interface, which carries no IPv6, they are dropped; errors the host sends are RELATED.
+#
+# ICMP(v4), accepted in INPUT only as follows, each for a reason:
+#   echo-request (8): only where the stack declares `icmp` for that source, like any port.
+#   Errors (destination-unreachable 3, time-exceeded 11, parameter-problem 12, and source-quench 4, which Linux
+#     ignores since 3.x): only as conntrack's RELATED, i.e. quoting a connection of this host (the quoted
+#     tuple must be one conntrack holds, else the error is INVALID and dropped). What a forged one can do is
+#     what the genuine one does: fragmentation-needed lowers the path MTU of that one destination (the kernel
+#     refuses an MTU under min_pmtu, 552), unreachable/time-exceeded end that one connection's attempt (TCP
+#     treats them as soft errors for an established connection). A forger on the path could end the
+#     connection with a RST just as well.
+#   echo-reply (0), timestamp-reply (14), address-mask-reply (18): only as ESTABLISHED, answers to the host's own
+#     requests (ping).
+#   redirect (5): never, in no state, on no interface. conntrack files a redirect that quotes a tracked flow as
+#     RELATED, and the kernel then moves that flow's route to the gateway it names: an on-link sender that
+#     spoofs the gateway diverts the host's traffic through itself. The host has one gateway per segment and
+#     nothing to learn from a redirect, so the drop comes before the replies rule (and before loopback), and
+#     the host is also told not to act on one (`accept_redirects`/`secure_redirects` 0, set by apply.sh).
+#   Everything else (router advertisement/solicitation, timestamp and address-mask requests, ...): default drop.
+# ICMPv6 redirect (137) is dropped the same way, before the replies rule (conntrack does not track it: it would be
+# INVALID anyway; the explicit drop states it and holds whatever conntrack makes of it).
+ICMP_REDIRECT = {4: "redirect", 6: "redirect"}
+# Published container ports (Docker, and any DNAT to a local bridge or VM). Docker turns a packet to a published
+# port into forwarded traffic with a DNAT in nat PREROUTING: it never passes INPUT. Docker's documented place for
+# a host policy is the filter chain DOCKER-USER (moby daemon/libnetwork/firewall_linux.go: created if missing,
+# never flushed, its `FORWARD -j DOCKER-USER` jump re-inserted at position 1 on every daemon start), so
+# ENCLAVE-FORWARD is hooked from there (apply.sh `jumps`) and admits exactly what ENCLAVE-INPUT admits, by the
+# ORIGINAL destination port (`-m conntrack --ctstate DNAT --ctorigdstport`): the accept lines of INPUT, carried
+# over one for one (forward_rules). It never accepts: an admitted flow RETURNs to DOCKER-USER and on to Docker's
+# own chains, which still decide whether that port is published at all; everything else arriving on the public
+# or private interface is dropped (replies, ESTABLISHED/RELATED, return first). Traffic from the containers
+# themselves (their bridge) is not enclave's to judge here: it returns to Docker's chains.
 LINK_LOCAL = "fe80::/10"
 ND_HOP_LIMIT = 255
 MLD_HOP_LIMIT = 1
@@ -273,7 +308,16 @@ class Renderer:
         body = self._input_rules(host, family, sets)
         output = self._output_rules(host, family, sets) if restricted else []
         ipv6_public = self.policy.stack.public_interface(host.role) if role.ipv6 else None
-        return filter_table(title, family, body, output, self.policy.stack.log_drops, ipv6_public=ipv6_public)
+        return filter_table(title, family, body, output, self.policy.stack.log_drops, ipv6_public=ipv6_public,
+                            interfaces=self._interfaces_of(host.role), published=body)
+
+    def _interfaces_of(self, role: str) -> Interfaces:
+        """The role's own interfaces, for the forward chain's drops and the kernel settings: a private droplet
+        (`public: false`) has one, its private one (interfaces.privateOnly), which stands for both here."""
+        stack = self.policy.stack
+        private = stack.private_interface(role)
+        return Interfaces.model_construct(public=stack.public_interface(role) or private, private=private,
+                                          private_only=stack.interfaces.private_only)
 
     # ---------------------------------------------------------------------------------------- public
 
@@ -334,20 +378,69 @@ def icmpv6_control(ipv6_public: str | None) -> list[str]:
     ]
 
 
+def host_sysctls(family: int, interfaces: Interfaces) -> list[str]:
+    """Kernel settings the host takes with its rules, as `# sysctl KEY=VALUE` comment lines of rules.v4 (apply.sh
+    applies these, and only keys of this shape; iptables-restore and the proofs skip comments).
+
+    Strict reverse-path filtering on the private interface: a packet arriving there is taken only if the host
+    would route its source back out of that interface. A VPC neighbour spoofing an Internet address (say, the
+    resolver's, to answer the host's DNS query: conntrack ignores the interface, so a forged UDP answer is
+    ESTABLISHED) is dropped before conntrack; the VPC's own addresses are routed on that interface and pass. The
+    kernel takes the larger of `all` and the interface's value (stock images leave `all` at 0). It does not
+    stop a neighbour claiming another VPC address (threat model); accept_redirects/secure_redirects (every
+    interface) are apply.sh's own, unconditional.
+    """
+    return [f"# sysctl net.ipv4.conf.{interfaces.private}.rp_filter=1"] if family == 4 else []
+
+
+def forward_rules(accepts: list[str], interfaces: Interfaces, log_drops: bool) -> list[str]:
+    """ENCLAVE-FORWARD (see "Published container ports" at the top): INPUT's accept lines carried over one for one,
+    matched on the original destination port of a DNATed flow; replies return; the rest from outside drops."""
+    rules = [f"-A {FORWARD_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"]
+    for line in accepts:
+        words = line.split(" ")
+        if words[:2] != ["-A", INPUT_CHAIN] or words[-2:] != ["-j", "ACCEPT"] or "-i" not in words:
+            raise ValueError(f"an accept line forward_rules cannot carry over: {line}")
+        proto = words[words.index("-p") + 1] if "-p" in words else ""
+        if proto in ("icmp", "ipv6-icmp"):
+            continue  # no runtime publishes ICMP: an echo request to the host is the host's own
+        at = next((i for i in range(len(words) - 3) if words[i] == "-m" and words[i + 1] == proto
+                   and words[i + 2] == "--dport"), None)
+        if proto not in ("tcp", "udp") or at is None:
+            raise ValueError(f"an accept line forward_rules cannot carry over (no -p tcp/udp ... --dport): {line}")
+        words[at:at + 3] = ["-m", "conntrack", "--ctstate", "DNAT", "--ctorigdstport"]
+        words[1], words[-1] = FORWARD_CHAIN, "RETURN"
+        rules.append(" ".join(words))
+    for iface in dict.fromkeys((interfaces.public, interfaces.private)):
+        if log_drops:
+            rules.append(f'-A {FORWARD_CHAIN} -i {iface} -m limit --limit 6/min --limit-burst 10 -j LOG '
+                         f'--log-prefix "enclave-drop: "')
+        rules.append(f"-A {FORWARD_CHAIN} -i {iface} -j DROP")
+    return rules
+
+
 def filter_table(title: str, family: int, accepts: list[str], output: list[str], log_drops: bool,
-                 *, ipv6_public: str | None = None) -> str:
-    """The frame every enclave table shares: policies, loopback, replies, ICMPv6 control, default drop.
+                 *, ipv6_public: str | None = None, interfaces: Interfaces, published: list[str] | None) -> str:
+    """The frame every enclave table shares: policies, redirect drop, loopback, replies, ICMPv6 control, default
+    drop; and ENCLAVE-FORWARD, which admits `published` (accept lines of `accepts`) to the host's containers.
 
     ipv6_public: the public interface of a role with `ipv6` (it accepts ICMPv6 control traffic there), else None.
+    published: None for the baseline, which publishes nothing and leaves the kernel settings to the first push
+    (its user data is capped at 64 KiB).
     """
+    proto = "-p icmp -m icmp --icmp-type" if family == 4 else "-p ipv6-icmp -m icmp6 --icmpv6-type"
     lines = [
         f"# {title}. Generated: edit the stack file, not this.",
+        *(host_sysctls(family, interfaces) if published is not None else []),
         "*filter",
         ":INPUT DROP [0:0]",
         ":FORWARD DROP [0:0]",
         f":OUTPUT {'DROP' if output else 'ACCEPT'} [0:0]",
         f":{INPUT_CHAIN} - [0:0]",
         f":{OUTPUT_CHAIN} - [0:0]",
+        f":{FORWARD_CHAIN} - [0:0]",
+        # in every state, on every interface (see ICMP at the top): before the replies rule, which takes RELATED
+        f"-A {INPUT_CHAIN} {proto} {ICMP_REDIRECT[family]} -j DROP",
         f"-A {INPUT_CHAIN} -i lo -j ACCEPT",
         # replies, and the ICMP(v6) errors about a connection of this host (conntrack's RELATED)
         f"-A {INPUT_CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -359,7 +452,7 @@ def filter_table(title: str, family: int, accepts: list[str], output: list[str],
     if log_drops:
         lines.append(f'-A {INPUT_CHAIN} -m limit --limit 6/min --limit-burst 10 -j LOG --log-prefix "enclave-drop: "')
     lines.append(f"-A {INPUT_CHAIN} {_comment('default drop')} -j DROP")
-    return "\n".join(lines + output + ["COMMIT", ""])
+    return "\n".join(lines + output + forward_rules(published or [], interfaces, log_drops) + ["COMMIT", ""])
 
 
 def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
@@ -368,6 +461,8 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
     SSH on the private interface from the VPC range (the bastion's address is not known when the droplet is
     created), and on the public interface from operators for bastions (or every host without bastions).
     Depends on no peer, so it never changes when the fleet does, and never forces a droplet replacement.
+    Publishes nothing: until the first push, what arrives from outside for a container port is dropped (and the
+    user data, capped at 64 KiB, does not carry every operator's line twice); the kernel settings come with it.
     """
     public_ssh = stack.roles[role].bastion or not stack.bastion_roles()  # never a private role: it has bastions
     tables = []
@@ -387,7 +482,8 @@ def baseline_files(stack: StackConfig, role: str) -> RuleFiles:
             ]
         ipv6_public = stack.public_interface(role) if stack.roles[role].ipv6 else None
         tables.append(filter_table(f"enclave baseline, role {role}, IPv{family}", family, accepts, [],
-                                   stack.log_drops, ipv6_public=ipv6_public))
+                                   stack.log_drops, ipv6_public=ipv6_public, interfaces=stack.interfaces,
+                                   published=None))
     return RuleFiles(f"baseline-{role}", tables[0], tables[1], "", ())
 
 

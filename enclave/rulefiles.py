@@ -12,6 +12,8 @@ from dataclasses import dataclass
 CHAIN_PREFIX = "ENCLAVE"
 INPUT_CHAIN = f"{CHAIN_PREFIX}-INPUT"
 OUTPUT_CHAIN = f"{CHAIN_PREFIX}-OUTPUT"
+# What the host forwards to its own containers (Docker's published ports): hooked from DOCKER-USER (render.py).
+FORWARD_CHAIN = f"{CHAIN_PREFIX}-FORWARD"
 
 
 @dataclass(frozen=True)

@@ -63,25 +63,38 @@ prove() {
     ip6tables-restore < "$1/rules.v6" 2>&1 || { echo "IPv6 rules rejected"; exit 1; }' prove "$1" 2>&1
 }
 
-# jumps: make INPUT/OUTPUT jump to enclave's chains. A missing jump goes right after the last rule that jumps to
-# another tool's chain (fail2ban's f2b-*, Docker, ufw), else first, so ban chains are consulted before enclave's
-# accepts; an existing jump stays where it is. An empty enclave chain returns, so this changes no verdict.
-# jump_at TABLE CHAIN: where a missing jump to enclave's chain goes (printed), or nothing when it is there: just
-# after the last rule that jumps to another tool's chain (fail2ban's f2b-*, Docker's, ufw's), else first, so ban
-# chains are consulted before enclave's accepts.
+# jump_at TOOL CHAIN TARGET: where a missing jump to TARGET goes (printed; nothing if there): after the last jump
+# to another tool's chain (fail2ban's f2b-*, Docker's, ufw's), else first: ban chains come before our accepts.
 jump_at() {
-  $1 -w -C $2 -j ENCLAVE-$2 2>/dev/null && return 0
+  $1 -w -C $2 -j $3 2>/dev/null && return 0
   $1 -w -S | awk -v c=$2 '$1 == "-N" { user[$2] = 1 }
     $1 == "-A" && $2 == c { n++; for (i = 3; i < NF; i++) if ($i == "-j" && ($(i+1) in user) && $(i+1) !~ /^ENCLAVE-/) last = n }
     END { print last + 1 }'
 }
+# jumps: INPUT/OUTPUT to enclave's chains, DOCKER-USER (made as Docker does; never restored: that flushes it) to
+# ENCLAVE-FORWARD (render.py). A jump stays where it is; an empty chain returns.
+hook() { $1 -w -n -L DOCKER-USER >/dev/null 2>&1 || $1 -w -N DOCKER-USER; $1 -w -C FORWARD -j DOCKER-USER 2>/dev/null || $1 -w -I FORWARD 1 -j DOCKER-USER; }
 jumps() {
   for t in iptables ip6tables; do
-    for c in INPUT OUTPUT; do
+    for c in INPUT OUTPUT FORWARD; do
       $t -w -n -L ENCLAVE-$c >/dev/null 2>&1 || $t -w -N ENCLAVE-$c || return 1
-      at=$(jump_at $t $c)
-      [ -z "$at" ] || $t -w -I $c "$at" -j ENCLAVE-$c || return 1
     done
+    hook $t || return 1
+    for c in INPUT:ENCLAVE-INPUT OUTPUT:ENCLAVE-OUTPUT DOCKER-USER:ENCLAVE-FORWARD; do
+      at=$(jump_at $t ${c%%:*} ${c#*:})
+      [ -z "$at" ] || $t -w -I ${c%%:*} "$at" -j ${c#*:} || return 1
+    done
+  done
+}
+
+# harden [DIR]: ICMP redirects off everywhere; DIR's `# sysctl` lines.
+harden() {
+  for f in /proc/sys/net/ipv[46]/conf/*/accept_redirects /proc/sys/net/ipv4/conf/*/secure_redirects; do
+    { echo 0 > "$f"; } 2>/dev/null || say "could not turn off $f"
+  done
+  [ -n "${1:-}" ] || return 0
+  sed -n 's/^# sysctl net\.ipv4\.conf\.\([A-Za-z0-9_.@-]*\)\.rp_filter=\([0-2]\)$/\1 \2/p' "$1/rules.v4" | while read -r i v; do
+    { echo "$v" > "/proc/sys/net/ipv4/conf/$i/rp_filter"; } 2>/dev/null || say "could not set $i's rp_filter to $v"
   done
 }
 
@@ -127,11 +140,13 @@ apply() {
   checkpoint apply:v6
   created=""
   open_nft
+  harden "$1"
   write_file "$STATE/in-force" "$(cat "$1/digest")" || echo "enclave $(about "$1"): in force, but $STATE/in-force could not be written" >&2
   sweep "$1"
 }
 
-# closed: the built-in last resort. Policies DROP; ENCLAVE-INPUT admits loopback, replies, neighbour solicitations
+# closed: the built-in last resort. Policies DROP; ENCLAVE-FORWARD returns replies only;
+# ENCLAVE-INPUT admits loopback, replies, neighbour solicitations
 # and advertisements (IPv6 cannot resolve its neighbours without them; never router advertisements, which would
 # let any neighbour become the gateway) and the baseline's SSH accept lines (by a strict pattern, so a damaged
 # baseline still yields them; none: console). One iptables-restore per family sets the policies, fills the chains
@@ -149,12 +164,13 @@ closed_rules() {
 -A ENCLAVE-INPUT -p ipv6-icmp -m icmp6 --icmpv6-type $x -m hl --hl-eq 255 -j ACCEPT"; done
     ssh=$(cat "$STATE/baseline/rules.v$f" 2>/dev/null | grep -E "$ssh_re")
     jump=""
-    for c in INPUT OUTPUT; do
-      at=$(jump_at $t $c 2>/dev/null)
+    hook $t 2>/dev/null
+    for c in INPUT:ENCLAVE-INPUT OUTPUT:ENCLAVE-OUTPUT DOCKER-USER:ENCLAVE-FORWARD; do
+      at=$(jump_at $t ${c%%:*} ${c#*:} 2>/dev/null)
       [ -z "$at" ] || jump="$jump
--I $c $at -j ENCLAVE-$c"
+-I ${c%%:*} $at -j ${c#*:}"
     done
-    if printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:ENCLAVE-INPUT - [0:0]\n:ENCLAVE-OUTPUT - [0:0]\n-A ENCLAVE-INPUT -i lo -j ACCEPT\n-A ENCLAVE-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A ENCLAVE-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A ENCLAVE-OUTPUT -o lo -j ACCEPT\n-A ENCLAVE-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\nCOMMIT\n' "$nd" "$ssh" "$jump" \
+    if printf '*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:ENCLAVE-INPUT - [0:0]\n:ENCLAVE-OUTPUT - [0:0]\n:ENCLAVE-FORWARD - [0:0]\n-A ENCLAVE-INPUT -i lo -j ACCEPT\n-A ENCLAVE-INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT%s\n%s\n-A ENCLAVE-INPUT -m comment --comment "enclave closed: nothing else to restore" -j DROP\n-A ENCLAVE-OUTPUT -o lo -j ACCEPT\n-A ENCLAVE-OUTPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n-A ENCLAVE-FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN\n-A ENCLAVE-FORWARD -j DROP%s\nCOMMIT\n' "$nd" "$ssh" "$jump" \
         | grep -v '^$' | $t-restore -w --noflush 2>/dev/null; then
       :
     elif $t -w -P INPUT DROP 2>/dev/null && $t -w -P FORWARD DROP 2>/dev/null; then
@@ -199,6 +215,7 @@ closed() {
   rm -f "$STATE/in-force"
   closed_rules
   jumps 2>/dev/null
+  harden
   write_file "$STATE/in-force" "$closed_state" || true
 }
 

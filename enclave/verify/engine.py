@@ -328,7 +328,8 @@ def keys_at(regions: Regions, addr: int) -> frozenset[object]:
 
 
 def _refuse_wrong_direction(table: Table, hook: str) -> None:
-    """`-o` in a chain INPUT reaches, `-i` in one OUTPUT reaches: the kernel refuses to load them."""
+    """`-o` in a chain INPUT reaches, `-i` in one OUTPUT reaches: the kernel refuses to load them. A forwarding
+    match (conntrack's DNAT state, original destination port) in one they reach is not modelled: refused."""
     wrong = "iface_out" if hook == "INPUT" else "iface_in"
     seen: set[str] = set()
     todo = [hook]
@@ -341,6 +342,9 @@ def _refuse_wrong_direction(table: Table, hook: str) -> None:
             if any(c.kind == wrong for c in r.conds):
                 raise VerifyError(f"{table.source}:{r.line}: {'-o' if hook == 'INPUT' else '-i'} in a chain {hook} "
                                   f"reaches ({chain}); iptables refuses it: {r.text}")
+            if any(c.kind in ("nat", "origdport") for c in r.conds):
+                raise VerifyError(f"{table.source}:{r.line}: a forwarding match (--ctstate DNAT/SNAT, --ctorigdstport) "
+                                  f"in a chain {hook} reaches ({chain}) is not modelled: {r.text}")
             if r.target in table.rules:
                 todo.append(r.target)
 

@@ -18,6 +18,9 @@ from typing import Any
 BUILTIN_TARGETS = ("ACCEPT", "DROP", "REJECT", "RETURN", "LOG")
 TERMINAL = ("ACCEPT", "DROP", "REJECT")
 STATES = ("NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED")
+# conntrack's virtual states: the connection's address was rewritten (DNAT: a published container port). Parsed
+# for ENCLAVE-FORWARD, which the proofs do not reach (engine.py refuses them in a chain INPUT/OUTPUT reaches).
+NAT_STATES = ("DNAT", "SNAT")
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58, "6": 6, "17": 17, "1": 1, "58": 58}
 PROTOCOL_NAMES = {6: "tcp", 17: "udp", 1: "icmp", 58: "ipv6-icmp"}
 ICMP_TYPES = {
@@ -48,7 +51,7 @@ class ParseError(ValueError):
 class Cond:
     """One test a rule makes: kind, its argument, and whether it is negated with `!`."""
 
-    kind: str  # iface_in iface_out src dst proto dport sport icmp state hl
+    kind: str  # iface_in iface_out src dst proto dport sport icmp state hl; forwarding only: nat origdport
     arg: Any  # an interface, ((low, high), 'net') or (name, 'set'), a protocol, port ranges, states, (op, hop)
     negate: bool = False
 
@@ -203,10 +206,14 @@ def parse_rule(chain: str, words: list[str], family: int, source: str, n: int, l
             conds.append(Cond(flags, (name, "set"), neg))
         elif w in ("--ctstate", "--state") and module == ("conntrack" if w == "--ctstate" else "state"):
             states = frozenset(value().split(","))
-            unknown = states - set(STATES)
+            unknown = states - set(STATES) - set(NAT_STATES)
             if unknown:
-                raise refuse(f"conntrack state {', '.join(sorted(unknown))} is not modelled ({', '.join(STATES)})")
-            conds.append(Cond("state", states, neg))
+                raise refuse(f"conntrack state {', '.join(sorted(unknown))} is not modelled ({', '.join(STATES + NAT_STATES)})")
+            if states & set(NAT_STATES) and states - set(NAT_STATES):
+                raise refuse("a conntrack state list mixing DNAT/SNAT with real states is not modelled")
+            conds.append(Cond("nat" if states <= set(NAT_STATES) else "state", states, neg))
+        elif w == "--ctorigdstport" and module == "conntrack":
+            conds.append(Cond("origdport", _ports(value(), source, n, line), neg))
         elif w in ("--hl-eq", "--hl-lt", "--hl-gt") and module == "hl":
             try:
                 hop = int(value())

@@ -1,6 +1,7 @@
 """The intent a host's rules must equal, written once: the compiled policy plus what every host admits by design.
 
-By design (render.py explains each): loopback; replies and the errors about a connection (ESTABLISHED,
+By design (render.py explains each): ICMP and ICMPv6 redirects dropped in every state on every interface;
+loopback; replies and the errors about a connection (ESTABLISHED,
 RELATED); INVALID dropped; on the public interface of a role with `ipv6`, neighbour solicitations and
 advertisements with hop limit 255, router advertisements from fe80::/10 with hop limit 255 and MLD queries from
 fe80::/10 with hop limit 1, whatever their conntrack state. Every other packet (NEW or UNTRACKED) is what
@@ -12,6 +13,10 @@ Internet (through the NAT gateway) what leaves it for an IPv4 address outside th
 allowlist: loopback, replies, on a role
 with `ipv6` the ICMPv6 control it sends on the public link, and every other packet what
 `enclave.compiler.egress_verdict()` says (what peers admit, the listed entries, the essentials).
+
+Out of scope: FORWARD (ENCLAVE-FORWARD, what the host forwards to its containers). render.forward_rules derives
+it line for line from ENCLAVE-INPUT's accepts, tests/unit/test_verify.py checks that correspondence, and the lab
+proves it with packets (tests/lab/test_lab_redteam.py); the proofs here cover INPUT and OUTPUT.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from config.schema import PortSpec
 from ..compiler import Addresses, Endpoint, Host, Interface, Policy, decide, egress_verdict
 from ..render import ICMPV6_ND, ICMPV6_SENT, LINK_LOCAL, MLD_HOP_LIMIT, MLD_QUERY, ND_HOP_LIMIT
 from .engine import Packet, Regions
-from .parse import ICMPV6_TYPES
+from .parse import ICMP_TYPES, ICMPV6_TYPES
 
 ECHO = {4: 8, 6: 128}
+REDIRECT = {4: ICMP_TYPES["redirect"], 6: ICMPV6_TYPES["redirect"]}
 LL = ipaddress.ip_network(LINK_LOCAL)
 LL_INTERVAL = (int(LL.network_address), int(LL.broadcast_address) + 1)
 ND = {ICMPV6_TYPES[name]: name for name in ICMPV6_ND if name != "router-advertisement"}
@@ -118,7 +124,7 @@ class HostIntent:
         return [(p.low, p.high) for p in [*(p for f in flows for p in f.ports), *listed] if p.proto != "icmp"]
 
     def icmp_types(self, family: int) -> list[int]:
-        return [ECHO[family]] + ([MLD, RA, *ND, *SENT] if family == 6 else [])
+        return [ECHO[family], REDIRECT[family]] + ([MLD, RA, *ND, *SENT] if family == 6 else [])
 
     def hop_limits(self, family: int) -> list[int]:
         return [ND_HOP_LIMIT, MLD_HOP_LIMIT] if family == 6 else []
@@ -152,6 +158,8 @@ class HostIntent:
     def verdict(self, family: int, hook: str, p: Packet) -> tuple[bool, str]:
         if hook == "OUTPUT":
             return self._output(family, p)
+        if p.proto == (1 if family == 4 else 58) and p.icmp == REDIRECT[family]:
+            return False, "by design: ICMP redirects are dropped in every state, on every interface"
         if p.iface == "lo":
             return True, "by design: loopback"
         if p.state in ("ESTABLISHED", "RELATED"):

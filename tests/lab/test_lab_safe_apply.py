@@ -169,7 +169,10 @@ def test_pushing_the_same_rules_again_leaves_iptables_save_unchanged(lab: Lab) -
 def test_other_tools_chains_and_tables_survive_a_push(lab: Lab) -> None:
     host = "wordpress-1"
     foreign = (
-        "iptables -w -N DOCKER-USER && iptables -w -A DOCKER-USER -j RETURN && iptables -w -A FORWARD -j DOCKER-USER\n"
+        # Docker's way (moby iptables.go NewChain, EnsureJumpRule): DOCKER-USER only if missing (enclave hooks
+        # published ports there), its FORWARD jump moved to the top
+        "{ iptables -w -n -L DOCKER-USER >/dev/null 2>&1 || iptables -w -N DOCKER-USER; } && iptables -w -A DOCKER-USER -j RETURN"
+        " && { iptables -w -D FORWARD -j DOCKER-USER 2>/dev/null; iptables -w -I FORWARD -j DOCKER-USER; }\n"
         "iptables -w -t nat -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n"
         "iptables -w -N f2b-sshd && iptables -w -A f2b-sshd -s 192.0.2.66/32 -j REJECT && iptables -w -A f2b-sshd -j RETURN\n"
         "iptables -w -I INPUT -p tcp -m tcp --dport 22 -j f2b-sshd\n"

@@ -59,4 +59,4 @@ def test_a_live_foreign_rule_before_the_jump_is_reported(tmp_path: Path, capsys:
     rules = live_save(tmp_path, "mysql-1", extra="iptables -I INPUT 1 -p udp --dport 161 -j ACCEPT")
     assert main(["prove", "--stack", "prod", "--rules", str(rules)]) == 1
     out = capsys.readouterr().out
-    assert "udp/161 NEW|UNTRACKED: rules ACCEPT by line 8: -A INPUT -p udp -m udp --dport 161 -j ACCEPT" in out
+    assert "udp/161 NEW|UNTRACKED: rules ACCEPT by line 9: -A INPUT -p udp -m udp --dport 161 -j ACCEPT" in out

@@ -72,6 +72,18 @@ def test_each_drift_is_named_in_an_operator_s_words(changed: dict[str, str], dri
     assert len(found) == len(drift) and all(f.startswith(d) for f, d in zip(found, drift)), found
 
 
+def test_published_ports_left_unhooked_are_drift() -> None:
+    """Compiled rules police published container ports; a host whose DOCKER-USER lost the jump does not."""
+    forward = "-A ENCLAVE-FORWARD -i eth0 -j DROP\n"
+    declared = ":ENCLAVE-FORWARD - [0:0]\n:DOCKER-USER - [0:0]\n"
+    want = table(RULES + forward, declared).splitlines()
+    hooked = sections(live4=table(RULES + forward, declared + FOREIGN_CHAIN + JUMPS + "-A DOCKER-USER -j ENCLAVE-FORWARD\n"))
+    assert audit.compare(FILES, {**hooked, "want4": want}) == []
+    unhooked = sections(live4=table(RULES + forward, declared + FOREIGN_CHAIN + JUMPS))
+    assert audit.compare(FILES, {**unhooked, "want4": want}) == [
+        "unhooked: IPv4 DOCKER-USER does not jump to ENCLAVE-FORWARD (published container ports are not policed)"]
+
+
 def test_a_save_that_cannot_be_read_is_drift_not_a_crash() -> None:
     found = audit.compare(FILES, sections(live4="-A INPUT -j ENCLAVE-INPUT\n"))
     assert found == ["the host's saved rules could not be read: IPv4 save, line 1: '-A INPUT -j ENCLAVE-INPUT' "

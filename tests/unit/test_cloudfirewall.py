@@ -171,6 +171,8 @@ def test_fifty_rules_is_the_most_a_firewall_takes() -> None:
 
 
 def test_more_operators_than_the_user_data_can_carry_are_refused_before_any_firewall() -> None:
+    from config.schema import MAX_OPERATORS
+
     """1 000 operator addresses would exceed a Cloud Firewall rule's 1 000 sources, but the stack refuses them
     first: bastions boot with one baseline rule per operator, in user data DigitalOcean caps at 64 KiB."""
     doc = with_cloud_firewall(stack_document("prod"))
@@ -178,7 +180,7 @@ def test_more_operators_than_the_user_data_can_carry_are_refused_before_any_fire
     with pytest.raises(StackError) as exc:
         policy_of(doc)
     (issue,) = exc.value.issues
-    assert issue.path == "enclave:operators" and "200" in issue.message
+    assert issue.path == "enclave:operators" and str(MAX_OPERATORS) in issue.message
 
 
 def test_too_many_cidr_sources_in_one_ingress() -> None:

@@ -73,7 +73,11 @@ def test_changing_a_port_shows_exactly_that_rule_removed_and_added() -> None:
     for host in ("wordpress-1", "wordpress-2"):
         (change,) = hosts[host].files
         assert change.file == "rules.v4"
-        ((minus, old_line), (plus, new_line)) = change.lines
+        # the rule in INPUT, and its copy for published container ports in FORWARD
+        ((minus, old_line), (plus, new_line)) = [(sign, line) for sign, line in change.lines if "ENCLAVE-INPUT" in line]
+        assert [line.replace("ENCLAVE-FORWARD", "") for _, line in change.lines if "ENCLAVE-FORWARD" in line] == [
+            line.replace("ENCLAVE-INPUT", "").replace("-m tcp --dport", "-m conntrack --ctstate DNAT --ctorigdstport")
+            .replace("-j ACCEPT", "-j RETURN") for line in (old_line, new_line)]
         assert (minus, plus) == ("-", "+")
         assert "--dport 80 " in old_line and "--dport 8080 " in new_line
         assert old_line.replace("80", "8080") == new_line  # the same rule (and comment), only the port moved
@@ -106,8 +110,9 @@ def test_a_new_source_role_brings_a_new_set_and_a_new_rule() -> None:
     new, diff = change_prod(monitoring)
     mysql = by_host(diff)["mysql-1"]
     assert mysql.sets == (SetChange(set_name("monitor"), "added", (new.addresses["monitor-1"].private,), ()),)
-    ((sign, line),) = mysql.files[0].lines
+    ((sign, line), (forward_sign, forward)) = mysql.files[0].lines  # INPUT, and published container ports
     assert sign == "+" and "--dport 9104" in line and set_name("monitor") in line
+    assert forward_sign == "+" and forward.startswith("-A ENCLAVE-FORWARD") and "--ctorigdstport 9104" in forward
 
 
 def test_enabling_ipv6_adds_public_ipv6_rules() -> None:
@@ -167,8 +172,8 @@ def test_cli_port_change_prints_the_rule_lines_whole(tmp_path: Path, capsys: pyt
     new = write(tmp_path, move_http)
     assert main(["plan", "--stack-file", str(new), "--diff-from", str(PROD), "--host", "wordpress-1"]) == 0
     out = capsys.readouterr().out
-    minus = [line for line in out.splitlines() if line.lstrip().startswith("- -A ")]
-    plus = [line for line in out.splitlines() if line.lstrip().startswith("+ -A ")]
+    minus = [line for line in out.splitlines() if line.lstrip().startswith("- -A ENCLAVE-INPUT ")]
+    plus = [line for line in out.splitlines() if line.lstrip().startswith("+ -A ENCLAVE-INPUT ")]
     assert len(minus) == len(plus) == 1
     assert "--dport 80 " in minus[0] and '-j ACCEPT' in minus[0]  # never wrapped, whatever the terminal width
     assert "--dport 8080 " in plus[0] and "-j ACCEPT" in plus[0]

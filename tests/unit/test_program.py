@@ -560,7 +560,7 @@ def _short_push_timeout(config: dict[str, Any]) -> None:
         ("prod", _previous_key_as_public, None, "enclave:sshPreviousPrivateKey: is not a private key"),
         ("prod", _rotating, ["enclave:sshPrivateKey"], "enclave:sshPreviousPrivateKey: is stored in plain text"),
         ("prod", _short_push_timeout, None, "enclave:pushTimeout: '5' is too small; the lowest allowed is 60"),
-        ("prod", _too_many_rules_per_host, None, "enclave:roles.haproxy-www.ingress: its hosts would get 2110 rules"),
+        ("prod", _too_many_rules_per_host, None, "enclave:roles.haproxy-www.ingress: its hosts would get 2111 rules"),
     ],
     ids=[
         "public-key-as-private",

@@ -35,7 +35,7 @@ def test_prove_rules_dir_gives_the_counterexample_and_exit_1(tmp_path: Path, cap
     (host,) = report["hosts"]
     assert host["host"] == "mysql-1" and not host["proved"]
     first = host["counterexamples"][0]
-    assert first["rules"] == "ACCEPT" and first["policy"] == "deny" and first["ruleLine"] == 12
+    assert first["rules"] == "ACCEPT" and first["policy"] == "deny" and first["ruleLine"] == 15
     assert first["comment"] == "roles.mysql.ingress[0]: wordpress -> tcp/3306"
     assert "tcp/3300 NEW" in first["packet"] and "10.110.16.4 (wordpress-1)" in first["packet"]
 
@@ -51,7 +51,7 @@ def test_prove_refuses_an_unmodelled_rule_naming_file_and_line(tmp_path: Path, c
     write_rules(tmp_path, "mysql-1", v4)
     assert main(["prove", "--stack", "prod", "--rules", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path}/mysql-1/rules.v4: line 8: match module 'recent' is not modelled" in err.replace("\n", "")
+    assert f"{tmp_path}/mysql-1/rules.v4: line 11: match module 'recent' is not modelled" in err.replace("\n", "")
 
 
 def test_prove_rules_dir_without_hosts_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,7 +64,7 @@ def test_explain_names_the_declaration_and_the_rule_line(capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "wordpress-1 -> mysql-1 tcp/3306: allow" in out
     assert "declaration: roles.mysql.ingress[0]" in out
-    assert "mysql-1 rules.v4 line 12: -A ENCLAVE-INPUT -i eth1 -p tcp -m tcp --dport 3306" in out
+    assert "mysql-1 rules.v4 line 15: -A ENCLAVE-INPUT -i eth1 -p tcp -m tcp --dport 3306" in out
 
 
 def test_explain_a_denied_packet_shows_the_default_drop(capsys: pytest.CaptureFixture[str]) -> None:

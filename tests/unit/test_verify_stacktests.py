@@ -89,7 +89,7 @@ def test_a_rule_file_bug_breaks_an_invariant_the_policy_keeps(tmp_path: Path) ->
     files["mysql-2"] = dataclasses.replace(files["mysql-2"], ipv4=bad)
     (proof,) = prove_tests(plan.policy, plan.addresses, files)
     assert (proof.passed, proof.seen) == (False, "mixed")
-    assert "in eth0 192.0.2.10 -> 198.18.0.17 (mysql-2) udp/161 NEW (mysql-2 accepts it: line 9:" in proof.counterexample
+    assert "in eth0 192.0.2.10 -> 198.18.0.17 (mysql-2) udp/161 NEW (mysql-2 accepts it: line 12:" in proof.counterexample
     assert "--dport 161 -j ACCEPT" in proof.counterexample
 
 
