@@ -218,16 +218,23 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
     for family in kernelstate.FAMILIES:
         live, wanted = live_state.enclave_rules(family), wanted_state.enclave_rules(family)
         jumps = _jumps(live_state, family)
-        if len(jumps) < 2 or (wanted and not live):
-            drift.append(f"flushed: {family} " + ("INPUT/OUTPUT do not jump to enclave's chains" if len(jumps) < 2
-                                                  else "enclave's chains are empty"))
+        # a chain the compiled rules fill but the host has empty (`iptables -F ENCLAVE-INPUT`): each is told alone,
+        # since the other chains (ENCLAVE-FORWARD's copies of the accepts) may still hold rules
+        emptied = [chain for chain in (INPUT_CHAIN, OUTPUT_CHAIN, FORWARD_CHAIN)
+                   if any(line.startswith(f"-A {chain} ") for line in wanted)
+                   and not any(line.startswith(f"-A {chain} ") for line in live)]
+        if len(jumps) < 2:
+            drift.append(f"flushed: {family} INPUT/OUTPUT do not jump to enclave's chains")
+        elif emptied:
+            drift.append(f"flushed: {family} enclave's chain{'s' if len(emptied) > 1 else ''} {', '.join(emptied)} "
+                         f"{'are' if len(emptied) > 1 else 'is'} empty")
         if any(line.startswith(f"-A {FORWARD_CHAIN} ") for line in wanted) and \
                 f"-A DOCKER-USER -j {FORWARD_CHAIN}" not in live_state.jumps(family):
             drift.append(f"unhooked: {family} DOCKER-USER does not jump to {FORWARD_CHAIN} (published container ports "
                          "are not policed)")
         if live and wanted:
             foreign = [line for line in live if line not in wanted]
-            missing = [line for line in wanted if line not in live]
+            missing = [line for line in wanted if line not in live and line.split()[1] not in emptied]  # told above
             drift += [f"foreign rule ({family}): {line}" for line in foreign]
             drift += [f"missing rule ({family}): {line}" for line in missing[:5]]
             if len(missing) > 5:
