@@ -239,7 +239,7 @@ def compare(files: RuleFiles, sections: dict[str, list[str]]) -> list[str]:
             drift += [f"missing rule ({family}): {line}" for line in missing[:5]]
             if len(missing) > 5:
                 drift.append(f"missing rule ({family}): … and {len(missing) - 5} more")
-            if not foreign and not missing and live != wanted:
+            if not foreign and not missing and not emptied and live != wanted:
                 drift.append(f"{family} rules in another order than compiled")
     live_sets, wanted_sets = live_state.enclave_sets(), wanted_state.enclave_sets()
     for name in sorted(set(wanted_sets) | set(live_sets)):
