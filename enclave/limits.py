@@ -1,6 +1,6 @@
 """The stack's limits on what it expands to, counted on the compiled policy as the renderer renders it.
 
-Two limits (config/schema.py holds the numbers and why; docs/stack-file.md "Limits" explains them to users):
+Two limits (config/models.py holds the numbers and why; docs/stack-file.md "Limits" explains them to users):
 MAX_RULES_PER_HOST rules in one table of any host, and MAX_SET_MEMBERS ipset members over the whole fleet.
 Both are counted on what the renderer emits for one host of each role (every host of a role gets the same rules
 and sets, except a host that an entry names on its own, which is rendered on its own), so the count is exact
