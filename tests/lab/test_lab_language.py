@@ -12,20 +12,13 @@ from rich.console import Console
 
 from config.schema import enclave_keys, load_config
 from config.stackfile import Stack, load_stack
-from enclave.lab.lab import Lab, LabUnavailable, preflight
+from enclave.lab.lab import Lab
 from enclave.lab.probe import LabReport
 from enclave.lab.report import print_report
 from enclave.render import RuleFiles
 
 from ..conftest import pushed_lab, stack_document
-
-
-def _unavailable() -> str | None:
-    try:
-        preflight()
-    except LabUnavailable as exc:
-        return str(exc)
-    return None
+from .test_lab import _unavailable
 
 
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=f"lab unavailable: {_unavailable()}")
