@@ -61,7 +61,7 @@ unit: setup
 # The test command (CI runs it): type-check the program against the Pulumi SDKs, then both tiers, tests/unit and
 # tests/lab (root: namespaces, sshd, netfilter). Three workers, one test file each (module-scoped labs stay
 # shared): most lab tests wait on rollback windows and SSH rather than compute. Measured on 2 cores: 4 min 17 s
-# idle (678 tests), 5 min 56 s with two CPU hogs beside it.
+# idle (678 tests), 5 min 56 s and 6 min 25 s in two runs in a row with two CPU hogs beside it.
 test: typecheck
 	$(VENV)/bin/pytest -q -n 3 --dist loadfile tests
 
