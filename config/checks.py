@@ -189,8 +189,7 @@ def _destination_problem(stack: StackConfig, role_name: str, destination: str, p
         return (f"{destination!r} is not a destination; egress goes to roles, hosts (<role>-<n>), all, "
                 "internet or CIDRs")
     if "," in destination:
-        listed = ", ".join(part.strip() for part in destination.split(","))
-        return f"{destination!r}: several destinations are a list, e.g. to: [{listed}]"
+        return _one_string_list(destination, "destinations", "to")
     if "/" in destination or ":" in destination or re.fullmatch(r"[\d.]+", destination):
         try:
             net = ipaddress.ip_network(destination, strict=True)
@@ -212,6 +211,12 @@ def _destination_problem(stack: StackConfig, role_name: str, destination: str, p
         f"{did_you_mean(destination, [*_names(stack), 'all', 'internet'])}; known roles: {', '.join(stack.roles)}"
     )
 
+def _one_string_list(value: str, what: str, key: str) -> str:
+    """A list written as one string (`from: wordpress, mysql`): the list to write instead."""
+    listed = ", ".join(part.strip() for part in value.split(","))
+    return f"{value!r}: several {what} are a list, e.g. {key}: [{listed}]"
+
+
 def _host_problem(stack: StackConfig, name: str) -> str | None:
     """Why `name`, shaped like a host of an existing role (`mysql-3`, `mysql-01`), is not one of its hosts."""
     role, dash, number = name.rpartition("-")
@@ -230,8 +235,7 @@ def _source_problem(stack: StackConfig, source: str) -> str | None:
     if source in ("internet", "operators", "all") or source in stack.roles or stack.role_of_host(source):
         return None
     if "," in source:
-        listed = ", ".join(part.strip() for part in source.split(","))
-        return f"{source!r}: several sources are a list, e.g. from: [{listed}]"
+        return _one_string_list(source, "sources", "from")
     if "/" in source or ":" in source or re.fullmatch(r"[\d.]+", source):
         try:
             net = ipaddress.ip_network(source, strict=True)

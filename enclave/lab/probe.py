@@ -162,19 +162,23 @@ def tests_with_packets(
     for i, test in enumerate(policy.stack.tests):
         allowed: list[str] = []
         denied: list[str] = []
+
+        def tally(outcome: Outcome | None, label: str, unprobed: str) -> None:
+            """One probe of the test: admitted, dropped, or never sent (counted as not admitted)."""
+            if outcome is None:
+                denied.append(f"{label} ({unprobed})")
+            elif outcome.passed:
+                allowed.append(f"{label} {outcome.probe.target.address}")
+            else:
+                denied.append(f"{label} {outcome.probe.target.address} ({outcome.detail})")
+
         for src in endpoints_for(test.sources, policy, others, addresses):
             kind: AddressKind = arrival_interface(src)
             if sampled is not None and src.kind == "host" and src.name not in sampled:
                 continue
             if is_outside(test.to):
                 (port,) = test.ports  # one port (the schema's rule for a test to internet or a CIDR)
-                outcome = by_key.get((src.name, test.to, "public", port))
-                if outcome is None:
-                    denied.append(f"{src.name}->{test.to} (not probed)")
-                elif outcome.passed:
-                    allowed.append(f"{src.name}->{test.to} {outcome.probe.target.address}")
-                else:
-                    denied.append(f"{src.name}->{test.to} {outcome.probe.target.address} ({outcome.detail})")
+                tally(by_key.get((src.name, test.to, "public", port)), f"{src.name}->{test.to}", "not probed")
                 continue
             for dst in policy.hosts_of(test.to):
                 if src.kind == "host" and src.name == dst.name:
@@ -182,14 +186,9 @@ def tests_with_packets(
                 if sampled is not None and dst.name not in sampled:
                     continue
                 for port in probed_ports(test.ports):  # a range or `any`: its ends and middle (the verifier
-                    outcome = by_key.get((src.name, dst.name, kind, port))  # proves every port at plan time)
-                    shown = f" {port}" if port != test.port else ""
-                    if outcome is None:
-                        denied.append(f"{src.name}->{dst.name}{shown} (not probed: {src.name} has no {kind} route to it)")
-                    elif outcome.passed:
-                        allowed.append(f"{src.name}->{dst.name}{shown} {outcome.probe.target.address}")
-                    else:
-                        denied.append(f"{src.name}->{dst.name}{shown} {outcome.probe.target.address} ({outcome.detail})")
+                    shown = f" {port}" if port != test.port else ""  # proves every port at plan time)
+                    tally(by_key.get((src.name, dst.name, kind, port)), f"{src.name}->{dst.name}{shown}",
+                          f"not probed: {src.name} has no {kind} route to it")
         detail = "; ".join((denied if test.expect == "allow" else allowed)[:5])
         results.append(TestResult(i, test, TestResult.verdict(len(allowed), len(denied)), detail))
     return results
